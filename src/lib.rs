@@ -1,0 +1,18 @@
+//! selective: Mamba, the selective state space model (Gu & Dao, 2023), in Rust.
+//!
+//! The crate is layered so that each piece knows only what it must:
+//! - [`kernels`]: the numerical operations (selective scan, S4D, causal
+//!   convolution, norms, activations, matrix multiplication), each with a
+//!   forward, a backward and, where it applies, a single-step form. They
+//!   know nothing of models.
+//! - [`float`]: the scalar type the kernels are generic over (f32 for
+//!   speed, f64 for finite-difference checks).
+//! - [`error`]: the error type every public function returns.
+
+pub mod error;
+pub mod float;
+pub mod kernels;
+pub mod rng;
+
+pub use error::{Error, Result};
+pub use float::Float;

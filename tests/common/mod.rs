@@ -1,0 +1,134 @@
+//! Shared helpers of the integration tests: random inputs and comparisons.
+#![allow(dead_code)]
+
+use selective::kernels::{ScanInputs, ScanShape};
+use selective::rng::Rng;
+use selective::Float;
+
+/// Owned random inputs of a selective scan, shaped like a Mamba layer's:
+/// raw delta around the inverse softplus of 0.01..0.5, A negative.
+pub struct ScanCase<T> {
+    pub shape: ScanShape,
+    pub u: Vec<T>,
+    pub delta: Vec<T>,
+    pub a: Vec<T>,
+    pub b: Vec<T>,
+    pub c: Vec<T>,
+    pub d: Option<Vec<T>>,
+    pub z: Option<Vec<T>>,
+    pub delta_bias: Option<Vec<T>>,
+    pub initial_state: Option<Vec<T>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Extras {
+    pub d: bool,
+    pub z: bool,
+    pub bias: bool,
+    pub initial_state: bool,
+}
+
+pub const ALL: Extras = Extras {
+    d: true,
+    z: true,
+    bias: true,
+    initial_state: true,
+};
+pub const NONE: Extras = Extras {
+    d: false,
+    z: false,
+    bias: false,
+    initial_state: false,
+};
+
+impl<T: Float> ScanCase<T> {
+    pub fn random(shape: ScanShape, extras: Extras, seed: u64) -> Self {
+        let mut r = Rng::new(seed);
+        let act = shape.batch * shape.len * shape.channels;
+        let tok = shape.batch * shape.len * shape.state;
+        Self {
+            shape,
+            u: r.vec(act, |r| r.normal()),
+            delta: r.vec(act, |r| r.uniform_in(-3.0, 0.5)),
+            a: r.vec(shape.channels * shape.state, |r| -(r.normal() * 0.5).exp()),
+            b: r.vec(tok, |r| r.normal()),
+            c: r.vec(tok, |r| r.normal()),
+            d: extras.d.then(|| r.vec(shape.channels, |r| r.normal())),
+            z: extras.z.then(|| r.vec(act, |r| r.normal())),
+            delta_bias: extras
+                .bias
+                .then(|| r.vec(shape.channels, |r| r.normal() * 0.5)),
+            initial_state: extras
+                .initial_state
+                .then(|| r.vec(shape.batch * shape.channels * shape.state, |r| r.normal())),
+        }
+    }
+
+    /// For scans without softplus: Δ must be positive, so map delta to
+    /// softplus(delta) and the bias to a small positive offset.
+    pub fn with_positive_delta(mut self) -> Self {
+        for v in self.delta.iter_mut() {
+            *v = v.softplus();
+        }
+        if let Some(bias) = self.delta_bias.as_mut() {
+            for v in bias.iter_mut() {
+                *v = v.abs() * T::from_f64(0.1);
+            }
+        }
+        self
+    }
+
+    /// Random case whose Δ suits the options (positive when no softplus).
+    pub fn random_for(shape: ScanShape, extras: Extras, seed: u64, softplus: bool) -> Self {
+        let case = Self::random(shape, extras, seed);
+        if softplus {
+            case
+        } else {
+            case.with_positive_delta()
+        }
+    }
+
+    pub fn inputs(&self) -> ScanInputs<'_, T> {
+        ScanInputs {
+            u: &self.u,
+            delta: &self.delta,
+            a: &self.a,
+            b: &self.b,
+            c: &self.c,
+            d: self.d.as_deref(),
+            z: self.z.as_deref(),
+            delta_bias: self.delta_bias.as_deref(),
+            initial_state: self.initial_state.as_deref(),
+        }
+    }
+}
+
+/// Largest |a - b| / (atol + rtol |b|) over the elements; <= 1 passes.
+pub fn assert_close<T: Float, U: Float>(what: &str, got: &[T], want: &[U], atol: f64, rtol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    let mut worst = 0.0f64;
+    let mut at = 0;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let (g, w) = (g.to_f64(), w.to_f64());
+        let e = (g - w).abs() / (atol + rtol * w.abs());
+        if !(e <= worst) {
+            worst = e;
+            at = i;
+        }
+    }
+    assert!(
+        worst <= 1.0,
+        "{what}: element {at}: got {} want {} (error {worst:.3} x tolerance atol {atol} rtol {rtol})",
+        got[at],
+        want[at]
+    );
+}
+
+pub fn random_vec<T: Float>(len: usize, seed: u64) -> Vec<T> {
+    let mut r = Rng::new(seed);
+    r.vec(len, |r| r.normal())
+}
+
+pub fn dot<T: Float>(a: &[T], b: &[T]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x.to_f64() * y.to_f64()).sum()
+}
