@@ -1,10 +1,21 @@
 //! Numerical kernels. Each fast kernel has a plain reference next to it
 //! (the `*_reference` modules) that the tests compare it with.
 
+pub mod activation;
+pub mod conv1d;
+pub mod norm;
 pub mod selective_scan;
 pub mod selective_scan_reference;
 mod shared;
 
+pub use activation::{silu_backward, silu_forward, softplus_backward, softplus_forward};
+pub use conv1d::{
+    causal_conv1d_backward, causal_conv1d_forward, causal_conv1d_reference, causal_conv1d_state,
+    causal_conv1d_step, ConvGrads, ConvShape,
+};
+pub use norm::{
+    layer_norm_backward, layer_norm_forward, rms_norm_backward, rms_norm_forward, NormGrads,
+};
 pub use selective_scan::{
     selective_scan, selective_scan_backward, selective_scan_forward, Discretization, ScanGrads,
     ScanInputs, ScanOptions, ScanOutput, ScanParallelism, ScanShape,
