@@ -54,6 +54,8 @@ pub trait Float:
     fn expm1_over_x(self) -> Self;
     /// d/dx [(e^x - 1) / x] = (x e^x - e^x + 1) / x², with its limit 1/2 at 0.
     fn expm1_over_x_grad(self) -> Self;
+    /// self · a + b with one rounding (an FMA instruction where the CPU has one).
+    fn mul_add(self, a: Self, b: Self) -> Self;
     fn sqrt(self) -> Self;
     fn abs(self) -> Self;
     fn is_finite(self) -> bool;
@@ -154,6 +156,10 @@ impl Float for f64 {
         }
     }
     #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f64::mul_add(self, a, b)
+    }
+    #[inline(always)]
     fn sqrt(self) -> Self {
         f64::sqrt(self)
     }
@@ -229,6 +235,10 @@ impl Float for f32 {
         }
     }
     #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f32::mul_add(self, a, b)
+    }
+    #[inline(always)]
     fn sqrt(self) -> Self {
         f32::sqrt(self)
     }
@@ -271,16 +281,16 @@ pub fn exp_f32(x: f32) -> f32 {
     } else {
         x
     };
-    let shifted = xc * LOG2E + ROUNDER;
+    let shifted = xc.mul_add(LOG2E, ROUNDER);
     let k = shifted - ROUNDER;
-    let r = xc - k * LN2_HI - k * LN2_LO;
+    let r = (-k).mul_add(LN2_LO, (-k).mul_add(LN2_HI, xc));
     let mut p = 1.987_569_2e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
-    let er = p * r * r + r + 1.0;
+    p = p.mul_add(r, 1.398_199_9e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 1.666_666_5e-1);
+    p = p.mul_add(r, 5.000_000_1e-1);
+    let er = (p * r).mul_add(r, r + 1.0);
     // 2^k: the low bits of `shifted` hold k (+ an offset that the shift by 23
     // pushes out of the word), so (bits + 127) << 23 is the exponent field.
     let scale = f32::from_bits(shifted.to_bits().wrapping_add(127) << 23);

@@ -9,6 +9,7 @@
 //!   speed, f64 for finite-difference checks).
 //! - [`error`]: the error type every public function returns.
 
+pub mod bench;
 pub mod error;
 pub mod float;
 pub mod kernels;

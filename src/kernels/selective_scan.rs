@@ -479,8 +479,8 @@ fn scan_step<T: Float, const ZOH: bool>(
             } else {
                 dtu[w] * bn
             };
-            hn[w] = a_bar * hn[w] + bu;
-            y[w] += cn * hn[w];
+            hn[w] = a_bar.mul_add(hn[w], bu);
+            y[w] = cn.mul_add(hn[w], y[w]);
         }
     }
     y
