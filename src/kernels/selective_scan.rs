@@ -449,11 +449,30 @@ impl<T: Float> BlockParams<T> {
     }
 }
 
+/// Σ of a block's lanes by pairwise halving, which vectorises (a running
+/// sum would be a chain of 15 dependent additions).
+#[inline(always)]
+fn lane_sum<T: Float>(v: &[T; BLOCK]) -> T {
+    const _: () = assert!(BLOCK == 16);
+    let mut half = [T::ZERO; 8];
+    for i in 0..8 {
+        half[i] = v[i] + v[i + 8];
+    }
+    let mut quarter = [T::ZERO; 4];
+    for i in 0..4 {
+        quarter[i] = half[i] + half[i + 4];
+    }
+    (quarter[0] + quarter[2]) + (quarter[1] + quarter[3])
+}
+
 /// One step of the recurrence for a block:
-/// h ← Ā h + B̄ u, and returns Σ_n C[n] h[n] (per lane).
+/// h_next = Ā h_prev + B̄ u, and returns Σ_n C[n] h_next[n] (per lane).
+/// Out of place, so that the backward can recompute a chunk's states into
+/// consecutive slots of one buffer without copying.
 #[inline(always)]
 fn scan_step<T: Float, const ZOH: bool>(
-    h: &mut [T],
+    h_prev: &[T],
+    h_next: &mut [T],
     a: &[T],
     dt: &[T; BLOCK],
     u: &[T; BLOCK],
@@ -465,8 +484,9 @@ fn scan_step<T: Float, const ZOH: bool>(
         dtu[w] = dt[w] * u[w];
     }
     let mut y = [T::ZERO; BLOCK];
-    for ((hn, an), (&bn, &cn)) in h
+    for (((hn, hp), an), (&bn, &cn)) in h_next
         .chunks_exact_mut(BLOCK)
+        .zip(h_prev.chunks_exact(BLOCK))
         .zip(a.chunks_exact(BLOCK))
         .zip(b_t.iter().zip(c_t))
     {
@@ -479,7 +499,7 @@ fn scan_step<T: Float, const ZOH: bool>(
             } else {
                 dtu[w] * bn
             };
-            hn[w] = a_bar.mul_add(hn[w], bu);
+            hn[w] = a_bar.mul_add(hp[w], bu);
             y[w] = cn.mul_add(hn[w], y[w]);
         }
     }
@@ -497,12 +517,14 @@ fn scan_range<T: Float, const ZOH: bool>(
     b: usize,
     t0: usize,
     t1: usize,
-    h: &mut [T],
+    h: &mut Vec<T>,
     out: Option<&SharedMut<'_, T>>,
     mut at_chunk_start: impl FnMut(usize, &[T]),
 ) {
     let inp = &ctx.inputs;
     let n = ctx.state;
+    // Double buffer: each step reads h and writes `next`, then they swap.
+    let mut next = vec![T::ZERO; h.len()];
     for t in t0..t1 {
         if t % ctx.chunk_len == 0 {
             at_chunk_start(t, h);
@@ -513,6 +535,7 @@ fn scan_range<T: Float, const ZOH: bool>(
         let tok = ctx.token_offset(b, t);
         let mut y = scan_step::<T, ZOH>(
             h,
+            &mut next,
             &blk.a,
             &dt,
             &u,
@@ -533,6 +556,7 @@ fn scan_range<T: Float, const ZOH: bool>(
             let dst = unsafe { out.slice(row, blk.width) };
             dst.copy_from_slice(&y[..blk.width]);
         }
+        std::mem::swap(h, &mut next);
     }
 }
 
@@ -997,14 +1021,13 @@ fn backward_block<T: Float, const ZOH: bool>(
             for t in ts..te {
                 let j = t - ts;
                 let (prev, next) = states.split_at_mut((j + 1) * nb);
-                let h = &mut next[..nb];
-                h.copy_from_slice(&prev[j * nb..]);
                 let row = ctx.act_offset(b, t, blk.c0);
                 let u = blk.load(inp.u, row);
                 let dt = blk.dt(&blk.load(inp.delta, row), ctx.softplus);
                 let tok = ctx.token_offset(b, t);
                 scan_step::<T, ZOH>(
-                    h,
+                    &prev[j * nb..],
+                    &mut next[..nb],
                     &blk.a,
                     &dt,
                     &u,
@@ -1086,8 +1109,8 @@ fn backward_block<T: Float, const ZOH: bool>(
                         }
                         gn[w] = gw * a_bar; // carried to h_{t-1}
                     }
-                    dc[tok + s] += dc_lanes.iter().copied().sum::<T>();
-                    db[tok + s] += db_lanes.iter().copied().sum::<T>();
+                    dc[tok + s] += lane_sum(&dc_lanes);
+                    db[tok + s] += lane_sum(&db_lanes);
                 }
                 // Through Δ = softplus(delta + bias).
                 let mut d_raw = ddt;
