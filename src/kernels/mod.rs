@@ -4,6 +4,7 @@
 pub mod activation;
 pub mod conv1d;
 pub mod norm;
+pub mod s4d;
 pub mod selective_scan;
 pub mod selective_scan_reference;
 mod shared;
@@ -15,6 +16,10 @@ pub use conv1d::{
 };
 pub use norm::{
     layer_norm_backward, layer_norm_forward, rms_norm_backward, rms_norm_forward, NormGrads,
+};
+pub use s4d::{
+    s4d_backward_conv, s4d_backward_recurrent, s4d_forward_conv, s4d_forward_recurrent, s4d_kernel,
+    s4d_step, FftFloat, S4dDiscrete, S4dGrads, S4dInit, S4dParams, S4dRecurrentOutput,
 };
 pub use selective_scan::{
     selective_scan, selective_scan_backward, selective_scan_forward, Discretization, ScanGrads,
