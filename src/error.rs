@@ -17,6 +17,31 @@ pub enum Error {
     /// A dimension or option is not valid for the operation.
     #[error("{op}: {message}")]
     Invalid { op: &'static str, message: String },
+    /// A file's contents are not what they should be.
+    #[error("{file}: {message}")]
+    Format { file: String, message: String },
+    /// One tensor of a checkpoint is missing, or has the wrong shape or type.
+    #[error("{file}: tensor `{tensor}`: {message}")]
+    Tensor {
+        file: String,
+        tensor: String,
+        message: String,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod conv1d;
+pub mod matmul;
 pub mod norm;
 pub mod s4d;
 pub mod selective_scan;
@@ -26,3 +27,4 @@ pub use selective_scan::{
     ScanInputs, ScanOptions, ScanOutput, ScanParallelism, ScanShape,
 };
 pub use selective_scan_reference::{selective_scan_backward_reference, selective_scan_reference};
+pub use matmul::{matmul_xtw, matmul_xw, matmul_xwt, MatmulScalar};
