@@ -13,6 +13,7 @@ pub mod bench;
 pub mod error;
 pub mod float;
 pub mod kernels;
+pub mod model;
 pub mod rng;
 
 pub use error::{Error, Result};

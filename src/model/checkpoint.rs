@@ -1,0 +1,233 @@
+//! Reading and writing named tensors: safetensors files (memory-mapped)
+//! and, through [`super::torch_checkpoint`], PyTorch `pytorch_model.bin`
+//! archives. The model asks a [`TensorSource`] for tensors by name and gets
+//! them converted to its scalar type; every failure names the file and the
+//! tensor.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, TensorView as StView};
+use safetensors::SafeTensors;
+
+use crate::error::{Error, Result};
+use crate::float::Float;
+
+/// Storage types a checkpoint may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    F64,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::F64 => 8,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::F64 => "F64",
+        }
+    }
+}
+
+/// One tensor as stored: little-endian bytes, row-major.
+#[derive(Clone, Debug)]
+pub struct StoredTensor<'a> {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub bytes: Cow<'a, [u8]>,
+}
+
+impl StoredTensor<'_> {
+    /// Converts to `T`, checking that the byte count fits the shape.
+    pub fn to_vec<T: Float>(&self, file: &str, name: &str) -> Result<Vec<T>> {
+        let numel: usize = self.shape.iter().product();
+        let want = numel * self.dtype.size();
+        if self.bytes.len() != want {
+            return Err(Error::Tensor {
+                file: file.into(),
+                tensor: name.into(),
+                message: format!(
+                    "holds {} bytes but shape {:?} of {} needs {want} (truncated or corrupt file)",
+                    self.bytes.len(),
+                    self.shape,
+                    self.dtype.name()
+                ),
+            });
+        }
+        let b = &self.bytes;
+        let out = match self.dtype {
+            DType::F32 => b
+                .chunks_exact(4)
+                .map(|c| T::from_f64(f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64))
+                .collect(),
+            DType::F64 => b
+                .chunks_exact(8)
+                .map(|c| T::from_f64(f64::from_le_bytes(c.try_into().unwrap())))
+                .collect(),
+            DType::F16 => b
+                .chunks_exact(2)
+                .map(|c| T::from_f64(f16::from_le_bytes([c[0], c[1]]).to_f64()))
+                .collect(),
+            DType::BF16 => b
+                .chunks_exact(2)
+                .map(|c| T::from_f64(bf16::from_le_bytes([c[0], c[1]]).to_f64()))
+                .collect(),
+        };
+        Ok(out)
+    }
+}
+
+/// Anything that hands out named tensors.
+pub trait TensorSource {
+    /// The file, for error messages.
+    fn file(&self) -> &str;
+    fn names(&self) -> Vec<String>;
+    fn tensor(&self, name: &str) -> Result<Option<StoredTensor<'_>>>;
+}
+
+/// A memory-mapped `.safetensors` file.
+pub struct SafetensorsFile {
+    path: String,
+    mmap: Mmap,
+    /// Byte range of each tensor's data within the mapping, with its
+    /// dtype and shape, parsed once.
+    index: BTreeMap<String, (DType, Vec<usize>, std::ops::Range<usize>)>,
+}
+
+impl SafetensorsFile {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path_ref = path.as_ref();
+        let shown = path_ref.display().to_string();
+        let file = File::open(path_ref).map_err(|e| Error::io(path_ref, e))?;
+        // SAFETY: the mapping is read-only; a file changed underneath us by
+        // another process could give wrong numbers, as with any reader.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path_ref, e))?;
+        let st = SafeTensors::deserialize(&mmap).map_err(|e| Error::Format {
+            file: shown.clone(),
+            message: format!("not a valid safetensors file: {e}"),
+        })?;
+        let base = mmap.as_ptr() as usize;
+        let mut index = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let dtype = match view.dtype() {
+                Dtype::F32 => DType::F32,
+                Dtype::F16 => DType::F16,
+                Dtype::BF16 => DType::BF16,
+                Dtype::F64 => DType::F64,
+                other => {
+                    return Err(Error::Tensor {
+                        file: shown,
+                        tensor: name,
+                        message: format!("dtype {other:?} is not a float type this library reads (F32, F16, BF16, F64)"),
+                    })
+                }
+            };
+            let data = view.data();
+            let start = data.as_ptr() as usize - base;
+            index.insert(name, (dtype, view.shape().to_vec(), start..start + data.len()));
+        }
+        Ok(Self {
+            path: shown,
+            mmap,
+            index,
+        })
+    }
+}
+
+impl TensorSource for SafetensorsFile {
+    fn file(&self) -> &str {
+        &self.path
+    }
+    fn names(&self) -> Vec<String> {
+        self.index.keys().cloned().collect()
+    }
+    fn tensor(&self, name: &str) -> Result<Option<StoredTensor<'_>>> {
+        Ok(self.index.get(name).map(|(dtype, shape, range)| StoredTensor {
+            dtype: *dtype,
+            shape: shape.clone(),
+            bytes: Cow::Borrowed(&self.mmap[range.clone()]),
+        }))
+    }
+}
+
+/// Writes tensors as a safetensors file atomically: to a temporary file in
+/// the same directory, flushed, then renamed over `path`.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, DType, Vec<usize>, Vec<u8>)],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<()> {
+    let views: Vec<(String, StView<'_>)> = tensors
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            let dt = match dtype {
+                DType::F32 => Dtype::F32,
+                DType::F16 => Dtype::F16,
+                DType::BF16 => Dtype::BF16,
+                DType::F64 => Dtype::F64,
+            };
+            StView::new(dt, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| Error::Tensor {
+                    file: path.display().to_string(),
+                    tensor: name.clone(),
+                    message: format!("cannot be written: {e}"),
+                })
+        })
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(views, metadata).map_err(|e| Error::Format {
+        file: path.display().to_string(),
+        message: format!("serialising: {e}"),
+    })?;
+    write_atomically(path, &bytes)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so that
+/// a crash leaves either the old file or the new one, never a torn one.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let file_name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp: PathBuf = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
+    let result = (|| {
+        let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Little-endian bytes of `data` converted to `dtype`.
+pub fn encode<T: Float>(data: &[T], dtype: DType) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() * dtype.size());
+    for &v in data {
+        let x = v.to_f64();
+        match dtype {
+            DType::F32 => out.extend_from_slice(&(x as f32).to_le_bytes()),
+            DType::F64 => out.extend_from_slice(&x.to_le_bytes()),
+            DType::F16 => out.extend_from_slice(&f16::from_f64(x).to_le_bytes()),
+            DType::BF16 => out.extend_from_slice(&bf16::from_f64(x).to_le_bytes()),
+        }
+    }
+    out
+}

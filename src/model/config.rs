@@ -1,0 +1,362 @@
+//! Model configuration, read from either kind of `config.json` (SPEC.md
+//! section 3): the original state-spaces one (`d_model`, `n_layer`,
+//! `ssm_cfg`, ...) or the Hugging Face one (`hidden_size`,
+//! `num_hidden_layers`, `state_size`, ...).
+
+use serde_json::{json, Map, Value};
+
+use crate::error::{invalid, Error, Result};
+
+/// Everything that fixes a Mamba language model's shapes and arithmetic.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MambaConfig {
+    pub d_model: usize,
+    pub n_layer: usize,
+    /// Rows of the embedding, after padding (50280 for the released models).
+    pub vocab_size: usize,
+    /// N
+    pub d_state: usize,
+    pub d_conv: usize,
+    pub expand: usize,
+    /// expand · d_model
+    pub d_inner: usize,
+    pub dt_rank: usize,
+    /// RMSNorm (true, every released model) or LayerNorm.
+    pub rms_norm: bool,
+    pub norm_eps: f64,
+    /// The residual stream in f32 (always so here: the model computes in
+    /// f32 or f64 whatever the storage type).
+    pub residual_in_fp32: bool,
+    pub tie_embeddings: bool,
+    /// conv1d has a bias (true in every released model).
+    pub conv_bias: bool,
+    /// in_proj and out_proj have biases (false in every released model).
+    pub proj_bias: bool,
+    /// dt initialisation range and floor (SPEC.md section 4).
+    pub dt_min: f64,
+    pub dt_max: f64,
+    pub dt_init_floor: f64,
+}
+
+/// Which `config.json` dialect a model directory uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigFormat {
+    Original,
+    HuggingFace,
+}
+
+impl MambaConfig {
+    /// A configuration with the official defaults for everything but the
+    /// sizes: d_conv 4, expand 2, dt_rank ceil(d_model / 16), RMSNorm
+    /// eps 1e-5, tied embeddings, conv bias, no projection bias.
+    pub fn new(d_model: usize, n_layer: usize, vocab_size: usize, d_state: usize) -> Self {
+        Self {
+            d_model,
+            n_layer,
+            vocab_size,
+            d_state,
+            d_conv: 4,
+            expand: 2,
+            d_inner: 2 * d_model,
+            dt_rank: d_model.div_ceil(16),
+            rms_norm: true,
+            norm_eps: 1e-5,
+            residual_in_fp32: true,
+            tie_embeddings: true,
+            conv_bias: true,
+            proj_bias: false,
+            dt_min: 0.001,
+            dt_max: 0.1,
+            dt_init_floor: 1e-4,
+        }
+    }
+
+    /// The configuration of state-spaces/mamba-130m.
+    pub fn mamba_130m() -> Self {
+        Self::new(768, 24, 50280, 16)
+    }
+
+    /// Checks that the numbers describe a model that can be built.
+    pub fn validate(&self) -> Result<()> {
+        let fail = |field: &str, why: &str| Err(invalid("config", format!("`{field}` {why}")));
+        for (field, v) in [
+            ("d_model", self.d_model),
+            ("n_layer", self.n_layer),
+            ("vocab_size", self.vocab_size),
+            ("d_state", self.d_state),
+            ("d_conv", self.d_conv),
+            ("expand", self.expand),
+            ("d_inner", self.d_inner),
+            ("dt_rank", self.dt_rank),
+        ] {
+            if v == 0 {
+                return fail(field, "must be at least 1");
+            }
+        }
+        if !(self.norm_eps > 0.0 && self.norm_eps.is_finite()) {
+            return fail("norm_eps", &format!("must be positive, got {}", self.norm_eps));
+        }
+        if !(self.dt_min > 0.0 && self.dt_min <= self.dt_max) {
+            return fail(
+                "dt_min",
+                &format!("must be positive and at most dt_max ({} > {})", self.dt_min, self.dt_max),
+            );
+        }
+        Ok(())
+    }
+
+    /// Number of parameters (the tied head counted once).
+    pub fn n_params(&self) -> usize {
+        let (d, e, n, r, k) = (self.d_model, self.d_inner, self.d_state, self.dt_rank, self.d_conv);
+        let norm = if self.rms_norm { d } else { 2 * d };
+        let layer = norm
+            + 2 * e * d
+            + e * k
+            + if self.conv_bias { e } else { 0 }
+            + (r + 2 * n) * e
+            + e * r
+            + e
+            + e * n
+            + e
+            + d * e
+            + if self.proj_bias { 2 * e + d } else { 0 };
+        let head = if self.tie_embeddings { 0 } else { self.vocab_size * d };
+        self.vocab_size * d + self.n_layer * layer + norm + head
+    }
+
+    /// Parses either dialect from JSON text; `source` names the file in errors.
+    pub fn from_json_str(text: &str, source: &str) -> Result<(Self, ConfigFormat)> {
+        let value: Value = serde_json::from_str(text).map_err(|e| Error::Format {
+            file: source.to_string(),
+            message: format!("not valid JSON: {e}"),
+        })?;
+        let obj = value.as_object().ok_or_else(|| Error::Format {
+            file: source.to_string(),
+            message: "the top level is not a JSON object".into(),
+        })?;
+        let r = Reader { obj, source };
+        let (config, format) = if obj.contains_key("d_model") {
+            (r.original()?, ConfigFormat::Original)
+        } else if obj.contains_key("hidden_size") {
+            (r.hugging_face()?, ConfigFormat::HuggingFace)
+        } else {
+            return Err(Error::Format {
+                file: source.to_string(),
+                message: "neither `d_model` (state-spaces config) nor `hidden_size` (Hugging Face config) is present"
+                    .into(),
+            });
+        };
+        config.validate().map_err(|e| Error::Format {
+            file: source.to_string(),
+            message: e.to_string(),
+        })?;
+        Ok((config, format))
+    }
+
+    /// The Hugging Face `config.json` that `MambaForCausalLM` reads.
+    pub fn to_hugging_face_json(&self) -> Value {
+        json!({
+            "architectures": ["MambaForCausalLM"],
+            "model_type": "mamba",
+            "hidden_size": self.d_model,
+            "num_hidden_layers": self.n_layer,
+            "vocab_size": self.vocab_size,
+            "state_size": self.d_state,
+            "conv_kernel": self.d_conv,
+            "expand": self.expand,
+            "intermediate_size": self.d_inner,
+            "time_step_rank": self.dt_rank,
+            "use_bias": self.proj_bias,
+            "use_conv_bias": self.conv_bias,
+            "layer_norm_epsilon": self.norm_eps,
+            "residual_in_fp32": self.residual_in_fp32,
+            "tie_word_embeddings": self.tie_embeddings,
+            "time_step_min": self.dt_min,
+            "time_step_max": self.dt_max,
+            "time_step_floor": self.dt_init_floor,
+            "time_step_init_scheme": "random",
+            "time_step_scale": 1.0,
+            "hidden_act": "silu",
+            "initializer_range": 0.1,
+            "rescale_prenorm_residual": false,
+            "use_cache": true,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+            "pad_token_id": 0,
+            "torch_dtype": "float32",
+        })
+    }
+}
+
+/// Typed field access with errors that name the file and the field.
+struct Reader<'a> {
+    obj: &'a Map<String, Value>,
+    source: &'a str,
+}
+
+impl Reader<'_> {
+    fn err(&self, field: &str, message: impl std::fmt::Display) -> Error {
+        Error::Format {
+            file: self.source.to_string(),
+            message: format!("field `{field}`: {message}"),
+        }
+    }
+
+    fn usize_in(&self, obj: &Map<String, Value>, field: &str) -> Result<Option<usize>> {
+        match obj.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|x| Some(x as usize))
+                .ok_or_else(|| self.err(field, format!("expected a non-negative integer, found {v}"))),
+        }
+    }
+
+    fn usize_req(&self, field: &str) -> Result<usize> {
+        self.usize_in(self.obj, field)?
+            .ok_or_else(|| self.err(field, "missing"))
+    }
+
+    fn bool_or(&self, obj: &Map<String, Value>, field: &str, default: bool) -> Result<bool> {
+        match obj.get(field) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.err(field, format!("expected true or false, found {v}"))),
+        }
+    }
+
+    fn f64_or(&self, obj: &Map<String, Value>, field: &str, default: f64) -> Result<f64> {
+        match obj.get(field) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| self.err(field, format!("expected a number, found {v}"))),
+        }
+    }
+
+    /// `dt_rank` / `time_step_rank`: an integer or "auto" (ceil(d_model/16)).
+    fn rank(&self, obj: &Map<String, Value>, field: &str, d_model: usize) -> Result<usize> {
+        match obj.get(field) {
+            None | Some(Value::Null) => Ok(d_model.div_ceil(16)),
+            Some(Value::String(s)) if s == "auto" => Ok(d_model.div_ceil(16)),
+            Some(v) => v
+                .as_u64()
+                .map(|x| x as usize)
+                .ok_or_else(|| self.err(field, format!("expected an integer or \"auto\", found {v}"))),
+        }
+    }
+
+    /// state-spaces/mamba `MambaConfig` (mixer_seq_simple.py).
+    fn original(&self) -> Result<MambaConfig> {
+        let d_model = self.usize_req("d_model")?;
+        let n_layer = self.usize_req("n_layer")?;
+        let vocab = self.usize_req("vocab_size")?;
+        let pad = self.usize_in(self.obj, "pad_vocab_size_multiple")?.unwrap_or(8).max(1);
+        let empty = Map::new();
+        let ssm = match self.obj.get("ssm_cfg") {
+            None | Some(Value::Null) => &empty,
+            Some(Value::Object(m)) => m,
+            Some(v) => return Err(self.err("ssm_cfg", format!("expected an object, found {v}"))),
+        };
+        if let Some(layer) = ssm.get("layer").and_then(Value::as_str) {
+            if layer != "Mamba1" {
+                return Err(self.err("ssm_cfg.layer", format!("only Mamba1 is supported, found {layer}")));
+            }
+        }
+        let expand = self.usize_in(ssm, "expand")?.unwrap_or(2);
+        let mut c = MambaConfig::new(d_model, n_layer, vocab.div_ceil(pad) * pad, 16);
+        c.d_state = self.usize_in(ssm, "d_state")?.unwrap_or(16);
+        c.d_conv = self.usize_in(ssm, "d_conv")?.unwrap_or(4);
+        c.expand = expand;
+        c.d_inner = expand * d_model;
+        c.dt_rank = self.rank(ssm, "dt_rank", d_model)?;
+        c.conv_bias = self.bool_or(ssm, "conv_bias", true)?;
+        c.proj_bias = self.bool_or(ssm, "bias", false)?;
+        c.dt_min = self.f64_or(ssm, "dt_min", 0.001)?;
+        c.dt_max = self.f64_or(ssm, "dt_max", 0.1)?;
+        c.dt_init_floor = self.f64_or(ssm, "dt_init_floor", 1e-4)?;
+        c.rms_norm = self.bool_or(self.obj, "rms_norm", true)?;
+        c.norm_eps = self.f64_or(self.obj, "norm_epsilon", 1e-5)?;
+        c.residual_in_fp32 = self.bool_or(self.obj, "residual_in_fp32", true)?;
+        c.tie_embeddings = self.bool_or(self.obj, "tie_embeddings", true)?;
+        Ok(c)
+    }
+
+    /// transformers `MambaConfig` (configuration_mamba.py).
+    fn hugging_face(&self) -> Result<MambaConfig> {
+        let d_model = self.usize_req("hidden_size")?;
+        let n_layer = self.usize_req("num_hidden_layers")?;
+        let vocab = self.usize_req("vocab_size")?;
+        let expand = self.usize_in(self.obj, "expand")?.unwrap_or(2);
+        let mut c = MambaConfig::new(d_model, n_layer, vocab, 16);
+        c.d_state = self.usize_in(self.obj, "state_size")?.unwrap_or(16);
+        c.d_conv = self.usize_in(self.obj, "conv_kernel")?.unwrap_or(4);
+        c.expand = expand;
+        c.d_inner = self
+            .usize_in(self.obj, "intermediate_size")?
+            .unwrap_or(expand * d_model);
+        c.dt_rank = self.rank(self.obj, "time_step_rank", d_model)?;
+        // transformers' own defaults where the file is silent.
+        c.proj_bias = self.bool_or(self.obj, "use_bias", false)?;
+        c.conv_bias = self.bool_or(self.obj, "use_conv_bias", true)?;
+        c.norm_eps = self.f64_or(self.obj, "layer_norm_epsilon", 1e-5)?;
+        c.residual_in_fp32 = self.bool_or(self.obj, "residual_in_fp32", true)?;
+        c.tie_embeddings = self.bool_or(self.obj, "tie_word_embeddings", true)?;
+        c.dt_min = self.f64_or(self.obj, "time_step_min", 0.001)?;
+        c.dt_max = self.f64_or(self.obj, "time_step_max", 0.1)?;
+        c.dt_init_floor = self.f64_or(self.obj, "time_step_floor", 1e-4)?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_130m_config() {
+        let text = r#"{"d_model":768,"n_layer":24,"vocab_size":50277,"ssm_cfg":{},"rms_norm":true,
+            "residual_in_fp32":true,"fused_add_norm":true,"pad_vocab_size_multiple":8}"#;
+        let (c, f) = MambaConfig::from_json_str(text, "config.json").unwrap();
+        assert_eq!(f, ConfigFormat::Original);
+        assert_eq!(c, MambaConfig::mamba_130m());
+        assert_eq!(c.vocab_size, 50280);
+        assert_eq!(c.dt_rank, 48);
+        assert_eq!(c.d_inner, 1536);
+        // 129.1M parameters, tied head (SPEC.md section 3).
+        assert_eq!((c.n_params() as f64 / 1e5).round() / 10.0, 129.1);
+    }
+
+    #[test]
+    fn hugging_face_config() {
+        let text = r#"{"hidden_size":768,"num_hidden_layers":24,"vocab_size":50280,"state_size":16,
+            "conv_kernel":4,"expand":2,"intermediate_size":1536,"time_step_rank":48,"use_bias":false,
+            "use_conv_bias":true,"layer_norm_epsilon":1e-5,"residual_in_fp32":true,"tie_word_embeddings":true}"#;
+        let (c, f) = MambaConfig::from_json_str(text, "config.json").unwrap();
+        assert_eq!(f, ConfigFormat::HuggingFace);
+        assert_eq!(c, MambaConfig::mamba_130m());
+        // Round trip through our own writer.
+        let back = c.to_hugging_face_json().to_string();
+        assert_eq!(MambaConfig::from_json_str(&back, "x").unwrap().0, c);
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let cases = [
+            (r#"{"hidden_size":0,"num_hidden_layers":2,"vocab_size":10}"#, "d_model"),
+            (r#"{"hidden_size":16,"vocab_size":10}"#, "num_hidden_layers"),
+            (r#"{"hidden_size":16,"num_hidden_layers":2,"vocab_size":"ten"}"#, "vocab_size"),
+            (r#"{"d_model":16,"n_layer":2,"vocab_size":10,"ssm_cfg":{"d_state":-1}}"#, "d_state"),
+            (r#"{"hidden_size":16,"num_hidden_layers":2,"vocab_size":10,"time_step_rank":"big"}"#, "time_step_rank"),
+            (r#"{"foo":1}"#, "hidden_size"),
+            ("{not json", "JSON"),
+        ];
+        for (text, needle) in cases {
+            let msg = MambaConfig::from_json_str(text, "dir/config.json")
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains(needle) && msg.contains("dir/config.json"), "{text}: {msg}");
+        }
+    }
+}

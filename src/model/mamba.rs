@@ -1,0 +1,694 @@
+//! The Mamba language model (SPEC.md section 3): forward and backward over
+//! batches of token sequences, loading, saving and initialisation.
+//!
+//! ```text
+//! h = E[ids]                                              (BL, D)
+//! per layer:  u = norm(h)                                 (BL, D)
+//!             x = u W_inxᵀ,  z = u W_inzᵀ                  (BL, E) each
+//!             xs = silu(conv1d(x) + b_conv)               (BL, E)
+//!             dt_low, B, C = xs W_xᵀ  split [R, N, N]       (BL, R), (BL, N), (BL, N)
+//!             delta = dt_low W_dtᵀ                         (BL, E)   (bias and softplus in the scan)
+//!             y = selective_scan(xs, delta, -exp(A_log), B, C, D, z, b_dt)   (BL, E)
+//!             h = h + y W_outᵀ                             (BL, D)
+//! logits = norm_f(h) Eᵀ                                   (BL, V)
+//! ```
+//! BL = batch · len rows, token-major. The residual stream h stays in the
+//! compute type (f32 or f64), as the official `residual_in_fp32`.
+
+use std::path::Path;
+
+use super::checkpoint::{encode, write_atomically, write_safetensors, DType, SafetensorsFile, TensorSource};
+use super::config::MambaConfig;
+use super::params::{LayerParams, MambaParams, ParamInfo};
+use crate::error::{invalid, Error, Result};
+use crate::kernels::{
+    causal_conv1d_backward, causal_conv1d_forward, layer_norm_backward, layer_norm_forward, matmul_xtw, matmul_xw,
+    matmul_xwt, rms_norm_backward, rms_norm_forward, selective_scan_backward, selective_scan_forward, ConvShape,
+    MatmulScalar, NormGrads, ScanInputs, ScanOptions, ScanShape,
+};
+use crate::rng::Rng;
+
+/// A Mamba language model with parameters in `T`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mamba<T> {
+    pub config: MambaConfig,
+    pub params: MambaParams<T>,
+}
+
+/// What the forward pass keeps of one layer for the backward pass.
+pub struct LayerCache<T> {
+    /// the layer's input, the residual stream (BL, D)
+    resid: Vec<T>,
+    /// norm(resid) (BL, D)
+    normed: Vec<T>,
+    /// pre-conv x (BL, E)
+    x: Vec<T>,
+    z: Vec<T>,
+    /// conv1d(x) + b (BL, E), before silu
+    xc: Vec<T>,
+    /// silu(xc), the scan's u (BL, E)
+    xs: Vec<T>,
+    dt_low: Vec<T>,
+    b: Vec<T>,
+    c: Vec<T>,
+    delta: Vec<T>,
+    /// -exp(A_log) (E, N)
+    a: Vec<T>,
+    /// gated scan output (BL, E)
+    y: Vec<T>,
+    checkpoints: Vec<T>,
+}
+
+/// What the forward pass keeps for the backward pass.
+pub struct ForwardCache<T> {
+    batch: usize,
+    len: usize,
+    layers: Vec<LayerCache<T>>,
+    /// the residual stream after the last layer (BL, D)
+    h_last: Vec<T>,
+    /// norm_f(h_last) (BL, D)
+    h_normed: Vec<T>,
+}
+
+/// Positions between the scan's kept states in training.
+const SCAN_CHUNK: usize = 256;
+
+impl<T: MatmulScalar> Mamba<T> {
+    /// Loads `dir/config.json` (either dialect) and the weights:
+    /// `model.safetensors`, a sharded `model.safetensors.index.json`, or
+    /// the original `pytorch_model.bin`.
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let (config, _) = MambaConfig::from_json_str(&text, &config_path.display().to_string())?;
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let torch = dir.join("pytorch_model.bin");
+        if single.exists() {
+            Self::from_source(config, &SafetensorsFile::open(&single)?)
+        } else if index.exists() {
+            Self::from_source(config, &ShardedSafetensors::open(&index)?)
+        } else if torch.exists() {
+            Self::from_torch_checkpoint(config, &torch)
+        } else {
+            Err(Error::Format {
+                file: dir.display().to_string(),
+                message: "no model.safetensors, model.safetensors.index.json or pytorch_model.bin in this directory"
+                    .into(),
+            })
+        }
+    }
+
+    fn from_torch_checkpoint(_config: MambaConfig, path: &Path) -> Result<Self> {
+        Err(Error::Format { file: path.display().to_string(), message: "pytorch_model.bin reading is not built yet".into() })
+    }
+
+    /// Builds the model from named tensors, checking every name, shape and
+    /// dtype. Accepts both spellings of the embedding, a stored or absent
+    /// tied head, conv1d weights as (E, 1, K) or (E, K), and an embedding
+    /// with fewer rows than the padded vocabulary (padded with zeros).
+    pub fn from_source(config: MambaConfig, source: &dyn TensorSource) -> Result<Self> {
+        config.validate()?;
+        let file = source.file().to_string();
+        let mut params = MambaParams::<T>::zeros(&config);
+        let mut used = std::collections::BTreeSet::new();
+        for (info, dst) in params.tensors_mut(&config) {
+            let aliases: &[&str] = if info.name == "backbone.embeddings.weight" {
+                &["backbone.embeddings.weight", "backbone.embedding.weight"]
+            } else {
+                &[]
+            };
+            let names: Vec<&str> = if aliases.is_empty() { vec![info.name.as_str()] } else { aliases.to_vec() };
+            let mut found = None;
+            for name in &names {
+                if let Some(t) = source.tensor(name)? {
+                    found = Some((name.to_string(), t));
+                    break;
+                }
+            }
+            let (name, t) = found.ok_or_else(|| Error::Tensor {
+                file: file.clone(),
+                tensor: info.name.clone(),
+                message: format!("missing (expected shape {:?})", info.shape),
+            })?;
+            used.insert(name.clone());
+            let values = t.to_vec::<T>(&file, &name)?;
+            let shape_err = || Error::Tensor {
+                file: file.clone(),
+                tensor: name.clone(),
+                message: format!("expected shape {:?}, found {:?} ({})", info.shape, t.shape, t.dtype.name()),
+            };
+            if info.name == "backbone.embeddings.weight" {
+                // Fewer stored rows than the padded vocabulary: pad with zeros.
+                let ok = t.shape.len() == 2 && t.shape[1] == info.shape[1] && t.shape[0] <= info.shape[0];
+                if !ok {
+                    return Err(shape_err());
+                }
+                dst[..values.len()].copy_from_slice(&values);
+            } else {
+                let conv_2d = info.shape.len() == 3 && t.shape == [info.shape[0], info.shape[2]];
+                if t.shape != info.shape && !conv_2d {
+                    return Err(shape_err());
+                }
+                dst.copy_from_slice(&values);
+            }
+        }
+        for name in source.names() {
+            if used.contains(&name) {
+                continue;
+            }
+            // A tied head stored anyway (the official checkpoints do) is the embedding.
+            if name == "lm_head.weight" && config.tie_embeddings {
+                continue;
+            }
+            return Err(Error::Tensor {
+                file,
+                tensor: name,
+                message: "is not a parameter of this configuration (check config.json)".into(),
+            });
+        }
+        Ok(Self { config, params })
+    }
+
+    /// Writes `dir/config.json` (Hugging Face dialect) and
+    /// `dir/model.safetensors` with the weights in `dtype`, each atomically.
+    pub fn save(&self, dir: impl AsRef<Path>, dtype: DType) -> Result<()> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let tensors: Vec<(String, DType, Vec<usize>, Vec<u8>)> = self
+            .params
+            .tensors(&self.config)
+            .into_iter()
+            .map(|(info, data)| (info.name, dtype, info.shape, encode(data, dtype)))
+            .collect();
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        write_safetensors(&dir.join("model.safetensors"), &tensors, Some(meta))?;
+        let mut config = self.config.to_hugging_face_json();
+        config["torch_dtype"] = match dtype {
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            DType::F64 => "float64",
+        }
+        .into();
+        let text = serde_json::to_string_pretty(&config).expect("a JSON value serialises");
+        write_atomically(&dir.join("config.json"), text.as_bytes())
+    }
+
+    /// Names, shapes and kinds of every parameter.
+    pub fn parameter_infos(&self) -> Vec<ParamInfo> {
+        self.params.tensors(&self.config).into_iter().map(|(i, _)| i).collect()
+    }
+
+    /// Checks token ids against the vocabulary and the batch shape.
+    fn check_ids(&self, op: &'static str, ids: &[u32], batch: usize, len: usize) -> Result<()> {
+        if batch == 0 || len == 0 {
+            return Err(invalid(op, "batch and len must be at least 1"));
+        }
+        if ids.len() != batch * len {
+            return Err(invalid(op, format!("{} token ids for batch={batch} x len={len}", ids.len())));
+        }
+        if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= self.config.vocab_size) {
+            return Err(invalid(
+                op,
+                format!("token id {id} at position {i} is outside the vocabulary of {}", self.config.vocab_size),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Logits (batch, len, vocab) for token ids (batch, len).
+    pub fn forward(&self, ids: &[u32], batch: usize, len: usize) -> Result<Vec<T>> {
+        self.check_ids("Mamba::forward", ids, batch, len)?;
+        let mut h = self.embed(ids);
+        for layer in &self.params.layers {
+            self.layer_forward(layer, &mut h, batch, len, false)?;
+        }
+        let (_, logits) = self.head(&h)?;
+        Ok(logits)
+    }
+
+    /// Forward that keeps what [`Self::backward`] needs.
+    pub fn forward_train(&self, ids: &[u32], batch: usize, len: usize) -> Result<(Vec<T>, ForwardCache<T>)> {
+        self.check_ids("Mamba::forward_train", ids, batch, len)?;
+        let mut h = self.embed(ids);
+        let mut layers = Vec::with_capacity(self.config.n_layer);
+        for layer in &self.params.layers {
+            layers.push(self.layer_forward(layer, &mut h, batch, len, true)?.expect("kept"));
+        }
+        let (h_normed, logits) = self.head(&h)?;
+        Ok((
+            logits,
+            ForwardCache {
+                batch,
+                len,
+                layers,
+                h_last: h,
+                h_normed,
+            },
+        ))
+    }
+
+    /// h = E[ids]  (BL, D)
+    fn embed(&self, ids: &[u32]) -> Vec<T> {
+        let d = self.config.d_model;
+        let mut h = Vec::with_capacity(ids.len() * d);
+        for &id in ids {
+            let row = id as usize * d;
+            h.extend_from_slice(&self.params.embedding[row..row + d]);
+        }
+        h
+    }
+
+    fn head_weight(&self) -> &[T] {
+        self.params.lm_head.as_deref().unwrap_or(&self.params.embedding)
+    }
+
+    /// (norm_f(h), norm_f(h) · headᵀ)
+    fn head(&self, h: &[T]) -> Result<(Vec<T>, Vec<T>)> {
+        let (d, v) = (self.config.d_model, self.config.vocab_size);
+        let rows = h.len() / d;
+        let normed = self.norm_forward(h, &self.params.norm_f_weight, self.params.norm_f_bias.as_deref())?;
+        let mut logits = vec![T::ZERO; rows * v];
+        matmul_xwt(&normed, self.head_weight(), rows, d, v, &mut logits, false)?;
+        Ok((normed, logits))
+    }
+
+    fn norm_forward(&self, x: &[T], w: &[T], b: Option<&[T]>) -> Result<Vec<T>> {
+        let d = self.config.d_model;
+        let eps = T::from_f64(self.config.norm_eps);
+        let mut y = vec![T::ZERO; x.len()];
+        match b {
+            None => rms_norm_forward(x, w, d, eps, &mut y)?,
+            Some(b) => layer_norm_forward(x, w, b, d, eps, &mut y)?,
+        }
+        Ok(y)
+    }
+
+    fn norm_backward(&self, x: &[T], w: &[T], has_bias: bool, dy: &[T]) -> Result<NormGrads<T>> {
+        let d = self.config.d_model;
+        let eps = T::from_f64(self.config.norm_eps);
+        if has_bias {
+            layer_norm_backward(x, w, d, eps, dy)
+        } else {
+            rms_norm_backward(x, w, d, eps, dy)
+        }
+    }
+
+    fn scan_shape(&self, batch: usize, len: usize) -> ScanShape {
+        ScanShape {
+            batch,
+            len,
+            channels: self.config.d_inner,
+            state: self.config.d_state,
+        }
+    }
+
+    fn scan_options() -> ScanOptions {
+        ScanOptions {
+            delta_softplus: true,
+            chunk_len: SCAN_CHUNK,
+            ..ScanOptions::default()
+        }
+    }
+
+    /// One residual block: h ← h + mixer(norm(h)). Returns the cache when `keep`.
+    fn layer_forward(
+        &self,
+        layer: &LayerParams<T>,
+        h: &mut [T],
+        batch: usize,
+        len: usize,
+        keep: bool,
+    ) -> Result<Option<LayerCache<T>>> {
+        let c = &self.config;
+        let (d, e, n, r, k) = (c.d_model, c.d_inner, c.d_state, c.dt_rank, c.d_conv);
+        let m = &layer.mixer;
+        let rows = batch * len;
+        let normed = self.norm_forward(h, &layer.norm_weight, layer.norm_bias.as_deref())?;
+        // in_proj: rows 0..E of W_in give x, rows E..2E give z.
+        let mut x = vec![T::ZERO; rows * e];
+        let mut z = vec![T::ZERO; rows * e];
+        matmul_xwt(&normed, &m.in_proj_weight[..e * d], rows, d, e, &mut x, false)?;
+        matmul_xwt(&normed, &m.in_proj_weight[e * d..], rows, d, e, &mut z, false)?;
+        if let Some(bias) = &m.in_proj_bias {
+            add_row_bias(&mut x, &bias[..e]);
+            add_row_bias(&mut z, &bias[e..]);
+        }
+        let conv = ConvShape {
+            batch,
+            len,
+            channels: e,
+            kernel: k,
+        };
+        let mut xc = vec![T::ZERO; rows * e];
+        causal_conv1d_forward(&conv, &x, &m.conv1d_weight, m.conv1d_bias.as_deref(), &mut xc)?;
+        let xs: Vec<T> = xc.iter().map(|&v| v.silu()).collect();
+        // x_proj: rows 0..R give dt_low, R..R+N give B, R+N..R+2N give C.
+        let mut dt_low = vec![T::ZERO; rows * r];
+        let mut bm = vec![T::ZERO; rows * n];
+        let mut cm = vec![T::ZERO; rows * n];
+        let wx = &m.x_proj_weight;
+        matmul_xwt(&xs, &wx[..r * e], rows, e, r, &mut dt_low, false)?;
+        matmul_xwt(&xs, &wx[r * e..(r + n) * e], rows, e, n, &mut bm, false)?;
+        matmul_xwt(&xs, &wx[(r + n) * e..], rows, e, n, &mut cm, false)?;
+        let mut delta = vec![T::ZERO; rows * e];
+        matmul_xwt(&dt_low, &m.dt_proj_weight, rows, r, e, &mut delta, false)?;
+        let a: Vec<T> = m.a_log.iter().map(|&v| -v.exp()).collect();
+        let shape = self.scan_shape(batch, len);
+        let options = Self::scan_options();
+        let inputs = ScanInputs {
+            u: &xs,
+            delta: &delta,
+            a: &a,
+            b: &bm,
+            c: &cm,
+            d: Some(&m.d),
+            z: Some(&z),
+            delta_bias: Some(&m.dt_proj_bias),
+            initial_state: None,
+        };
+        let mut y = vec![T::ZERO; rows * e];
+        let mut checkpoints = if keep { vec![T::ZERO; shape.checkpoints_len(SCAN_CHUNK)] } else { Vec::new() };
+        selective_scan_forward(
+            &shape,
+            &inputs,
+            &options,
+            &mut y,
+            None,
+            keep.then_some(checkpoints.as_mut_slice()),
+        )?;
+        let resid = if keep { h.to_vec() } else { Vec::new() };
+        // h += y W_outᵀ
+        matmul_xwt(&y, &m.out_proj_weight, rows, e, d, h, true)?;
+        if let Some(bias) = &m.out_proj_bias {
+            add_row_bias(h, bias);
+        }
+        Ok(keep.then_some(LayerCache {
+            resid,
+            normed,
+            x,
+            z,
+            xc,
+            xs,
+            dt_low,
+            b: bm,
+            c: cm,
+            delta,
+            a,
+            y,
+            checkpoints,
+        }))
+    }
+
+    /// Gradients of every parameter given dL/dlogits (batch, len, vocab).
+    pub fn backward(&self, ids: &[u32], cache: &ForwardCache<T>, d_logits: &[T]) -> Result<MambaParams<T>> {
+        let c = &self.config;
+        let (d, v) = (c.d_model, c.vocab_size);
+        let rows = cache.batch * cache.len;
+        if d_logits.len() != rows * v {
+            return Err(invalid(
+                "Mamba::backward",
+                format!("d_logits has {} elements, expected {rows} x {v}", d_logits.len()),
+            ));
+        }
+        let mut g = MambaParams::<T>::zeros(c);
+        // logits = hn · headᵀ
+        let mut d_hn = vec![T::ZERO; rows * d];
+        matmul_xw(d_logits, self.head_weight(), rows, v, d, &mut d_hn, false)?;
+        {
+            let head_grad = g.lm_head.as_mut().unwrap_or(&mut g.embedding);
+            matmul_xtw(d_logits, &cache.h_normed, rows, v, d, head_grad, true)?;
+        }
+        let ng = self.norm_backward(
+            &cache.h_last,
+            &self.params.norm_f_weight,
+            self.params.norm_f_bias.is_some(),
+            &d_hn,
+        )?;
+        g.norm_f_weight = ng.weight;
+        if let Some(b) = ng.bias {
+            g.norm_f_bias = Some(b);
+        }
+        let mut dh = ng.x;
+        for (i, layer) in self.params.layers.iter().enumerate().rev() {
+            self.layer_backward(layer, &cache.layers[i], cache.batch, cache.len, &mut dh, &mut g.layers[i])?;
+        }
+        // h = E[ids]
+        for (row, &id) in ids.iter().enumerate() {
+            let dst = &mut g.embedding[id as usize * d..(id as usize + 1) * d];
+            for (a, &b) in dst.iter_mut().zip(&dh[row * d..(row + 1) * d]) {
+                *a += b;
+            }
+        }
+        Ok(g)
+    }
+
+    /// Backward of one residual block: `dh` holds dL/dh after the block on
+    /// entry and dL/dh before it on return; parameter gradients go to `g`.
+    fn layer_backward(
+        &self,
+        layer: &LayerParams<T>,
+        cache: &LayerCache<T>,
+        batch: usize,
+        len: usize,
+        dh: &mut [T],
+        g: &mut LayerParams<T>,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (d, e, n, r, k) = (c.d_model, c.d_inner, c.d_state, c.dt_rank, c.d_conv);
+        let rows = batch * len;
+        let m = &layer.mixer;
+        let gm = &mut g.mixer;
+        // h_out = h_in + y W_outᵀ (+ b_out)
+        matmul_xtw(dh, &cache.y, rows, d, e, &mut gm.out_proj_weight, false)?;
+        if let Some(gb) = gm.out_proj_bias.as_mut() {
+            sum_rows_into(dh, gb);
+        }
+        let mut dy = vec![T::ZERO; rows * e];
+        matmul_xw(dh, &m.out_proj_weight, rows, d, e, &mut dy, false)?;
+        // the selective scan
+        let inputs = ScanInputs {
+            u: &cache.xs,
+            delta: &cache.delta,
+            a: &cache.a,
+            b: &cache.b,
+            c: &cache.c,
+            d: Some(&m.d),
+            z: Some(&cache.z),
+            delta_bias: Some(&m.dt_proj_bias),
+            initial_state: None,
+        };
+        let sg = selective_scan_backward(
+            &self.scan_shape(batch, len),
+            &inputs,
+            &Self::scan_options(),
+            &cache.checkpoints,
+            &dy,
+            None,
+        )?;
+        // A = -exp(A_log): dA/dA_log = A
+        for ((ga, &da), &a) in gm.a_log.iter_mut().zip(&sg.a).zip(&cache.a) {
+            *ga = da * a;
+        }
+        gm.d = sg.d.expect("D was given");
+        gm.dt_proj_bias = sg.delta_bias.expect("delta_bias was given");
+        let dz = sg.z.expect("z was given");
+        // delta = dt_low W_dtᵀ
+        let mut d_dt_low = vec![T::ZERO; rows * r];
+        matmul_xw(&sg.delta, &m.dt_proj_weight, rows, e, r, &mut d_dt_low, false)?;
+        matmul_xtw(&sg.delta, &cache.dt_low, rows, e, r, &mut gm.dt_proj_weight, false)?;
+        // [dt_low, B, C] = xs W_xᵀ
+        let mut dxs = sg.u;
+        let wx = &m.x_proj_weight;
+        let gx = &mut gm.x_proj_weight;
+        matmul_xw(&d_dt_low, &wx[..r * e], rows, r, e, &mut dxs, true)?;
+        matmul_xw(&sg.b, &wx[r * e..(r + n) * e], rows, n, e, &mut dxs, true)?;
+        matmul_xw(&sg.c, &wx[(r + n) * e..], rows, n, e, &mut dxs, true)?;
+        matmul_xtw(&d_dt_low, &cache.xs, rows, r, e, &mut gx[..r * e], false)?;
+        matmul_xtw(&sg.b, &cache.xs, rows, n, e, &mut gx[r * e..(r + n) * e], false)?;
+        matmul_xtw(&sg.c, &cache.xs, rows, n, e, &mut gx[(r + n) * e..], false)?;
+        // xs = silu(xc)
+        let dxc: Vec<T> = dxs.iter().zip(&cache.xc).map(|(&g, &x)| g * x.silu_grad()).collect();
+        let conv = ConvShape {
+            batch,
+            len,
+            channels: e,
+            kernel: k,
+        };
+        let cg = causal_conv1d_backward(&conv, &cache.x, &m.conv1d_weight, m.conv1d_bias.is_some(), &dxc)?;
+        gm.conv1d_weight = cg.weight;
+        if let Some(b) = cg.bias {
+            gm.conv1d_bias = Some(b);
+        }
+        // x = u W_inxᵀ, z = u W_inzᵀ
+        let mut d_normed = vec![T::ZERO; rows * d];
+        matmul_xw(&cg.x, &m.in_proj_weight[..e * d], rows, e, d, &mut d_normed, false)?;
+        matmul_xw(&dz, &m.in_proj_weight[e * d..], rows, e, d, &mut d_normed, true)?;
+        matmul_xtw(&cg.x, &cache.normed, rows, e, d, &mut gm.in_proj_weight[..e * d], false)?;
+        matmul_xtw(&dz, &cache.normed, rows, e, d, &mut gm.in_proj_weight[e * d..], false)?;
+        if let Some(gb) = gm.in_proj_bias.as_mut() {
+            sum_rows_into(&cg.x, &mut gb[..e]);
+            sum_rows_into(&dz, &mut gb[e..]);
+        }
+        // u = norm(h_in); the residual path adds dh itself.
+        let ng = self.norm_backward(&cache.resid, &layer.norm_weight, layer.norm_bias.is_some(), &d_normed)?;
+        g.norm_weight = ng.weight;
+        if let Some(b) = ng.bias {
+            g.norm_bias = Some(b);
+        }
+        for (a, &b) in dh.iter_mut().zip(&ng.x) {
+            *a += b;
+        }
+        Ok(())
+    }
+
+    /// A freshly initialised model (SPEC.md section 4).
+    pub fn init(config: MambaConfig, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let (d, e, n, r, k) = (c.d_model, c.d_inner, c.d_state, c.dt_rank, c.d_conv);
+        let mut rng = Rng::new(seed);
+        let mut p = MambaParams::<T>::zeros(c);
+        // kaiming_uniform(a=√5): U(±1/sqrt(fan_in))
+        let uniform = |rng: &mut Rng, len: usize, bound: f64| -> Vec<T> { rng.vec(len, |r| r.uniform_in(-bound, bound)) };
+        p.embedding = rng.vec(c.vocab_size * d, |r| r.normal() * 0.02);
+        for layer in p.layers.iter_mut() {
+            layer.norm_weight = vec![T::ONE; d];
+            let m = &mut layer.mixer;
+            m.in_proj_weight = uniform(&mut rng, 2 * e * d, 1.0 / (d as f64).sqrt());
+            m.conv1d_weight = uniform(&mut rng, e * k, 1.0 / (k as f64).sqrt());
+            if let Some(b) = m.conv1d_bias.as_mut() {
+                *b = uniform(&mut rng, e, 1.0 / (k as f64).sqrt());
+            }
+            m.x_proj_weight = uniform(&mut rng, (r + 2 * n) * e, 1.0 / (e as f64).sqrt());
+            m.dt_proj_weight = uniform(&mut rng, e * r, 1.0 / (r as f64).sqrt());
+            m.dt_proj_bias = rng.vec(e, |rng| {
+                let dt = rng.uniform_in(c.dt_min.ln(), c.dt_max.ln()).exp().max(c.dt_init_floor);
+                dt + (-(-dt).exp_m1()).ln() // softplus⁻¹(dt)
+            });
+            m.a_log = (0..e * n).map(|i| T::from_f64(((i % n) as f64 + 1.0).ln())).collect();
+            m.d = vec![T::ONE; e];
+            let out_bound = 1.0 / (e as f64).sqrt();
+            let scale = 1.0 / (c.n_layer as f64).sqrt();
+            m.out_proj_weight = rng.vec(d * e, |r| r.uniform_in(-out_bound, out_bound) * scale);
+            // in_proj/out_proj biases (if any) stay 0.
+        }
+        p.norm_f_weight = vec![T::ONE; d];
+        if let Some(head) = p.lm_head.as_mut() {
+            *head = uniform(&mut rng, c.vocab_size * d, 1.0 / (d as f64).sqrt());
+        }
+        if let Some(b) = p.norm_f_bias.as_mut() {
+            b.fill(T::ZERO);
+        }
+        Ok(Self { config, params: p })
+    }
+}
+
+/// Mean cross-entropy of predicting ids[b, t+1] from logits[b, t], over all
+/// batch · (len - 1) predictions; returns (loss, dL/dlogits).
+pub fn next_token_cross_entropy<T: MatmulScalar>(
+    logits: &[T],
+    ids: &[u32],
+    batch: usize,
+    len: usize,
+    vocab: usize,
+) -> Result<(T, Vec<T>)> {
+    if len < 2 || logits.len() != batch * len * vocab || ids.len() != batch * len {
+        return Err(invalid(
+            "next_token_cross_entropy",
+            format!(
+                "needs len >= 2, logits (batch={batch}, len={len}, vocab={vocab}) and ids (batch, len); got {} logits and {} ids",
+                logits.len(),
+                ids.len()
+            ),
+        ));
+    }
+    let count = T::from_usize(batch * (len - 1));
+    let mut loss = T::ZERO;
+    let mut grad = vec![T::ZERO; logits.len()];
+    for b in 0..batch {
+        for t in 0..len - 1 {
+            let row = (b * len + t) * vocab;
+            let target = ids[b * len + t + 1] as usize;
+            let l = &logits[row..row + vocab];
+            let max = l.iter().fold(l[0], |m, &v| m.max_nan(v));
+            let sum: T = l.iter().map(|&v| (v - max).exp()).sum();
+            let log_z = max + sum.ln();
+            loss += log_z - l[target];
+            for (gv, &v) in grad[row..row + vocab].iter_mut().zip(l) {
+                *gv = (v - log_z).exp() / count;
+            }
+            grad[row + target] -= T::ONE / count;
+        }
+    }
+    Ok((loss / count, grad))
+}
+
+/// x[row, :] += bias for every row.
+fn add_row_bias<T: MatmulScalar>(x: &mut [T], bias: &[T]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        for (a, &b) in row.iter_mut().zip(bias) {
+            *a += b;
+        }
+    }
+}
+
+/// out += Σ_rows x[row, :]
+fn sum_rows_into<T: MatmulScalar>(x: &[T], out: &mut [T]) {
+    for row in x.chunks_exact(out.len()) {
+        for (a, &b) in out.iter_mut().zip(row) {
+            *a += b;
+        }
+    }
+}
+
+/// A Hugging Face sharded checkpoint: `model.safetensors.index.json` with a
+/// `weight_map` from tensor name to shard file.
+struct ShardedSafetensors {
+    path: String,
+    shards: Vec<SafetensorsFile>,
+}
+
+impl ShardedSafetensors {
+    fn open(index: &Path) -> Result<Self> {
+        let shown = index.display().to_string();
+        let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Format {
+            file: shown.clone(),
+            message: format!("not valid JSON: {e}"),
+        })?;
+        let map = v["weight_map"].as_object().ok_or_else(|| Error::Format {
+            file: shown.clone(),
+            message: "no `weight_map` object".into(),
+        })?;
+        let mut files: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
+        files.sort_unstable();
+        files.dedup();
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let shards = files
+            .iter()
+            .map(|f| SafetensorsFile::open(dir.join(f)))
+            .collect::<Result<_>>()?;
+        Ok(Self { path: shown, shards })
+    }
+}
+
+impl TensorSource for ShardedSafetensors {
+    fn file(&self) -> &str {
+        &self.path
+    }
+    fn names(&self) -> Vec<String> {
+        self.shards.iter().flat_map(|s| s.names()).collect()
+    }
+    fn tensor(&self, name: &str) -> Result<Option<super::checkpoint::StoredTensor<'_>>> {
+        for s in &self.shards {
+            if let Some(t) = s.tensor(name)? {
+                return Ok(Some(t));
+            }
+        }
+        Ok(None)
+    }
+}
