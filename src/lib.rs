@@ -11,10 +11,13 @@
 
 pub mod bench;
 pub mod error;
+pub mod eval;
 pub mod float;
 pub mod kernels;
 pub mod model;
+pub mod npy;
 pub mod rng;
+pub mod tokenizer;
 
 pub use error::{Error, Result};
 pub use float::Float;

@@ -100,6 +100,9 @@ pub trait TensorSource {
     fn file(&self) -> &str;
     fn names(&self) -> Vec<String>;
     fn tensor(&self, name: &str) -> Result<Option<StoredTensor<'_>>>;
+    /// Called once a tensor has been copied out, so that a memory-mapped
+    /// source can drop its pages and the weights stay in memory once.
+    fn release(&self, _name: &str) {}
 }
 
 /// A memory-mapped `.safetensors` file.
@@ -157,6 +160,23 @@ impl TensorSource for SafetensorsFile {
     }
     fn names(&self) -> Vec<String> {
         self.index.keys().cloned().collect()
+    }
+    fn release(&self, name: &str) {
+        if let Some((_, _, range)) = self.index.get(name) {
+            // Page-aligned interior of the tensor's bytes.
+            let page = 4096;
+            let start = range.start.div_ceil(page) * page;
+            let end = range.end / page * page;
+            if end > start {
+                // SAFETY: a read-only private file mapping: dropped pages are
+                // read again from the file if touched; no references into
+                // this range are alive (the caller copied the tensor out).
+                let _ = unsafe {
+                    self.mmap
+                        .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+                };
+            }
+        }
     }
     fn tensor(&self, name: &str) -> Result<Option<StoredTensor<'_>>> {
         Ok(self.index.get(name).map(|(dtype, shape, range)| StoredTensor {

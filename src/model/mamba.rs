@@ -134,21 +134,24 @@ impl<T: MatmulScalar> Mamba<T> {
             })?;
             used.insert(name.clone());
             let values = t.to_vec::<T>(&file, &name)?;
+            let (t_shape, t_dtype) = (t.shape.clone(), t.dtype);
+            drop(t);
+            source.release(&name);
             let shape_err = || Error::Tensor {
                 file: file.clone(),
                 tensor: name.clone(),
-                message: format!("expected shape {:?}, found {:?} ({})", info.shape, t.shape, t.dtype.name()),
+                message: format!("expected shape {:?}, found {:?} ({})", info.shape, t_shape, t_dtype.name()),
             };
             if info.name == "backbone.embeddings.weight" {
                 // Fewer stored rows than the padded vocabulary: pad with zeros.
-                let ok = t.shape.len() == 2 && t.shape[1] == info.shape[1] && t.shape[0] <= info.shape[0];
+                let ok = t_shape.len() == 2 && t_shape[1] == info.shape[1] && t_shape[0] <= info.shape[0];
                 if !ok {
                     return Err(shape_err());
                 }
                 dst[..values.len()].copy_from_slice(&values);
             } else {
-                let conv_2d = info.shape.len() == 3 && t.shape == [info.shape[0], info.shape[2]];
-                if t.shape != info.shape && !conv_2d {
+                let conv_2d = info.shape.len() == 3 && t_shape == [info.shape[0], info.shape[2]];
+                if t_shape != info.shape && !conv_2d {
                     return Err(shape_err());
                 }
                 dst.copy_from_slice(&values);
@@ -220,13 +223,50 @@ impl<T: MatmulScalar> Mamba<T> {
     }
 
     /// Logits (batch, len, vocab) for token ids (batch, len).
+    ///
+    /// ```
+    /// use selective::model::Mamba;
+    /// let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/models/tiny-hf");
+    /// let model = Mamba::<f32>::from_dir(dir)?;
+    /// let (batch, len) = (1, 4);
+    /// let logits = model.forward(&[3, 1, 4, 1], batch, len)?;
+    /// let vocab = model.config.vocab_size;
+    /// assert_eq!(logits.len(), batch * len * vocab);
+    /// // The most likely token after the whole prompt:
+    /// let last = &logits[(len - 1) * vocab..];
+    /// let next = (0..vocab).max_by(|&a, &b| last[a].total_cmp(&last[b])).unwrap();
+    /// assert!(next < vocab);
+    /// # Ok::<(), selective::Error>(())
+    /// ```
     pub fn forward(&self, ids: &[u32], batch: usize, len: usize) -> Result<Vec<T>> {
-        self.check_ids("Mamba::forward", ids, batch, len)?;
+        let hidden = self.final_hidden(ids, batch, len)?;
+        self.logits_from_hidden(&hidden)
+    }
+
+    /// norm_f(h) after the last layer, (batch, len, d_model): what the head
+    /// reads. With [`Self::logits_from_hidden`] it lets a caller compute the
+    /// vocabulary-sized logits only for the rows it needs, a few at a time.
+    pub fn final_hidden(&self, ids: &[u32], batch: usize, len: usize) -> Result<Vec<T>> {
+        self.check_ids("Mamba::final_hidden", ids, batch, len)?;
         let mut h = self.embed(ids);
         for layer in &self.params.layers {
             self.layer_forward(layer, &mut h, batch, len, false)?;
         }
-        let (_, logits) = self.head(&h)?;
+        self.norm_forward(&h, &self.params.norm_f_weight, self.params.norm_f_bias.as_deref())
+    }
+
+    /// Logits (rows, vocab) of rows of [`Self::final_hidden`] (rows, d_model).
+    pub fn logits_from_hidden(&self, hidden: &[T]) -> Result<Vec<T>> {
+        let (d, v) = (self.config.d_model, self.config.vocab_size);
+        if hidden.len() % d != 0 {
+            return Err(invalid(
+                "Mamba::logits_from_hidden",
+                format!("{} values are not rows of d_model={d}", hidden.len()),
+            ));
+        }
+        let rows = hidden.len() / d;
+        let mut logits = vec![T::ZERO; rows * v];
+        matmul_xwt(hidden, self.head_weight(), rows, d, v, &mut logits, false)?;
         Ok(logits)
     }
 

@@ -1,0 +1,136 @@
+//! The command line, run as a user would.
+
+use std::path::Path;
+use std::process::Command;
+
+fn selective() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_selective"))
+}
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Mean next-token NLL computed here from transformers' float64 logits.
+fn reference_nll(ids: &[u32], logits: &[f64], vocab: usize) -> f64 {
+    let mut total = 0.0;
+    for t in 0..ids.len() - 1 {
+        let row = &logits[t * vocab..(t + 1) * vocab];
+        let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + row.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+        total += lse - row[ids[t + 1] as usize];
+    }
+    total / (ids.len() - 1) as f64
+}
+
+#[test]
+fn score_ids_reports_the_reference_perplexity() {
+    let dir = root().join("tests/data/models/small-hf");
+    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ids_view = st.tensor("input_ids").unwrap();
+    let (batch, len) = (ids_view.shape()[0], ids_view.shape()[1]);
+    assert!(batch >= 1);
+    let ids: Vec<u32> = ids_view.data()[..len * 8]
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect();
+    let logits_view = st.tensor("logits").unwrap();
+    let vocab = logits_view.shape()[2];
+    let logits: Vec<f64> = logits_view.data()[..len * vocab * 8]
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let want = reference_nll(&ids, &logits, vocab);
+
+    let tmp = std::env::temp_dir().join(format!("selective-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let ids_file = tmp.join("ids.json");
+    std::fs::write(&ids_file, serde_json::to_string(&ids).unwrap()).unwrap();
+    let npy = tmp.join("logits.npy");
+    let out = selective()
+        .args(["score", "--model"])
+        .arg(&dir)
+        .arg("--ids")
+        .arg(&ids_file)
+        .arg("--json")
+        .arg("--logits-out")
+        .arg(&npy)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let nll = v["mean_nll"].as_f64().unwrap();
+    assert!((nll - want).abs() < 1e-5, "mean NLL {nll} vs reference {want}");
+    assert!((v["perplexity"].as_f64().unwrap() - want.exp()).abs() < 1e-4 * want.exp());
+    assert_eq!(v["predicted_tokens"], len - 1);
+    // The .npy holds the same logits.
+    let raw = std::fs::read(&npy).unwrap();
+    assert_eq!(&raw[..6], b"\x93NUMPY");
+    let header_len = u16::from_le_bytes([raw[8], raw[9]]) as usize;
+    let header = std::str::from_utf8(&raw[10..10 + header_len]).unwrap();
+    assert!(header.contains(&format!("'shape': ({len}, {vocab})")), "{header}");
+    let data = &raw[10 + header_len..];
+    assert_eq!(data.len(), len * vocab * 4);
+    for (i, c) in data.chunks_exact(4).enumerate() {
+        let x = f32::from_le_bytes(c.try_into().unwrap()) as f64;
+        assert!((x - logits[i]).abs() < 1e-4, "logit {i}: {x} vs {}", logits[i]);
+    }
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn score_text_uses_the_model_directory_tokenizer() {
+    // A small random model with the GPT-NeoX vocabulary and its tokenizer.
+    let tmp = std::env::temp_dir().join(format!("selective-cli-text-{}", std::process::id()));
+    let status = selective()
+        .args(["init", "--d-model", "8", "--n-layer", "1", "--d-state", "4", "--seed", "1", "--out"])
+        .arg(&tmp)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::copy(root().join("data/gpt-neox-20b-tokenizer.json"), tmp.join("tokenizer.json")).unwrap();
+    let text = tmp.join("text.txt");
+    std::fs::write(&text, "Hello world, this is Mamba.").unwrap();
+    let out = selective().args(["score", "--json", "--model"]).arg(&tmp).arg("--text-file").arg(&text).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tokens"], 8, "{v}");
+    // A random model is close to uniform over 50280 tokens.
+    let nll = v["mean_nll"].as_f64().unwrap();
+    assert!((nll - (50280f64).ln()).abs() < 0.5, "{nll}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn score_errors_are_clear() {
+    let out = selective()
+        .args(["score", "--model", "/nonexistent/model", "--ids", "/nonexistent/ids.json"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/model/config.json"), "{err}");
+    let tmp = std::env::temp_dir().join(format!("selective-cli-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::write(tmp.join("ids.json"), "[1, 2, \"x\"]").unwrap();
+    let out = selective()
+        .args(["score", "--model"])
+        .arg(root().join("tests/data/models/tiny-hf"))
+        .arg("--ids")
+        .arg(tmp.join("ids.json"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ids.json") && err.contains("JSON array"), "{err}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn tokenizer_encodes_like_gpt_neox() {
+    let tok = selective::tokenizer::Tokenizer::from_file(root().join("data/gpt-neox-20b-tokenizer.json")).unwrap();
+    let ids = tok.encode("Hello world").unwrap();
+    assert_eq!(ids, [12092, 1533]);
+    assert_eq!(tok.decode(&ids).unwrap(), "Hello world");
+}
