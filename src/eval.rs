@@ -29,7 +29,10 @@ pub fn perplexity<T: MatmulScalar>(
     mut on_logits: impl FnMut(&[T]) -> Result<()>,
 ) -> Result<Perplexity> {
     if ids.len() < 2 {
-        return Err(invalid("perplexity", format!("needs at least 2 tokens, got {}", ids.len())));
+        return Err(invalid(
+            "perplexity",
+            format!("needs at least 2 tokens, got {}", ids.len()),
+        ));
     }
     let (d, v) = (model.config.d_model, model.config.vocab_size);
     let hidden = model.final_hidden(ids, 1, ids.len())?;

@@ -36,6 +36,8 @@ pub trait Float:
     const ONE: Self;
     /// Name used in error messages and benchmark output.
     const NAME: &'static str;
+    /// Below this argument [`Float::exp`] returns exactly 0.
+    const EXP_ZERO_BELOW: f64;
 
     fn from_f64(x: f64) -> Self;
     fn to_f64(self) -> f64;
@@ -118,6 +120,7 @@ impl Float for f64 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const NAME: &'static str = "f64";
+    const EXP_ZERO_BELOW: f64 = -745.2;
     #[inline(always)]
     fn from_f64(x: f64) -> Self {
         x
@@ -177,6 +180,7 @@ impl Float for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const NAME: &'static str = "f32";
+    const EXP_ZERO_BELOW: f64 = -87.336_55;
     #[inline(always)]
     fn from_f64(x: f64) -> Self {
         x as f32

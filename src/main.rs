@@ -127,7 +127,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             logits_out,
             threads,
         } => {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.unwrap_or(0)).build()?;
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads.unwrap_or(0))
+                .build()?;
             pool.install(|| score(&model, text_file, ids, json, logits_out))
         }
         Command::Init {
@@ -160,7 +162,11 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 StorageType::Bf16 => DType::BF16,
             };
             model.save(&out, dtype)?;
-            eprintln!("wrote {} ({} parameters)", out.display(), model.config.n_params());
+            eprintln!(
+                "wrote {} ({} parameters)",
+                out.display(),
+                model.config.n_params()
+            );
             Ok(())
         }
         Command::BenchScan {
@@ -212,16 +218,25 @@ fn score(
     let load_s = t0.elapsed().as_secs_f64();
     let ids: Vec<u32> = match (text_file, ids_file) {
         (Some(path), _) => {
-            let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             let tokenizer = Tokenizer::for_model_dir(dir)?.ok_or_else(|| {
-                format!("{}: no tokenizer.json to tokenise the text; pass --ids instead", dir.display())
+                format!(
+                    "{}: no tokenizer.json to tokenise the text; pass --ids instead",
+                    dir.display()
+                )
             })?;
             tokenizer.encode(&text)?
         }
         (None, Some(path)) => {
-            let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            serde_json::from_str(&text)
-                .map_err(|e| format!("{}: expected a JSON array of token ids: {e}", path.display()))?
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            serde_json::from_str(&text).map_err(|e| {
+                format!(
+                    "{}: expected a JSON array of token ids: {e}",
+                    path.display()
+                )
+            })?
         }
         (None, None) => return Err("give --text-file or --ids".into()),
     };
@@ -258,7 +273,10 @@ fn score(
             result.mean_nll,
             result.perplexity
         );
-        eprintln!("load {load_s:.2} s, score {score_s:.2} s ({:.1} tokens/s)", ids.len() as f64 / score_s);
+        eprintln!(
+            "load {load_s:.2} s, score {score_s:.2} s ({:.1} tokens/s)",
+            ids.len() as f64 / score_s
+        );
     }
     Ok(())
 }

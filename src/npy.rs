@@ -19,8 +19,13 @@ impl NpyWriter {
     pub fn create(path: impl AsRef<Path>, shape: &[usize]) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-        let shape_text = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
-        let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_text}, }}");
+        let shape_text = if dims.len() == 1 {
+            format!("({},)", dims[0])
+        } else {
+            format!("({})", dims.join(", "))
+        };
+        let mut header =
+            format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_text}, }}");
         // magic (6) + version (2) + length (2) + header + '\n', padded to 64 bytes.
         let unpadded = 10 + header.len() + 1;
         header.push_str(&" ".repeat(unpadded.next_multiple_of(64) - unpadded));
@@ -42,7 +47,9 @@ impl NpyWriter {
 
     pub fn write(&mut self, values: impl IntoIterator<Item = f32>) -> Result<()> {
         for v in values {
-            self.out.write_all(&v.to_le_bytes()).map_err(|e| Error::io(&self.path, e))?;
+            self.out
+                .write_all(&v.to_le_bytes())
+                .map_err(|e| Error::io(&self.path, e))?;
             self.written += 1;
         }
         Ok(())
@@ -53,7 +60,10 @@ impl NpyWriter {
         if self.written != self.expected {
             return Err(Error::Format {
                 file: self.path.display().to_string(),
-                message: format!("wrote {} values for a shape of {}", self.written, self.expected),
+                message: format!(
+                    "wrote {} values for a shape of {}",
+                    self.written, self.expected
+                ),
             });
         }
         self.out.flush().map_err(|e| Error::io(&self.path, e))

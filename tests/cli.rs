@@ -58,10 +58,17 @@ fn score_ids_reports_the_reference_perplexity() {
         .arg(&npy)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let nll = v["mean_nll"].as_f64().unwrap();
-    assert!((nll - want).abs() < 1e-5, "mean NLL {nll} vs reference {want}");
+    assert!(
+        (nll - want).abs() < 1e-5,
+        "mean NLL {nll} vs reference {want}"
+    );
     assert!((v["perplexity"].as_f64().unwrap() - want.exp()).abs() < 1e-4 * want.exp());
     assert_eq!(v["predicted_tokens"], len - 1);
     // The .npy holds the same logits.
@@ -69,12 +76,19 @@ fn score_ids_reports_the_reference_perplexity() {
     assert_eq!(&raw[..6], b"\x93NUMPY");
     let header_len = u16::from_le_bytes([raw[8], raw[9]]) as usize;
     let header = std::str::from_utf8(&raw[10..10 + header_len]).unwrap();
-    assert!(header.contains(&format!("'shape': ({len}, {vocab})")), "{header}");
+    assert!(
+        header.contains(&format!("'shape': ({len}, {vocab})")),
+        "{header}"
+    );
     let data = &raw[10 + header_len..];
     assert_eq!(data.len(), len * vocab * 4);
     for (i, c) in data.chunks_exact(4).enumerate() {
         let x = f32::from_le_bytes(c.try_into().unwrap()) as f64;
-        assert!((x - logits[i]).abs() < 1e-4, "logit {i}: {x} vs {}", logits[i]);
+        assert!(
+            (x - logits[i]).abs() < 1e-4,
+            "logit {i}: {x} vs {}",
+            logits[i]
+        );
     }
     std::fs::remove_dir_all(&tmp).unwrap();
 }
@@ -84,16 +98,41 @@ fn score_text_uses_the_model_directory_tokenizer() {
     // A small random model with the GPT-NeoX vocabulary and its tokenizer.
     let tmp = std::env::temp_dir().join(format!("selective-cli-text-{}", std::process::id()));
     let status = selective()
-        .args(["init", "--d-model", "8", "--n-layer", "1", "--d-state", "4", "--seed", "1", "--out"])
+        .args([
+            "init",
+            "--d-model",
+            "8",
+            "--n-layer",
+            "1",
+            "--d-state",
+            "4",
+            "--seed",
+            "1",
+            "--out",
+        ])
         .arg(&tmp)
         .status()
         .unwrap();
     assert!(status.success());
-    std::fs::copy(root().join("data/gpt-neox-20b-tokenizer.json"), tmp.join("tokenizer.json")).unwrap();
+    std::fs::copy(
+        root().join("data/gpt-neox-20b-tokenizer.json"),
+        tmp.join("tokenizer.json"),
+    )
+    .unwrap();
     let text = tmp.join("text.txt");
     std::fs::write(&text, "Hello world, this is Mamba.").unwrap();
-    let out = selective().args(["score", "--json", "--model"]).arg(&tmp).arg("--text-file").arg(&text).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = selective()
+        .args(["score", "--json", "--model"])
+        .arg(&tmp)
+        .arg("--text-file")
+        .arg(&text)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["tokens"], 8, "{v}");
     // A random model is close to uniform over 50280 tokens.
@@ -105,7 +144,13 @@ fn score_text_uses_the_model_directory_tokenizer() {
 #[test]
 fn score_errors_are_clear() {
     let out = selective()
-        .args(["score", "--model", "/nonexistent/model", "--ids", "/nonexistent/ids.json"])
+        .args([
+            "score",
+            "--model",
+            "/nonexistent/model",
+            "--ids",
+            "/nonexistent/ids.json",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -123,13 +168,18 @@ fn score_errors_are_clear() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("ids.json") && err.contains("JSON array"), "{err}");
+    assert!(
+        err.contains("ids.json") && err.contains("JSON array"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
 #[test]
 fn tokenizer_encodes_like_gpt_neox() {
-    let tok = selective::tokenizer::Tokenizer::from_file(root().join("data/gpt-neox-20b-tokenizer.json")).unwrap();
+    let tok =
+        selective::tokenizer::Tokenizer::from_file(root().join("data/gpt-neox-20b-tokenizer.json"))
+            .unwrap();
     let ids = tok.encode("Hello world").unwrap();
     assert_eq!(ids, [12092, 1533]);
     assert_eq!(tok.decode(&ids).unwrap(), "Hello world");

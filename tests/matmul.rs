@@ -19,9 +19,20 @@ fn transpose(a: &[f64], rows: usize, cols: usize) -> Vec<f64> {
 
 #[test]
 fn three_products_match_plain_loops() {
-    let sizes = [(1, 1, 1), (1, 7, 5), (3, 1, 4), (5, 17, 3), (33, 65, 80), (130, 96, 70), (1, 768, 80)];
+    let sizes = [
+        (1, 1, 1),
+        (1, 7, 5),
+        (3, 1, 4),
+        (5, 17, 3),
+        (33, 65, 80),
+        (130, 96, 70),
+        (1, 768, 80),
+    ];
     for threads in [1, 2] {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
         for (i, &(m, k, n)) in sizes.iter().enumerate() {
             let seed = 10 * i as u64;
             let x = random_vec::<f64>(m * k, seed);
@@ -46,7 +57,8 @@ fn three_products_match_plain_loops() {
                 matmul_xw(&dy, &w, m, n, k, &mut dx, false).unwrap();
                 assert_close(&format!("xw {tag}"), &dx, &want, 1e-12, 1e-12);
                 // dW = dyᵀ x
-                let want = matmul_xwt_reference(&transpose(&dy, m, n), &transpose(&x, m, k), n, m, k);
+                let want =
+                    matmul_xwt_reference(&transpose(&dy, m, n), &transpose(&x, m, k), n, m, k);
                 let mut dw = prior[..n * k].to_vec();
                 matmul_xtw(&dy, &x, m, n, k, &mut dw, true).unwrap();
                 let acc: Vec<f64> = want.iter().zip(&prior).map(|(a, b)| a + b).collect();
@@ -56,7 +68,8 @@ fn three_products_match_plain_loops() {
             let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
             let w32: Vec<f32> = w.iter().map(|&v| v as f32).collect();
             let mut y32 = vec![0.0f32; m * n];
-            pool.install(|| matmul_xwt(&x32, &w32, m, k, n, &mut y32, false)).unwrap();
+            pool.install(|| matmul_xwt(&x32, &w32, m, k, n, &mut y32, false))
+                .unwrap();
             let want = matmul_xwt_reference(&x, &w, m, k, n);
             assert_close(&format!("xwt f32 {tag}"), &y32, &want, 1e-4, 1e-5);
         }
@@ -69,7 +82,10 @@ fn matmul_shape_errors_name_the_operand() {
     let msg = matmul_xwt(&[0.0f32; 6], &[0.0f32; 5], 2, 3, 3, &mut y, false)
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("`w`") && msg.contains("n=3, k=3") && msg.contains("5"), "{msg}");
+    assert!(
+        msg.contains("`w`") && msg.contains("n=3, k=3") && msg.contains("5"),
+        "{msg}"
+    );
     let msg = matmul_xw(&[0.0f32; 6], &[0.0f32; 9], 2, 3, 3, &mut y[..5], false)
         .unwrap_err()
         .to_string();

@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use common::assert_close;
-use selective::model::{next_token_cross_entropy, DType, Mamba, MambaConfig, ParamKind, SafetensorsFile, TensorSource};
+use selective::model::{
+    next_token_cross_entropy, DType, Mamba, MambaConfig, ParamKind, SafetensorsFile, TensorSource,
+};
 use selective::Error;
 
 fn models_dir() -> PathBuf {
@@ -25,7 +27,10 @@ fn read_reference(dir: &str) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
         .map(|(name, view)| {
             let data = view.data();
             let values: Vec<f64> = match view.dtype() {
-                safetensors::Dtype::F64 => data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
+                safetensors::Dtype::F64 => data
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
                 safetensors::Dtype::F32 => data
                     .chunks_exact(4)
                     .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
@@ -48,7 +53,11 @@ fn ids_of(r: &HashMap<String, (Vec<usize>, Vec<f64>)>, key: &str) -> (Vec<u32>, 
 
 /// Greedy continuation by re-running the whole forward (the recurrent
 /// decoder is tested elsewhere).
-fn greedy<T: selective::kernels::MatmulScalar>(model: &Mamba<T>, prompt: &[u32], n: usize) -> Vec<u32> {
+fn greedy<T: selective::kernels::MatmulScalar>(
+    model: &Mamba<T>,
+    prompt: &[u32],
+    n: usize,
+) -> Vec<u32> {
     let v = model.config.vocab_size;
     let mut seq = prompt.to_vec();
     for _ in 0..n {
@@ -78,10 +87,19 @@ fn logits_loss_and_greedy_tokens_equal_transformers() {
         assert_close(&format!("{dir} f64 logits"), &got, want, 1e-9, 1e-9);
         let m32 = Mamba::<f32>::from_dir(models_dir().join(dir)).unwrap();
         let got32 = m32.forward(&ids, batch, len).unwrap();
-        let max_diff = got32.iter().zip(want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+        let max_diff = got32
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (*a as f64 - b).abs())
+            .fold(0.0, f64::max);
         assert!(max_diff <= 1e-4, "{dir} f32 max |logit diff| {max_diff}");
-        let (loss, _) = next_token_cross_entropy(&got, &ids, batch, len, m64.config.vocab_size).unwrap();
-        assert!((loss - r["loss"].1[0]).abs() < 1e-10, "{dir} loss {loss} vs {}", r["loss"].1[0]);
+        let (loss, _) =
+            next_token_cross_entropy(&got, &ids, batch, len, m64.config.vocab_size).unwrap();
+        assert!(
+            (loss - r["loss"].1[0]).abs() < 1e-10,
+            "{dir} loss {loss} vs {}",
+            r["loss"].1[0]
+        );
         let (prompt, _, _) = ids_of(&r, "greedy_prompt");
         let (tokens, _, n) = ids_of(&r, "greedy_tokens");
         assert_eq!(greedy(&m32, &prompt, n), tokens, "{dir} greedy");
@@ -95,7 +113,8 @@ fn gradients_equal_pytorch_autograd() {
         let (ids, batch, len) = ids_of(&r, "input_ids");
         let model = Mamba::<f64>::from_dir(models_dir().join(dir)).unwrap();
         let (logits, cache) = model.forward_train(&ids, batch, len).unwrap();
-        let (_, d_logits) = next_token_cross_entropy(&logits, &ids, batch, len, model.config.vocab_size).unwrap();
+        let (_, d_logits) =
+            next_token_cross_entropy(&logits, &ids, batch, len, model.config.vocab_size).unwrap();
         let grads = model.backward(&ids, &cache, &d_logits).unwrap();
         let mut checked = 0;
         for (info, g) in grads.tensors(&model.config) {
@@ -106,7 +125,11 @@ fn gradients_equal_pytorch_autograd() {
             assert_close(&format!("{dir} grad {}", info.name), g, want, 1e-10, 1e-8);
             checked += 1;
         }
-        assert_eq!(checked, r.keys().filter(|k| k.starts_with("grad.")).count(), "{dir}: every gradient checked");
+        assert_eq!(
+            checked,
+            r.keys().filter(|k| k.starts_with("grad.")).count(),
+            "{dir}: every gradient checked"
+        );
     }
 }
 
@@ -128,15 +151,23 @@ fn gradients_match_finite_differences() {
         }
     }
     let (batch, len) = (2, 7);
-    let ids: Vec<u32> = (0..batch * len).map(|i| ((i * 7 + 3) % 11) as u32).collect();
+    let ids: Vec<u32> = (0..batch * len)
+        .map(|i| ((i * 7 + 3) % 11) as u32)
+        .collect();
     let loss_of = |m: &Mamba<f64>| {
         let logits = m.forward(&ids, batch, len).unwrap();
-        next_token_cross_entropy(&logits, &ids, batch, len, 11).unwrap().0
+        next_token_cross_entropy(&logits, &ids, batch, len, 11)
+            .unwrap()
+            .0
     };
     let (logits, cache) = model.forward_train(&ids, batch, len).unwrap();
     let (_, d_logits) = next_token_cross_entropy(&logits, &ids, batch, len, 11).unwrap();
     let grads = model.backward(&ids, &cache, &d_logits).unwrap();
-    let analytic: Vec<(String, Vec<f64>)> = grads.tensors(&c).into_iter().map(|(i, g)| (i.name, g.clone())).collect();
+    let analytic: Vec<(String, Vec<f64>)> = grads
+        .tensors(&c)
+        .into_iter()
+        .map(|(i, g)| (i.name, g.clone()))
+        .collect();
     let eps = 1e-6;
     for (name, g) in analytic {
         let n = g.len();
@@ -194,7 +225,10 @@ fn generated_value(name: &str, shape: &[usize]) -> Vec<f32> {
                 dt + (-(-dt).exp_m1()).ln()
             } else if name.ends_with("A_log") {
                 ((i % cols) as f64 + 1.0).ln() + 0.1 * e
-            } else if name.ends_with(".D") || name.ends_with("norm.weight") || name.ends_with("norm_f.weight") {
+            } else if name.ends_with(".D")
+                || name.ends_with("norm.weight")
+                || name.ends_with("norm_f.weight")
+            {
                 1.0 + 0.1 * e
             } else {
                 e / (shape[1] as f64).sqrt()
@@ -225,12 +259,22 @@ fn mamba_130m_configuration_matches_transformers_within_1e_2() {
             .1[..2]
             .to_vec()
     };
-    assert_eq!(first("backbone.layers.0.mixer.in_proj.weight"), [0.00858477657821438f32, 0.03589302238414031]);
-    assert_eq!(first("backbone.layers.0.mixer.A_log"), [0.037738233430413916f32, 0.6245983289168215]);
+    assert_eq!(
+        first("backbone.layers.0.mixer.in_proj.weight"),
+        [0.00858477657821438f32, 0.03589302238414031]
+    );
+    assert_eq!(
+        first("backbone.layers.0.mixer.A_log"),
+        [0.037738233430413916f32, 0.6245983289168215]
+    );
     let r = read_reference("mamba-130m-uniform");
     let (ids, batch, len) = ids_of(&r, "input_ids");
     let got = model.forward(&ids, batch, len).unwrap();
-    let max_diff = got.iter().zip(&r["logits"].1).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+    let max_diff = got
+        .iter()
+        .zip(&r["logits"].1)
+        .map(|(a, b)| (*a as f64 - b).abs())
+        .fold(0.0, f64::max);
     assert!(max_diff <= 1e-2, "max |logit diff| {max_diff}");
     let (tokens, _, n) = ids_of(&r, "greedy_tokens");
     assert_eq!(greedy(&model, &ids, n), tokens);
@@ -247,7 +291,10 @@ fn saved_checkpoints_have_the_transformers_layout_and_reload_exactly() {
     let theirs = SafetensorsFile::open(src.join("model.safetensors")).unwrap();
     assert_eq!(ours.names(), theirs.names());
     for name in theirs.names() {
-        let (a, b) = (ours.tensor(&name).unwrap().unwrap(), theirs.tensor(&name).unwrap().unwrap());
+        let (a, b) = (
+            ours.tensor(&name).unwrap().unwrap(),
+            theirs.tensor(&name).unwrap().unwrap(),
+        );
         assert_eq!((a.dtype, &a.shape), (b.dtype, &b.shape), "{name}");
         assert_eq!(a.bytes, b.bytes, "{name}: values differ");
     }
@@ -272,35 +319,75 @@ fn bad_checkpoints_are_errors_that_name_file_and_tensor() {
     let config = model.config.clone();
     let write = |tensors: Vec<(String, DType, Vec<usize>, Vec<u8>)>| {
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("config.json"), config.to_hugging_face_json().to_string()).unwrap();
-        selective::model::checkpoint::write_safetensors(&dir.join("model.safetensors"), &tensors, None).unwrap();
+        std::fs::write(
+            dir.join("config.json"),
+            config.to_hugging_face_json().to_string(),
+        )
+        .unwrap();
+        selective::model::checkpoint::write_safetensors(
+            &dir.join("model.safetensors"),
+            &tensors,
+            None,
+        )
+        .unwrap();
     };
     let all: Vec<(String, DType, Vec<usize>, Vec<u8>)> = model
         .params
         .tensors(&config)
         .into_iter()
-        .map(|(i, t)| (i.name, DType::F32, i.shape, selective::model::checkpoint::encode(t, DType::F32)))
+        .map(|(i, t)| {
+            (
+                i.name,
+                DType::F32,
+                i.shape,
+                selective::model::checkpoint::encode(t, DType::F32),
+            )
+        })
         .collect();
 
     // A missing tensor.
-    write(all.iter().filter(|t| t.0 != "backbone.layers.1.mixer.D").cloned().collect());
+    write(
+        all.iter()
+            .filter(|t| t.0 != "backbone.layers.1.mixer.D")
+            .cloned()
+            .collect(),
+    );
     let msg = Mamba::<f32>::from_dir(&dir).unwrap_err().to_string();
-    assert!(msg.contains("model.safetensors") && msg.contains("backbone.layers.1.mixer.D") && msg.contains("missing"), "{msg}");
+    assert!(
+        msg.contains("model.safetensors")
+            && msg.contains("backbone.layers.1.mixer.D")
+            && msg.contains("missing"),
+        "{msg}"
+    );
 
     // A wrong shape.
     let mut bad = all.clone();
-    let x = bad.iter_mut().find(|t| t.0.ends_with("0.mixer.x_proj.weight")).unwrap();
+    let x = bad
+        .iter_mut()
+        .find(|t| t.0.ends_with("0.mixer.x_proj.weight"))
+        .unwrap();
     x.2 = vec![x.2[1], x.2[0]];
     write(bad);
     let msg = Mamba::<f32>::from_dir(&dir).unwrap_err().to_string();
-    assert!(msg.contains("x_proj.weight") && msg.contains("expected shape [10, 32], found [32, 10]"), "{msg}");
+    assert!(
+        msg.contains("x_proj.weight") && msg.contains("expected shape [10, 32], found [32, 10]"),
+        "{msg}"
+    );
 
     // An unexpected tensor.
     let mut extra = all.clone();
-    extra.push(("backbone.layers.9.mixer.D".into(), DType::F32, vec![32], vec![0; 128]));
+    extra.push((
+        "backbone.layers.9.mixer.D".into(),
+        DType::F32,
+        vec![32],
+        vec![0; 128],
+    ));
     write(extra);
     let msg = Mamba::<f32>::from_dir(&dir).unwrap_err().to_string();
-    assert!(msg.contains("backbone.layers.9.mixer.D") && msg.contains("not a parameter"), "{msg}");
+    assert!(
+        msg.contains("backbone.layers.9.mixer.D") && msg.contains("not a parameter"),
+        "{msg}"
+    );
 
     // A truncated file, and one that is not safetensors at all.
     write(all.clone());
@@ -309,15 +396,28 @@ fn bad_checkpoints_are_errors_that_name_file_and_tensor() {
     for cut in [0, 7, 100, bytes.len() / 2, bytes.len() - 1] {
         std::fs::write(&path, &bytes[..cut]).unwrap();
         let err = Mamba::<f32>::from_dir(&dir).unwrap_err();
-        assert!(err.to_string().contains("model.safetensors"), "cut {cut}: {err}");
+        assert!(
+            err.to_string().contains("model.safetensors"),
+            "cut {cut}: {err}"
+        );
     }
     std::fs::write(&path, b"hello, this is not a checkpoint").unwrap();
-    assert!(matches!(Mamba::<f32>::from_dir(&dir), Err(Error::Format { .. })));
+    assert!(matches!(
+        Mamba::<f32>::from_dir(&dir),
+        Err(Error::Format { .. })
+    ));
 
     // A config that cannot describe a model.
-    std::fs::write(dir.join("config.json"), r#"{"hidden_size": 16, "num_hidden_layers": 0, "vocab_size": 40}"#).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"hidden_size": 16, "num_hidden_layers": 0, "vocab_size": 40}"#,
+    )
+    .unwrap();
     let msg = Mamba::<f32>::from_dir(&dir).unwrap_err().to_string();
-    assert!(msg.contains("config.json") && msg.contains("n_layer"), "{msg}");
+    assert!(
+        msg.contains("config.json") && msg.contains("n_layer"),
+        "{msg}"
+    );
     // Token ids outside the vocabulary.
     let msg = model.forward(&[1, 2, 40], 1, 3).unwrap_err().to_string();
     assert!(msg.contains("token id 40"), "{msg}");
@@ -339,18 +439,34 @@ fn initialisation_follows_the_official_recipe() {
         assert!(mx.d.iter().all(|&v| v == 1.0));
         // softplus(dt_proj.bias) lies in [dt_min, dt_max] and spreads over it log-uniformly.
         let dts: Vec<f64> = mx.dt_proj_bias.iter().map(|&b| b.softplus()).collect();
-        assert!(dts.iter().all(|&dt| (0.001 - 1e-12..=0.1 + 1e-12).contains(&dt)), "{dts:?}");
+        assert!(
+            dts.iter()
+                .all(|&dt| (0.001 - 1e-12..=0.1 + 1e-12).contains(&dt)),
+            "{dts:?}"
+        );
         let mean_log = dts.iter().map(|d| d.ln()).sum::<f64>() / dts.len() as f64;
         let mid = (0.001f64.ln() + 0.1f64.ln()) / 2.0;
-        assert!((mean_log - mid).abs() < 0.5, "mean ln dt {mean_log} vs {mid}");
+        assert!(
+            (mean_log - mid).abs() < 0.5,
+            "mean ln dt {mean_log} vs {mid}"
+        );
         // dt_proj.weight ~ U(±R^-1/2)
         let bound = 1.0 / (c.dt_rank as f64).sqrt();
         let max = mx.dt_proj_weight.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        assert!(max <= bound && max > 0.9 * bound, "dt_proj max {max} bound {bound}");
+        assert!(
+            max <= bound && max > 0.9 * bound,
+            "dt_proj max {max} bound {bound}"
+        );
         // out_proj: kaiming-uniform bound 1/sqrt(E), divided by sqrt(n_layer).
         let out_bound = 1.0 / (c.d_inner as f64).sqrt() / (c.n_layer as f64).sqrt();
-        let max = mx.out_proj_weight.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        assert!(max <= out_bound && max > 0.95 * out_bound, "out_proj max {max} bound {out_bound}");
+        let max = mx
+            .out_proj_weight
+            .iter()
+            .fold(0.0f64, |m, v| m.max(v.abs()));
+        assert!(
+            max <= out_bound && max > 0.95 * out_bound,
+            "out_proj max {max} bound {out_bound}"
+        );
         let in_bound = 1.0 / (c.d_model as f64).sqrt();
         let max = mx.in_proj_weight.iter().fold(0.0f64, |m, v| m.max(v.abs()));
         assert!(max <= in_bound && max > 0.95 * in_bound);

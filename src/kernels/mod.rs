@@ -15,6 +15,7 @@ pub use conv1d::{
     causal_conv1d_backward, causal_conv1d_forward, causal_conv1d_reference, causal_conv1d_state,
     causal_conv1d_step, ConvGrads, ConvShape,
 };
+pub use matmul::{matmul_xtw, matmul_xw, matmul_xwt, MatmulScalar};
 pub use norm::{
     layer_norm_backward, layer_norm_forward, rms_norm_backward, rms_norm_forward, NormGrads,
 };
@@ -27,4 +28,3 @@ pub use selective_scan::{
     ScanInputs, ScanOptions, ScanOutput, ScanParallelism, ScanShape,
 };
 pub use selective_scan_reference::{selective_scan_backward_reference, selective_scan_reference};
-pub use matmul::{matmul_xtw, matmul_xw, matmul_xwt, MatmulScalar};

@@ -144,7 +144,10 @@ impl SafetensorsFile {
             };
             let data = view.data();
             let start = data.as_ptr() as usize - base;
-            index.insert(name, (dtype, view.shape().to_vec(), start..start + data.len()));
+            index.insert(
+                name,
+                (dtype, view.shape().to_vec(), start..start + data.len()),
+            );
         }
         Ok(Self {
             path: shown,
@@ -172,18 +175,24 @@ impl TensorSource for SafetensorsFile {
                 // read again from the file if touched; no references into
                 // this range are alive (the caller copied the tensor out).
                 let _ = unsafe {
-                    self.mmap
-                        .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+                    self.mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
                 };
             }
         }
     }
     fn tensor(&self, name: &str) -> Result<Option<StoredTensor<'_>>> {
-        Ok(self.index.get(name).map(|(dtype, shape, range)| StoredTensor {
-            dtype: *dtype,
-            shape: shape.clone(),
-            bytes: Cow::Borrowed(&self.mmap[range.clone()]),
-        }))
+        Ok(self
+            .index
+            .get(name)
+            .map(|(dtype, shape, range)| StoredTensor {
+                dtype: *dtype,
+                shape: shape.clone(),
+                bytes: Cow::Borrowed(&self.mmap[range.clone()]),
+            }))
     }
 }
 
@@ -222,8 +231,14 @@ pub fn write_safetensors(
 /// Writes `bytes` to `path` through a temporary file and a rename, so that
 /// a crash leaves either the old file or the new one, never a torn one.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let file_name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp: PathBuf = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
     let result = (|| {
         let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;

@@ -94,12 +94,18 @@ impl MambaConfig {
             }
         }
         if !(self.norm_eps > 0.0 && self.norm_eps.is_finite()) {
-            return fail("norm_eps", &format!("must be positive, got {}", self.norm_eps));
+            return fail(
+                "norm_eps",
+                &format!("must be positive, got {}", self.norm_eps),
+            );
         }
         if !(self.dt_min > 0.0 && self.dt_min <= self.dt_max) {
             return fail(
                 "dt_min",
-                &format!("must be positive and at most dt_max ({} > {})", self.dt_min, self.dt_max),
+                &format!(
+                    "must be positive and at most dt_max ({} > {})",
+                    self.dt_min, self.dt_max
+                ),
             );
         }
         Ok(())
@@ -107,7 +113,13 @@ impl MambaConfig {
 
     /// Number of parameters (the tied head counted once).
     pub fn n_params(&self) -> usize {
-        let (d, e, n, r, k) = (self.d_model, self.d_inner, self.d_state, self.dt_rank, self.d_conv);
+        let (d, e, n, r, k) = (
+            self.d_model,
+            self.d_inner,
+            self.d_state,
+            self.dt_rank,
+            self.d_conv,
+        );
         let norm = if self.rms_norm { d } else { 2 * d };
         let layer = norm
             + 2 * e * d
@@ -120,7 +132,11 @@ impl MambaConfig {
             + e
             + d * e
             + if self.proj_bias { 2 * e + d } else { 0 };
-        let head = if self.tie_embeddings { 0 } else { self.vocab_size * d };
+        let head = if self.tie_embeddings {
+            0
+        } else {
+            self.vocab_size * d
+        };
         self.vocab_size * d + self.n_layer * layer + norm + head
     }
 
@@ -205,10 +221,9 @@ impl Reader<'_> {
     fn usize_in(&self, obj: &Map<String, Value>, field: &str) -> Result<Option<usize>> {
         match obj.get(field) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|x| Some(x as usize))
-                .ok_or_else(|| self.err(field, format!("expected a non-negative integer, found {v}"))),
+            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
+                self.err(field, format!("expected a non-negative integer, found {v}"))
+            }),
         }
     }
 
@@ -240,10 +255,9 @@ impl Reader<'_> {
         match obj.get(field) {
             None | Some(Value::Null) => Ok(d_model.div_ceil(16)),
             Some(Value::String(s)) if s == "auto" => Ok(d_model.div_ceil(16)),
-            Some(v) => v
-                .as_u64()
-                .map(|x| x as usize)
-                .ok_or_else(|| self.err(field, format!("expected an integer or \"auto\", found {v}"))),
+            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
+                self.err(field, format!("expected an integer or \"auto\", found {v}"))
+            }),
         }
     }
 
@@ -252,7 +266,10 @@ impl Reader<'_> {
         let d_model = self.usize_req("d_model")?;
         let n_layer = self.usize_req("n_layer")?;
         let vocab = self.usize_req("vocab_size")?;
-        let pad = self.usize_in(self.obj, "pad_vocab_size_multiple")?.unwrap_or(8).max(1);
+        let pad = self
+            .usize_in(self.obj, "pad_vocab_size_multiple")?
+            .unwrap_or(8)
+            .max(1);
         let empty = Map::new();
         let ssm = match self.obj.get("ssm_cfg") {
             None | Some(Value::Null) => &empty,
@@ -261,7 +278,10 @@ impl Reader<'_> {
         };
         if let Some(layer) = ssm.get("layer").and_then(Value::as_str) {
             if layer != "Mamba1" {
-                return Err(self.err("ssm_cfg.layer", format!("only Mamba1 is supported, found {layer}")));
+                return Err(self.err(
+                    "ssm_cfg.layer",
+                    format!("only Mamba1 is supported, found {layer}"),
+                ));
             }
         }
         let expand = self.usize_in(ssm, "expand")?.unwrap_or(2);
@@ -344,11 +364,23 @@ mod tests {
     #[test]
     fn bad_configs_name_the_field() {
         let cases = [
-            (r#"{"hidden_size":0,"num_hidden_layers":2,"vocab_size":10}"#, "d_model"),
+            (
+                r#"{"hidden_size":0,"num_hidden_layers":2,"vocab_size":10}"#,
+                "d_model",
+            ),
             (r#"{"hidden_size":16,"vocab_size":10}"#, "num_hidden_layers"),
-            (r#"{"hidden_size":16,"num_hidden_layers":2,"vocab_size":"ten"}"#, "vocab_size"),
-            (r#"{"d_model":16,"n_layer":2,"vocab_size":10,"ssm_cfg":{"d_state":-1}}"#, "d_state"),
-            (r#"{"hidden_size":16,"num_hidden_layers":2,"vocab_size":10,"time_step_rank":"big"}"#, "time_step_rank"),
+            (
+                r#"{"hidden_size":16,"num_hidden_layers":2,"vocab_size":"ten"}"#,
+                "vocab_size",
+            ),
+            (
+                r#"{"d_model":16,"n_layer":2,"vocab_size":10,"ssm_cfg":{"d_state":-1}}"#,
+                "d_state",
+            ),
+            (
+                r#"{"hidden_size":16,"num_hidden_layers":2,"vocab_size":10,"time_step_rank":"big"}"#,
+                "time_step_rank",
+            ),
             (r#"{"foo":1}"#, "hidden_size"),
             ("{not json", "JSON"),
         ];
@@ -356,7 +388,10 @@ mod tests {
             let msg = MambaConfig::from_json_str(text, "dir/config.json")
                 .unwrap_err()
                 .to_string();
-            assert!(msg.contains(needle) && msg.contains("dir/config.json"), "{text}: {msg}");
+            assert!(
+                msg.contains(needle) && msg.contains("dir/config.json"),
+                "{text}: {msg}"
+            );
         }
     }
 }

@@ -17,14 +17,18 @@
 
 use std::path::Path;
 
-use super::checkpoint::{encode, write_atomically, write_safetensors, DType, SafetensorsFile, TensorSource};
+use super::checkpoint::{
+    encode, write_atomically, write_safetensors, DType, SafetensorsFile, TensorSource,
+};
 use super::config::MambaConfig;
 use super::params::{LayerParams, MambaParams, ParamInfo};
+use super::torch_checkpoint::TorchCheckpoint;
 use crate::error::{invalid, Error, Result};
 use crate::kernels::{
-    causal_conv1d_backward, causal_conv1d_forward, layer_norm_backward, layer_norm_forward, matmul_xtw, matmul_xw,
-    matmul_xwt, rms_norm_backward, rms_norm_forward, selective_scan_backward, selective_scan_forward, ConvShape,
-    MatmulScalar, NormGrads, ScanInputs, ScanOptions, ScanShape,
+    causal_conv1d_backward, causal_conv1d_forward, layer_norm_backward, layer_norm_forward,
+    matmul_xtw, matmul_xw, matmul_xwt, rms_norm_backward, rms_norm_forward,
+    selective_scan_backward, selective_scan_forward, ConvShape, MatmulScalar, NormGrads,
+    ScanInputs, ScanOptions, ScanShape,
 };
 use crate::rng::Rng;
 
@@ -90,7 +94,7 @@ impl<T: MatmulScalar> Mamba<T> {
         } else if index.exists() {
             Self::from_source(config, &ShardedSafetensors::open(&index)?)
         } else if torch.exists() {
-            Self::from_torch_checkpoint(config, &torch)
+            Self::from_source(config, &TorchCheckpoint::open(&torch)?)
         } else {
             Err(Error::Format {
                 file: dir.display().to_string(),
@@ -98,10 +102,6 @@ impl<T: MatmulScalar> Mamba<T> {
                     .into(),
             })
         }
-    }
-
-    fn from_torch_checkpoint(_config: MambaConfig, path: &Path) -> Result<Self> {
-        Err(Error::Format { file: path.display().to_string(), message: "pytorch_model.bin reading is not built yet".into() })
     }
 
     /// Builds the model from named tensors, checking every name, shape and
@@ -119,7 +119,11 @@ impl<T: MatmulScalar> Mamba<T> {
             } else {
                 &[]
             };
-            let names: Vec<&str> = if aliases.is_empty() { vec![info.name.as_str()] } else { aliases.to_vec() };
+            let names: Vec<&str> = if aliases.is_empty() {
+                vec![info.name.as_str()]
+            } else {
+                aliases.to_vec()
+            };
             let mut found = None;
             for name in &names {
                 if let Some(t) = source.tensor(name)? {
@@ -140,11 +144,18 @@ impl<T: MatmulScalar> Mamba<T> {
             let shape_err = || Error::Tensor {
                 file: file.clone(),
                 tensor: name.clone(),
-                message: format!("expected shape {:?}, found {:?} ({})", info.shape, t_shape, t_dtype.name()),
+                message: format!(
+                    "expected shape {:?}, found {:?} ({})",
+                    info.shape,
+                    t_shape,
+                    t_dtype.name()
+                ),
             };
             if info.name == "backbone.embeddings.weight" {
                 // Fewer stored rows than the padded vocabulary: pad with zeros.
-                let ok = t_shape.len() == 2 && t_shape[1] == info.shape[1] && t_shape[0] <= info.shape[0];
+                let ok = t_shape.len() == 2
+                    && t_shape[1] == info.shape[1]
+                    && t_shape[0] <= info.shape[0];
                 if !ok {
                     return Err(shape_err());
                 }
@@ -202,7 +213,11 @@ impl<T: MatmulScalar> Mamba<T> {
 
     /// Names, shapes and kinds of every parameter.
     pub fn parameter_infos(&self) -> Vec<ParamInfo> {
-        self.params.tensors(&self.config).into_iter().map(|(i, _)| i).collect()
+        self.params
+            .tensors(&self.config)
+            .into_iter()
+            .map(|(i, _)| i)
+            .collect()
     }
 
     /// Checks token ids against the vocabulary and the batch shape.
@@ -211,12 +226,22 @@ impl<T: MatmulScalar> Mamba<T> {
             return Err(invalid(op, "batch and len must be at least 1"));
         }
         if ids.len() != batch * len {
-            return Err(invalid(op, format!("{} token ids for batch={batch} x len={len}", ids.len())));
-        }
-        if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= self.config.vocab_size) {
             return Err(invalid(
                 op,
-                format!("token id {id} at position {i} is outside the vocabulary of {}", self.config.vocab_size),
+                format!("{} token ids for batch={batch} x len={len}", ids.len()),
+            ));
+        }
+        if let Some((i, &id)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= self.config.vocab_size)
+        {
+            return Err(invalid(
+                op,
+                format!(
+                    "token id {id} at position {i} is outside the vocabulary of {}",
+                    self.config.vocab_size
+                ),
             ));
         }
         Ok(())
@@ -252,7 +277,11 @@ impl<T: MatmulScalar> Mamba<T> {
         for layer in &self.params.layers {
             self.layer_forward(layer, &mut h, batch, len, false)?;
         }
-        self.norm_forward(&h, &self.params.norm_f_weight, self.params.norm_f_bias.as_deref())
+        self.norm_forward(
+            &h,
+            &self.params.norm_f_weight,
+            self.params.norm_f_bias.as_deref(),
+        )
     }
 
     /// Logits (rows, vocab) of rows of [`Self::final_hidden`] (rows, d_model).
@@ -271,12 +300,20 @@ impl<T: MatmulScalar> Mamba<T> {
     }
 
     /// Forward that keeps what [`Self::backward`] needs.
-    pub fn forward_train(&self, ids: &[u32], batch: usize, len: usize) -> Result<(Vec<T>, ForwardCache<T>)> {
+    pub fn forward_train(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        len: usize,
+    ) -> Result<(Vec<T>, ForwardCache<T>)> {
         self.check_ids("Mamba::forward_train", ids, batch, len)?;
         let mut h = self.embed(ids);
         let mut layers = Vec::with_capacity(self.config.n_layer);
         for layer in &self.params.layers {
-            layers.push(self.layer_forward(layer, &mut h, batch, len, true)?.expect("kept"));
+            layers.push(
+                self.layer_forward(layer, &mut h, batch, len, true)?
+                    .expect("kept"),
+            );
         }
         let (h_normed, logits) = self.head(&h)?;
         Ok((
@@ -303,14 +340,21 @@ impl<T: MatmulScalar> Mamba<T> {
     }
 
     fn head_weight(&self) -> &[T] {
-        self.params.lm_head.as_deref().unwrap_or(&self.params.embedding)
+        self.params
+            .lm_head
+            .as_deref()
+            .unwrap_or(&self.params.embedding)
     }
 
     /// (norm_f(h), norm_f(h) · headᵀ)
     fn head(&self, h: &[T]) -> Result<(Vec<T>, Vec<T>)> {
         let (d, v) = (self.config.d_model, self.config.vocab_size);
         let rows = h.len() / d;
-        let normed = self.norm_forward(h, &self.params.norm_f_weight, self.params.norm_f_bias.as_deref())?;
+        let normed = self.norm_forward(
+            h,
+            &self.params.norm_f_weight,
+            self.params.norm_f_bias.as_deref(),
+        )?;
         let mut logits = vec![T::ZERO; rows * v];
         matmul_xwt(&normed, self.head_weight(), rows, d, v, &mut logits, false)?;
         Ok((normed, logits))
@@ -371,8 +415,24 @@ impl<T: MatmulScalar> Mamba<T> {
         // in_proj: rows 0..E of W_in give x, rows E..2E give z.
         let mut x = vec![T::ZERO; rows * e];
         let mut z = vec![T::ZERO; rows * e];
-        matmul_xwt(&normed, &m.in_proj_weight[..e * d], rows, d, e, &mut x, false)?;
-        matmul_xwt(&normed, &m.in_proj_weight[e * d..], rows, d, e, &mut z, false)?;
+        matmul_xwt(
+            &normed,
+            &m.in_proj_weight[..e * d],
+            rows,
+            d,
+            e,
+            &mut x,
+            false,
+        )?;
+        matmul_xwt(
+            &normed,
+            &m.in_proj_weight[e * d..],
+            rows,
+            d,
+            e,
+            &mut z,
+            false,
+        )?;
         if let Some(bias) = &m.in_proj_bias {
             add_row_bias(&mut x, &bias[..e]);
             add_row_bias(&mut z, &bias[e..]);
@@ -384,7 +444,13 @@ impl<T: MatmulScalar> Mamba<T> {
             kernel: k,
         };
         let mut xc = vec![T::ZERO; rows * e];
-        causal_conv1d_forward(&conv, &x, &m.conv1d_weight, m.conv1d_bias.as_deref(), &mut xc)?;
+        causal_conv1d_forward(
+            &conv,
+            &x,
+            &m.conv1d_weight,
+            m.conv1d_bias.as_deref(),
+            &mut xc,
+        )?;
         let xs: Vec<T> = xc.iter().map(|&v| v.silu()).collect();
         // x_proj: rows 0..R give dt_low, R..R+N give B, R+N..R+2N give C.
         let mut dt_low = vec![T::ZERO; rows * r];
@@ -411,7 +477,11 @@ impl<T: MatmulScalar> Mamba<T> {
             initial_state: None,
         };
         let mut y = vec![T::ZERO; rows * e];
-        let mut checkpoints = if keep { vec![T::ZERO; shape.checkpoints_len(SCAN_CHUNK)] } else { Vec::new() };
+        let mut checkpoints = if keep {
+            vec![T::ZERO; shape.checkpoints_len(SCAN_CHUNK)]
+        } else {
+            Vec::new()
+        };
         selective_scan_forward(
             &shape,
             &inputs,
@@ -444,14 +514,22 @@ impl<T: MatmulScalar> Mamba<T> {
     }
 
     /// Gradients of every parameter given dL/dlogits (batch, len, vocab).
-    pub fn backward(&self, ids: &[u32], cache: &ForwardCache<T>, d_logits: &[T]) -> Result<MambaParams<T>> {
+    pub fn backward(
+        &self,
+        ids: &[u32],
+        cache: &ForwardCache<T>,
+        d_logits: &[T],
+    ) -> Result<MambaParams<T>> {
         let c = &self.config;
         let (d, v) = (c.d_model, c.vocab_size);
         let rows = cache.batch * cache.len;
         if d_logits.len() != rows * v {
             return Err(invalid(
                 "Mamba::backward",
-                format!("d_logits has {} elements, expected {rows} x {v}", d_logits.len()),
+                format!(
+                    "d_logits has {} elements, expected {rows} x {v}",
+                    d_logits.len()
+                ),
             ));
         }
         let mut g = MambaParams::<T>::zeros(c);
@@ -474,7 +552,14 @@ impl<T: MatmulScalar> Mamba<T> {
         }
         let mut dh = ng.x;
         for (i, layer) in self.params.layers.iter().enumerate().rev() {
-            self.layer_backward(layer, &cache.layers[i], cache.batch, cache.len, &mut dh, &mut g.layers[i])?;
+            self.layer_backward(
+                layer,
+                &cache.layers[i],
+                cache.batch,
+                cache.len,
+                &mut dh,
+                &mut g.layers[i],
+            )?;
         }
         // h = E[ids]
         for (row, &id) in ids.iter().enumerate() {
@@ -538,8 +623,24 @@ impl<T: MatmulScalar> Mamba<T> {
         let dz = sg.z.expect("z was given");
         // delta = dt_low W_dtᵀ
         let mut d_dt_low = vec![T::ZERO; rows * r];
-        matmul_xw(&sg.delta, &m.dt_proj_weight, rows, e, r, &mut d_dt_low, false)?;
-        matmul_xtw(&sg.delta, &cache.dt_low, rows, e, r, &mut gm.dt_proj_weight, false)?;
+        matmul_xw(
+            &sg.delta,
+            &m.dt_proj_weight,
+            rows,
+            e,
+            r,
+            &mut d_dt_low,
+            false,
+        )?;
+        matmul_xtw(
+            &sg.delta,
+            &cache.dt_low,
+            rows,
+            e,
+            r,
+            &mut gm.dt_proj_weight,
+            false,
+        )?;
         // [dt_low, B, C] = xs W_xᵀ
         let mut dxs = sg.u;
         let wx = &m.x_proj_weight;
@@ -548,33 +649,88 @@ impl<T: MatmulScalar> Mamba<T> {
         matmul_xw(&sg.b, &wx[r * e..(r + n) * e], rows, n, e, &mut dxs, true)?;
         matmul_xw(&sg.c, &wx[(r + n) * e..], rows, n, e, &mut dxs, true)?;
         matmul_xtw(&d_dt_low, &cache.xs, rows, r, e, &mut gx[..r * e], false)?;
-        matmul_xtw(&sg.b, &cache.xs, rows, n, e, &mut gx[r * e..(r + n) * e], false)?;
+        matmul_xtw(
+            &sg.b,
+            &cache.xs,
+            rows,
+            n,
+            e,
+            &mut gx[r * e..(r + n) * e],
+            false,
+        )?;
         matmul_xtw(&sg.c, &cache.xs, rows, n, e, &mut gx[(r + n) * e..], false)?;
         // xs = silu(xc)
-        let dxc: Vec<T> = dxs.iter().zip(&cache.xc).map(|(&g, &x)| g * x.silu_grad()).collect();
+        let dxc: Vec<T> = dxs
+            .iter()
+            .zip(&cache.xc)
+            .map(|(&g, &x)| g * x.silu_grad())
+            .collect();
         let conv = ConvShape {
             batch,
             len,
             channels: e,
             kernel: k,
         };
-        let cg = causal_conv1d_backward(&conv, &cache.x, &m.conv1d_weight, m.conv1d_bias.is_some(), &dxc)?;
+        let cg = causal_conv1d_backward(
+            &conv,
+            &cache.x,
+            &m.conv1d_weight,
+            m.conv1d_bias.is_some(),
+            &dxc,
+        )?;
         gm.conv1d_weight = cg.weight;
         if let Some(b) = cg.bias {
             gm.conv1d_bias = Some(b);
         }
         // x = u W_inxᵀ, z = u W_inzᵀ
         let mut d_normed = vec![T::ZERO; rows * d];
-        matmul_xw(&cg.x, &m.in_proj_weight[..e * d], rows, e, d, &mut d_normed, false)?;
-        matmul_xw(&dz, &m.in_proj_weight[e * d..], rows, e, d, &mut d_normed, true)?;
-        matmul_xtw(&cg.x, &cache.normed, rows, e, d, &mut gm.in_proj_weight[..e * d], false)?;
-        matmul_xtw(&dz, &cache.normed, rows, e, d, &mut gm.in_proj_weight[e * d..], false)?;
+        matmul_xw(
+            &cg.x,
+            &m.in_proj_weight[..e * d],
+            rows,
+            e,
+            d,
+            &mut d_normed,
+            false,
+        )?;
+        matmul_xw(
+            &dz,
+            &m.in_proj_weight[e * d..],
+            rows,
+            e,
+            d,
+            &mut d_normed,
+            true,
+        )?;
+        matmul_xtw(
+            &cg.x,
+            &cache.normed,
+            rows,
+            e,
+            d,
+            &mut gm.in_proj_weight[..e * d],
+            false,
+        )?;
+        matmul_xtw(
+            &dz,
+            &cache.normed,
+            rows,
+            e,
+            d,
+            &mut gm.in_proj_weight[e * d..],
+            false,
+        )?;
         if let Some(gb) = gm.in_proj_bias.as_mut() {
             sum_rows_into(&cg.x, &mut gb[..e]);
             sum_rows_into(&dz, &mut gb[e..]);
         }
         // u = norm(h_in); the residual path adds dh itself.
-        let ng = self.norm_backward(&cache.resid, &layer.norm_weight, layer.norm_bias.is_some(), &d_normed)?;
+        let ng = self.norm_backward(
+            &cache.resid,
+            &layer.norm_weight,
+            layer.norm_bias.is_some(),
+            &d_normed,
+        )?;
         g.norm_weight = ng.weight;
         if let Some(b) = ng.bias {
             g.norm_bias = Some(b);
@@ -593,7 +749,9 @@ impl<T: MatmulScalar> Mamba<T> {
         let mut rng = Rng::new(seed);
         let mut p = MambaParams::<T>::zeros(c);
         // kaiming_uniform(a=√5): U(±1/sqrt(fan_in))
-        let uniform = |rng: &mut Rng, len: usize, bound: f64| -> Vec<T> { rng.vec(len, |r| r.uniform_in(-bound, bound)) };
+        let uniform = |rng: &mut Rng, len: usize, bound: f64| -> Vec<T> {
+            rng.vec(len, |r| r.uniform_in(-bound, bound))
+        };
         p.embedding = rng.vec(c.vocab_size * d, |r| r.normal() * 0.02);
         for layer in p.layers.iter_mut() {
             layer.norm_weight = vec![T::ONE; d];
@@ -606,10 +764,15 @@ impl<T: MatmulScalar> Mamba<T> {
             m.x_proj_weight = uniform(&mut rng, (r + 2 * n) * e, 1.0 / (e as f64).sqrt());
             m.dt_proj_weight = uniform(&mut rng, e * r, 1.0 / (r as f64).sqrt());
             m.dt_proj_bias = rng.vec(e, |rng| {
-                let dt = rng.uniform_in(c.dt_min.ln(), c.dt_max.ln()).exp().max(c.dt_init_floor);
+                let dt = rng
+                    .uniform_in(c.dt_min.ln(), c.dt_max.ln())
+                    .exp()
+                    .max(c.dt_init_floor);
                 dt + (-(-dt).exp_m1()).ln() // softplus⁻¹(dt)
             });
-            m.a_log = (0..e * n).map(|i| T::from_f64(((i % n) as f64 + 1.0).ln())).collect();
+            m.a_log = (0..e * n)
+                .map(|i| T::from_f64(((i % n) as f64 + 1.0).ln()))
+                .collect();
             m.d = vec![T::ONE; e];
             let out_bound = 1.0 / (e as f64).sqrt();
             let scale = 1.0 / (c.n_layer as f64).sqrt();
@@ -712,7 +875,10 @@ impl ShardedSafetensors {
             .iter()
             .map(|f| SafetensorsFile::open(dir.join(f)))
             .collect::<Result<_>>()?;
-        Ok(Self { path: shown, shards })
+        Ok(Self {
+            path: shown,
+            shards,
+        })
     }
 }
 

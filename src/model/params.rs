@@ -112,7 +112,8 @@ impl<T: Clone> MambaParams<T> {
         let mut nf = Some(norm_f_weight);
         let mut nfb = norm_f_bias.as_mut();
         let mut head = lm_head.as_mut();
-        let mut layer_fields: Vec<Vec<Option<&mut Vec<T>>>> = layers.iter_mut().map(layer_fields_mut).collect();
+        let mut layer_fields: Vec<Vec<Option<&mut Vec<T>>>> =
+            layers.iter_mut().map(layer_fields_mut).collect();
         let mut out = Vec::new();
         for (info, sel) in infos {
             let t = match sel {
@@ -232,48 +233,144 @@ fn layer_fields_mut<T>(l: &mut LayerParams<T>) -> Vec<Option<&mut Vec<T>>> {
 /// Calls `f` for every parameter the configuration has, with its name,
 /// checkpoint shape and kind.
 fn visit(c: &MambaConfig, mut f: impl FnMut(ParamInfo, Sel)) {
-    let (d, e, n, r, k, v) = (c.d_model, c.d_inner, c.d_state, c.dt_rank, c.d_conv, c.vocab_size);
-    let mut p = |name: String, shape: Vec<usize>, kind: ParamKind, sel: Sel| f(ParamInfo { name, shape, kind }, sel);
-    p("backbone.embeddings.weight".into(), vec![v, d], ParamKind::Embedding, Sel::Embedding);
+    let (d, e, n, r, k, v) = (
+        c.d_model,
+        c.d_inner,
+        c.d_state,
+        c.dt_rank,
+        c.d_conv,
+        c.vocab_size,
+    );
+    let mut p = |name: String, shape: Vec<usize>, kind: ParamKind, sel: Sel| {
+        f(ParamInfo { name, shape, kind }, sel)
+    };
+    p(
+        "backbone.embeddings.weight".into(),
+        vec![v, d],
+        ParamKind::Embedding,
+        Sel::Embedding,
+    );
     for i in 0..c.n_layer {
         let pre = format!("backbone.layers.{i}");
         let l = |f: LayerField| Sel::Layer(i, f);
-        p(format!("{pre}.norm.weight"), vec![d], ParamKind::Norm, l(LayerField::Norm));
+        p(
+            format!("{pre}.norm.weight"),
+            vec![d],
+            ParamKind::Norm,
+            l(LayerField::Norm),
+        );
         if !c.rms_norm {
-            p(format!("{pre}.norm.bias"), vec![d], ParamKind::Norm, l(LayerField::NormBias));
+            p(
+                format!("{pre}.norm.bias"),
+                vec![d],
+                ParamKind::Norm,
+                l(LayerField::NormBias),
+            );
         }
         let m = format!("{pre}.mixer");
-        p(format!("{m}.A_log"), vec![e, n], ParamKind::Ssm, l(LayerField::ALog));
+        p(
+            format!("{m}.A_log"),
+            vec![e, n],
+            ParamKind::Ssm,
+            l(LayerField::ALog),
+        );
         p(format!("{m}.D"), vec![e], ParamKind::Ssm, l(LayerField::D));
-        p(format!("{m}.conv1d.weight"), vec![e, 1, k], ParamKind::Weight, l(LayerField::Conv));
+        p(
+            format!("{m}.conv1d.weight"),
+            vec![e, 1, k],
+            ParamKind::Weight,
+            l(LayerField::Conv),
+        );
         if c.conv_bias {
-            p(format!("{m}.conv1d.bias"), vec![e], ParamKind::Bias, l(LayerField::ConvBias));
+            p(
+                format!("{m}.conv1d.bias"),
+                vec![e],
+                ParamKind::Bias,
+                l(LayerField::ConvBias),
+            );
         }
-        p(format!("{m}.in_proj.weight"), vec![2 * e, d], ParamKind::Weight, l(LayerField::InProj));
+        p(
+            format!("{m}.in_proj.weight"),
+            vec![2 * e, d],
+            ParamKind::Weight,
+            l(LayerField::InProj),
+        );
         if c.proj_bias {
-            p(format!("{m}.in_proj.bias"), vec![2 * e], ParamKind::Bias, l(LayerField::InProjBias));
+            p(
+                format!("{m}.in_proj.bias"),
+                vec![2 * e],
+                ParamKind::Bias,
+                l(LayerField::InProjBias),
+            );
         }
-        p(format!("{m}.x_proj.weight"), vec![r + 2 * n, e], ParamKind::Weight, l(LayerField::XProj));
-        p(format!("{m}.dt_proj.weight"), vec![e, r], ParamKind::Weight, l(LayerField::DtProj));
-        p(format!("{m}.dt_proj.bias"), vec![e], ParamKind::Bias, l(LayerField::DtBias));
-        p(format!("{m}.out_proj.weight"), vec![d, e], ParamKind::Weight, l(LayerField::OutProj));
+        p(
+            format!("{m}.x_proj.weight"),
+            vec![r + 2 * n, e],
+            ParamKind::Weight,
+            l(LayerField::XProj),
+        );
+        p(
+            format!("{m}.dt_proj.weight"),
+            vec![e, r],
+            ParamKind::Weight,
+            l(LayerField::DtProj),
+        );
+        p(
+            format!("{m}.dt_proj.bias"),
+            vec![e],
+            ParamKind::Bias,
+            l(LayerField::DtBias),
+        );
+        p(
+            format!("{m}.out_proj.weight"),
+            vec![d, e],
+            ParamKind::Weight,
+            l(LayerField::OutProj),
+        );
         if c.proj_bias {
-            p(format!("{m}.out_proj.bias"), vec![d], ParamKind::Bias, l(LayerField::OutProjBias));
+            p(
+                format!("{m}.out_proj.bias"),
+                vec![d],
+                ParamKind::Bias,
+                l(LayerField::OutProjBias),
+            );
         }
     }
-    p("backbone.norm_f.weight".into(), vec![d], ParamKind::Norm, Sel::NormF);
+    p(
+        "backbone.norm_f.weight".into(),
+        vec![d],
+        ParamKind::Norm,
+        Sel::NormF,
+    );
     if !c.rms_norm {
-        p("backbone.norm_f.bias".into(), vec![d], ParamKind::Norm, Sel::NormFBias);
+        p(
+            "backbone.norm_f.bias".into(),
+            vec![d],
+            ParamKind::Norm,
+            Sel::NormFBias,
+        );
     }
     if !c.tie_embeddings {
-        p("lm_head.weight".into(), vec![v, d], ParamKind::Weight, Sel::LmHead);
+        p(
+            "lm_head.weight".into(),
+            vec![v, d],
+            ParamKind::Weight,
+            Sel::LmHead,
+        );
     }
 }
 
 impl<T: Clone + Default> MambaParams<T> {
     /// A tree of zeros with the shapes of `c`.
     pub fn zeros(c: &MambaConfig) -> Self {
-        let (d, e, n, r, k, v) = (c.d_model, c.d_inner, c.d_state, c.dt_rank, c.d_conv, c.vocab_size);
+        let (d, e, n, r, k, v) = (
+            c.d_model,
+            c.d_inner,
+            c.d_state,
+            c.dt_rank,
+            c.d_conv,
+            c.vocab_size,
+        );
         let z = |len: usize| vec![T::default(); len];
         let zo = |yes: bool, len: usize| yes.then(|| vec![T::default(); len]);
         MambaParams {

@@ -1263,7 +1263,7 @@ impl<'a, 'l> Machine<'a, 'l> {
             }
             b'u' => {
                 let items = self.pop_mark()?;
-                if items.len() % 2 != 0 {
+                if !items.len().is_multiple_of(2) {
                     return Err("SETITEMS with an odd number of items".into());
                 }
                 let dict = self.top_dict()?;
@@ -1419,7 +1419,7 @@ fn long_value(b: &[u8]) -> Value {
 }
 
 fn dict_from_pairs(items: Vec<Value>) -> PResult<Dict> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return Err("DICT with an odd number of items".into());
     }
     let mut d = Dict::default();
