@@ -45,6 +45,17 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Convert a model directory (original `pytorch_model.bin` or
+    /// safetensors, either config dialect) into a Hugging Face-layout
+    /// directory: config.json + model.safetensors (+ tokenizer.json).
+    Convert {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value_t = StorageType::F32)]
+        dtype: StorageType,
+    },
     /// Write a freshly initialised model (official initialisation) as a
     /// Hugging Face-layout directory.
     Init {
@@ -110,6 +121,16 @@ enum StorageType {
     Bf16,
 }
 
+impl From<StorageType> for DType {
+    fn from(t: StorageType) -> Self {
+        match t {
+            StorageType::F32 => DType::F32,
+            StorageType::F16 => DType::F16,
+            StorageType::Bf16 => DType::BF16,
+        }
+    }
+}
+
 fn main() {
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e}");
@@ -131,6 +152,23 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 .num_threads(threads.unwrap_or(0))
                 .build()?;
             pool.install(|| score(&model, text_file, ids, json, logits_out))
+        }
+        Command::Convert { model, out, dtype } => {
+            let t0 = Instant::now();
+            let m = Mamba::<f32>::from_dir(&model)?;
+            m.save(&out, dtype.into())?;
+            let tokenizer = model.join("tokenizer.json");
+            if tokenizer.exists() {
+                std::fs::copy(&tokenizer, out.join("tokenizer.json"))
+                    .map_err(|e| format!("{}: {e}", tokenizer.display()))?;
+            }
+            eprintln!(
+                "wrote {} ({} parameters) in {:.2} s",
+                out.display(),
+                m.config.n_params(),
+                t0.elapsed().as_secs_f64()
+            );
+            Ok(())
         }
         Command::Init {
             out,
@@ -156,12 +194,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 d_state.unwrap_or(16),
             );
             let model = Mamba::<f32>::init(config, seed)?;
-            let dtype = match dtype {
-                StorageType::F32 => DType::F32,
-                StorageType::F16 => DType::F16,
-                StorageType::Bf16 => DType::BF16,
-            };
-            model.save(&out, dtype)?;
+            model.save(&out, dtype.into())?;
             eprintln!(
                 "wrote {} ({} parameters)",
                 out.display(),

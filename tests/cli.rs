@@ -184,3 +184,25 @@ fn tokenizer_encodes_like_gpt_neox() {
     assert_eq!(ids, [12092, 1533]);
     assert_eq!(tok.decode(&ids).unwrap(), "Hello world");
 }
+
+#[test]
+fn convert_turns_an_original_checkpoint_into_transformers_layout() {
+    let src = root().join("tests/data/models/tiny-original");
+    let out = std::env::temp_dir().join(format!("selective-convert-{}", std::process::id()));
+    let status = selective()
+        .args(["convert", "--model"])
+        .arg(&src)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(out.join("config.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["hidden_size"], 16);
+    assert_eq!(v["vocab_size"], 40, "37 padded to a multiple of 8");
+    let a = selective::model::Mamba::<f32>::from_dir(&src).unwrap();
+    let b = selective::model::Mamba::<f32>::from_dir(&out).unwrap();
+    assert_eq!(a, b);
+    std::fs::remove_dir_all(&out).unwrap();
+}
