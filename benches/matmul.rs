@@ -22,9 +22,17 @@ fn main() {
         .measurement_time(Duration::from_secs(2))
         .configure_from_args();
     // (name, k = in_features, n = out_features)
-    let layers = [("in_proj", 768, 3072), ("x_proj", 1536, 80), ("out_proj", 1536, 768), ("lm_head", 768, 50280)];
+    let layers = [
+        ("in_proj", 768, 3072),
+        ("x_proj", 1536, 80),
+        ("out_proj", 1536, 768),
+        ("lm_head", 768, 50280),
+    ];
     for threads in [1, 2] {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
         let mut group = c.benchmark_group(format!("matmul/t{threads}"));
         for m in [512, 1] {
             for (name, k, n) in layers {
@@ -33,7 +41,11 @@ fn main() {
                 let mut y = vec![0.0f32; m * n];
                 group.throughput(Throughput::Elements((2 * m * n * k) as u64));
                 group.bench_function(format!("{name}/m{m}"), |b| {
-                    b.iter(|| pool.install(|| matmul_xwt(black_box(&x), &w, m, k, n, &mut y, false).unwrap()))
+                    b.iter(|| {
+                        pool.install(|| {
+                            matmul_xwt(black_box(&x), &w, m, k, n, &mut y, false).unwrap()
+                        })
+                    })
                 });
             }
         }
@@ -44,10 +56,14 @@ fn main() {
         let mut dw = vec![0.0f32; n * k];
         group.throughput(Throughput::Elements((2 * m * n * k) as u64));
         group.bench_function("in_proj_dx/m512", |b| {
-            b.iter(|| pool.install(|| matmul_xw(black_box(&dy), &w, m, n, k, &mut dx, false).unwrap()))
+            b.iter(|| {
+                pool.install(|| matmul_xw(black_box(&dy), &w, m, n, k, &mut dx, false).unwrap())
+            })
         });
         group.bench_function("in_proj_dw/m512", |b| {
-            b.iter(|| pool.install(|| matmul_xtw(black_box(&dy), &x, m, n, k, &mut dw, false).unwrap()))
+            b.iter(|| {
+                pool.install(|| matmul_xtw(black_box(&dy), &x, m, n, k, &mut dw, false).unwrap())
+            })
         });
         group.finish();
     }
