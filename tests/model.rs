@@ -92,6 +92,12 @@ fn logits_loss_and_greedy_tokens_equal_transformers() {
             .zip(want)
             .map(|(a, b)| (*a as f64 - b).abs())
             .fold(0.0, f64::max);
+        let max64 = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        eprintln!("{dir}: max |logit diff| f64 {max64:.3e}, f32 {max_diff:.3e}");
         assert!(max_diff <= 1e-4, "{dir} f32 max |logit diff| {max_diff}");
         let (loss, _) =
             next_token_cross_entropy(&got, &ids, batch, len, m64.config.vocab_size).unwrap();
@@ -275,6 +281,7 @@ fn mamba_130m_configuration_matches_transformers_within_1e_2() {
         .zip(&r["logits"].1)
         .map(|(a, b)| (*a as f64 - b).abs())
         .fold(0.0, f64::max);
+    eprintln!("mamba-130m configuration: max |logit diff| f32 {max_diff:.3e}");
     assert!(max_diff <= 1e-2, "max |logit diff| {max_diff}");
     let (tokens, _, n) = ids_of(&r, "greedy_tokens");
     assert_eq!(greedy(&model, &ids, n), tokens);
