@@ -86,7 +86,8 @@ pub enum Discretization {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ScanParallelism {
     /// Over (batch, channel block) pairs, and also over the sequence when
-    /// those pairs are too few for the threads and the sequence is long.
+    /// those pairs are too few for the threads (4 or more) and the sequence
+    /// is long.
     #[default]
     Auto,
     /// Over (batch, channel block) pairs only: the sequential scan.
@@ -302,8 +303,10 @@ pub fn selective_scan_forward<T: Float>(
             let threads = rayon::current_num_threads();
             let units = shape.batch * ctx.n_blocks;
             // Too few pairs to spread evenly, and segments long enough that
-            // the extra fix-up pass pays for itself.
-            threads > 1 && units % threads != 0 && units < 4 * threads && shape.len >= 4096
+            // the extra fix-up pass pays for itself. On 2 threads the
+            // parallel scan measured no faster than the sequential one
+            // (docs/BENCHMARKS.md), so Auto asks for 4 threads or more.
+            threads >= 4 && units % threads != 0 && units < 4 * threads && shape.len >= 4096
         }
     };
     match (options.discretization, use_sequence) {
