@@ -86,8 +86,7 @@ pub enum Discretization {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ScanParallelism {
     /// Over (batch, channel block) pairs, and also over the sequence when
-    /// those pairs are too few for the threads (4 or more) and the sequence
-    /// is long.
+    /// those pairs are too few for the threads and the sequence is long.
     #[default]
     Auto,
     /// Over (batch, channel block) pairs only: the sequential scan.
@@ -303,10 +302,9 @@ pub fn selective_scan_forward<T: Float>(
             let threads = rayon::current_num_threads();
             let units = shape.batch * ctx.n_blocks;
             // Too few pairs to spread evenly, and segments long enough that
-            // the extra fix-up pass pays for itself. On 2 threads the
-            // parallel scan measured no faster than the sequential one
-            // (docs/BENCHMARKS.md), so Auto asks for 4 threads or more.
-            threads >= 4 && units % threads != 0 && units < 4 * threads && shape.len >= 4096
+            // the extra fix-up pass pays for itself (docs/BENCHMARKS.md:
+            // about 1.4x on 2 threads for one block of 16 channels).
+            threads > 1 && units % threads != 0 && units < 4 * threads && shape.len >= 4096
         }
     };
     match (options.discretization, use_sequence) {
@@ -669,10 +667,11 @@ struct SegmentScan<T> {
     checkpoints: Vec<(usize, Vec<T>, [T; BLOCK])>,
 }
 
-/// The fix-up of a position costs about this fraction of a scan step (one
-/// exponential per state either way, fewer once decayed states drop out):
-/// it sets how much of the sequence is left for the final exact segment.
-const FIXUP_COST: f64 = 0.5;
+/// The fix-up of a position costs about this fraction of a scan step: one
+/// exponential per state either way (measured f ≈ 1 with model-like Δ;
+/// less once decayed states drop out). It sets how much of the sequence is
+/// left for the final exact segment.
+const FIXUP_COST: f64 = 1.0;
 
 /// The parallel scan over the sequence (module documentation).
 ///
