@@ -26,9 +26,10 @@ use std::time::{Duration, Instant};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput};
 use rayon::{ThreadPool, ThreadPoolBuilder};
+use selective::bench::ScanBenchInputs;
 use selective::kernels::{
-    selective_scan_backward, selective_scan_forward, selective_scan_reference, ScanInputs,
-    ScanOptions, ScanParallelism, ScanShape,
+    selective_scan_backward, selective_scan_forward, selective_scan_reference, ScanOptions,
+    ScanParallelism, ScanShape,
 };
 use selective::rng::Rng;
 
@@ -54,23 +55,11 @@ enum DeltaRegime {
     FastDecay,
 }
 
-/// Owned inputs of one benchmark case.
+/// Inputs of one benchmark case (`selective::bench::ScanBenchInputs`) and
+/// the upstream gradient for the backward.
 struct Case {
-    shape: ScanShape,
-    u: Vec<f32>,
-    delta: Vec<f32>,
-    a: Vec<f32>,
-    b: Vec<f32>,
-    c: Vec<f32>,
-    d: Vec<f32>,
-    z: Vec<f32>,
-    delta_bias: Option<Vec<f32>>,
+    data: ScanBenchInputs,
     d_out: Vec<f32>,
-}
-
-/// ln(e^y - 1), the inverse of softplus, for y > 0.
-fn inverse_softplus(y: f64) -> f64 {
-    y + (-(-y).exp_m1()).ln()
 }
 
 impl Case {
@@ -81,53 +70,17 @@ impl Case {
             channels,
             state: STATE,
         };
-        let mut r = Rng::new(seed);
-        let act = shape.batch * len * channels;
-        let tok = shape.batch * len * STATE;
-        let u = r.vec(act, |r| r.normal());
-        let (delta, delta_bias) = match regime {
-            DeltaRegime::Model => {
-                let delta = r.vec(act, |r| r.normal() * 0.5);
-                let (lo, hi) = (0.001f64.ln(), 0.1f64.ln());
-                let bias = r.vec(channels, |r| inverse_softplus(r.uniform_in(lo, hi).exp()));
-                (delta, Some(bias))
-            }
-            DeltaRegime::FastDecay => (r.vec(act, |r| r.normal()), None),
+        let data = match regime {
+            DeltaRegime::Model => ScanBenchInputs::new(shape, seed),
+            DeltaRegime::FastDecay => ScanBenchInputs::fast_decay(shape, seed),
         };
-        // A = -(1, 2, ..., N) for every channel (Mamba's S4D-real init).
-        let a = (0..channels * STATE)
-            .map(|i| -((i % STATE + 1) as f32))
-            .collect();
-        Self {
-            shape,
-            u,
-            delta,
-            a,
-            b: r.vec(tok, |r| r.normal()),
-            c: r.vec(tok, |r| r.normal()),
-            d: vec![1.0; channels],
-            z: r.vec(act, |r| r.normal()),
-            delta_bias,
-            d_out: r.vec(act, |r| r.normal()),
-        }
-    }
-
-    fn inputs(&self) -> ScanInputs<'_, f32> {
-        ScanInputs {
-            u: &self.u,
-            delta: &self.delta,
-            a: &self.a,
-            b: &self.b,
-            c: &self.c,
-            d: Some(&self.d),
-            z: Some(&self.z),
-            delta_bias: self.delta_bias.as_deref(),
-            initial_state: None,
-        }
+        let d_out = Rng::new(seed + 1).vec(data.u.len(), |r| r.normal());
+        Self { data, d_out }
     }
 
     fn elements(&self) -> u64 {
-        (self.shape.batch * self.shape.len * self.shape.channels * self.shape.state) as u64
+        let s = self.data.shape;
+        (s.batch * s.len * s.channels * s.state) as u64
     }
 }
 
@@ -195,22 +148,23 @@ fn group<'a>(
 fn bench_forward(c: &mut Criterion, pools: &[(usize, ThreadPool)], cases: &[Case]) {
     let mut g = group(c, "scan_fwd", Duration::from_secs(4));
     for case in cases {
-        let len = case.shape.len;
-        let x = case.inputs();
+        let len = case.data.shape.len;
+        let x = case.data.inputs();
         let o = options(ScanParallelism::Auto);
-        let mut out = vec![0.0f32; case.u.len()];
+        let mut out = vec![0.0f32; case.data.u.len()];
         let mut fs = vec![0.0f32; CHANNELS * STATE];
         g.throughput(Throughput::Elements(case.elements()));
         for (t, p) in pools {
             bench(&mut g, &format!("fused/t{t}/L{len}"), p, || {
-                selective_scan_forward(&case.shape, &x, &o, &mut out, Some(&mut fs), None).unwrap();
+                selective_scan_forward(&case.data.shape, &x, &o, &mut out, Some(&mut fs), None)
+                    .unwrap();
                 black_box(&out);
             });
         }
         if len == REFERENCE_LEN {
             let (_, p1) = pools.iter().find(|(t, _)| *t == 1).expect("1-thread pool");
             bench(&mut g, &format!("reference/t1/L{len}"), p1, || {
-                black_box(selective_scan_reference(&case.shape, &x, &o).unwrap());
+                black_box(selective_scan_reference(&case.data.shape, &x, &o).unwrap());
             });
         }
     }
@@ -220,17 +174,18 @@ fn bench_forward(c: &mut Criterion, pools: &[(usize, ThreadPool)], cases: &[Case
 fn bench_backward(c: &mut Criterion, pools: &[(usize, ThreadPool)], cases: &[Case]) {
     let mut g = group(c, "scan_bwd", Duration::from_secs(4));
     for case in cases {
-        let len = case.shape.len;
-        let x = case.inputs();
+        let len = case.data.shape.len;
+        let x = case.data.inputs();
         let o = options(ScanParallelism::Auto);
-        let mut out = vec![0.0f32; case.u.len()];
-        let mut ck = vec![0.0f32; case.shape.checkpoints_len(o.chunk_len)];
-        selective_scan_forward(&case.shape, &x, &o, &mut out, None, Some(&mut ck)).unwrap();
+        let mut out = vec![0.0f32; case.data.u.len()];
+        let mut ck = vec![0.0f32; case.data.shape.checkpoints_len(o.chunk_len)];
+        selective_scan_forward(&case.data.shape, &x, &o, &mut out, None, Some(&mut ck)).unwrap();
         g.throughput(Throughput::Elements(case.elements()));
         for (t, p) in pools {
             bench(&mut g, &format!("fused/t{t}/L{len}"), p, || {
                 black_box(
-                    selective_scan_backward(&case.shape, &x, &o, &ck, &case.d_out, None).unwrap(),
+                    selective_scan_backward(&case.data.shape, &x, &o, &ck, &case.d_out, None)
+                        .unwrap(),
                 );
             });
         }
@@ -246,8 +201,8 @@ fn bench_sequence(c: &mut Criterion, pools: &[(usize, ThreadPool)]) {
     ] {
         for &channels in &LONG_CHANNELS {
             let case = Case::new(LONG_LEN, channels, regime, 3);
-            let x = case.inputs();
-            let mut out = vec![0.0f32; case.u.len()];
+            let x = case.data.inputs();
+            let mut out = vec![0.0f32; case.data.u.len()];
             let mut fs = vec![0.0f32; channels * STATE];
             g.throughput(Throughput::Elements(case.elements()));
             let configs = [
@@ -266,8 +221,15 @@ fn bench_sequence(c: &mut Criterion, pools: &[(usize, ThreadPool)]) {
                     &format!("{name}/C{channels}/{label}/t{threads}"),
                     p,
                     || {
-                        selective_scan_forward(&case.shape, &x, &o, &mut out, Some(&mut fs), None)
-                            .unwrap();
+                        selective_scan_forward(
+                            &case.data.shape,
+                            &x,
+                            &o,
+                            &mut out,
+                            Some(&mut fs),
+                            None,
+                        )
+                        .unwrap();
                         black_box(&out);
                     },
                 );
