@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod conv1d;
+pub mod linear;
 pub mod matmul;
 pub mod norm;
 pub mod s4d;
@@ -15,6 +16,7 @@ pub use conv1d::{
     causal_conv1d_backward, causal_conv1d_forward, causal_conv1d_reference, causal_conv1d_state,
     causal_conv1d_step, ConvGrads, ConvShape,
 };
+pub use linear::{linear_reference, WeightFormat, Weights, Q8_BLOCK};
 pub use matmul::{matmul_xtw, matmul_xw, matmul_xwt, MatmulScalar};
 pub use norm::{
     layer_norm_backward, layer_norm_forward, rms_norm_backward, rms_norm_forward, NormGrads,
