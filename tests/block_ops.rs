@@ -324,3 +324,58 @@ fn block_op_shape_errors_name_the_tensor() {
     let msg = silu_forward(&x, &mut y[..3]).unwrap_err().to_string();
     assert!(msg.contains("`y`"), "{msg}");
 }
+
+/// A sequence cut in two, the second part continuing from the first's
+/// state, gives the outputs and state of the whole sequence.
+#[test]
+fn conv1d_forward_continuing_equals_the_whole_sequence() {
+    for (i, dims) in CONV_SHAPES.iter().enumerate() {
+        let s = conv_shape(dims);
+        let (b, l, c, k) = (s.batch, s.len, s.channels, s.kernel);
+        let x = random_vec::<f64>(b * l * c, 40 + i as u64);
+        let w = random_vec::<f64>(c * k, 50 + i as u64);
+        let bias = random_vec::<f64>(c, 60 + i as u64);
+        let full = causal_conv1d_reference(&s, &x, &w, Some(&bias)).unwrap();
+        for split in [0, 1, l / 2, l.saturating_sub(1), l] {
+            let part = |t0: usize, t1: usize| -> Vec<f64> {
+                (0..b)
+                    .flat_map(|bb| x[(bb * l + t0) * c..(bb * l + t1) * c].to_vec())
+                    .collect()
+            };
+            let mut state = vec![0.0f64; b * c * k];
+            let mut outputs = vec![Vec::new(); b];
+            for (t0, t1) in [(0, split), (split, l)] {
+                if t1 == t0 {
+                    continue;
+                }
+                let shape = ConvShape { len: t1 - t0, ..s };
+                let mut y = vec![0.0; b * (t1 - t0) * c];
+                causal_conv1d_forward_continuing(
+                    &shape,
+                    &part(t0, t1),
+                    &w,
+                    Some(&bias),
+                    &mut state,
+                    &mut y,
+                )
+                .unwrap();
+                for (bb, o) in outputs.iter_mut().enumerate() {
+                    o.extend_from_slice(&y[bb * (t1 - t0) * c..(bb + 1) * (t1 - t0) * c]);
+                }
+            }
+            let got: Vec<f64> = outputs.concat();
+            assert_close(
+                &format!("continuing {s:?} split {split}"),
+                &got,
+                &full,
+                1e-12,
+                1e-12,
+            );
+            assert_eq!(
+                state,
+                causal_conv1d_state(&s, &x).unwrap(),
+                "state {s:?} split {split}"
+            );
+        }
+    }
+}

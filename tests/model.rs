@@ -5,51 +5,11 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-use common::assert_close;
+use common::{assert_close, ids_of, models_dir, read_reference};
 use selective::model::{
     next_token_cross_entropy, DType, Mamba, MambaConfig, ParamKind, SafetensorsFile, TensorSource,
 };
 use selective::Error;
-
-fn models_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/models")
-}
-
-/// Every tensor of a reference file as (shape, values in f64).
-fn read_reference(dir: &str) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
-    let bytes = std::fs::read(models_dir().join(dir).join("reference.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            let data = view.data();
-            let values: Vec<f64> = match view.dtype() {
-                safetensors::Dtype::F64 => data
-                    .chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-                safetensors::Dtype::F32 => data
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-                    .collect(),
-                safetensors::Dtype::I64 => data
-                    .chunks_exact(8)
-                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
-                    .collect(),
-                other => panic!("unexpected dtype {other:?}"),
-            };
-            (name, (view.shape().to_vec(), values))
-        })
-        .collect()
-}
-
-fn ids_of(r: &HashMap<String, (Vec<usize>, Vec<f64>)>, key: &str) -> (Vec<u32>, usize, usize) {
-    let (shape, v) = &r[key];
-    (v.iter().map(|&x| x as u32).collect(), shape[0], shape[1])
-}
 
 /// Greedy continuation by re-running the whole forward (the recurrent
 /// decoder is tested elsewhere).

@@ -606,3 +606,85 @@ fn matches_official_selective_scan_ref_with_autograd() {
         }
     }
 }
+
+/// Stepping position by position with `selective_scan_step` equals the
+/// literal reference over the whole sequence (outputs and final state).
+#[test]
+fn single_steps_equal_the_reference_scan() {
+    for (i, &(b, l, ch, n)) in SHAPES.iter().enumerate() {
+        for softplus in [true, false] {
+            for zoh in [false, true] {
+                let case =
+                    ScanCase::<f64>::random_for(shape(b, l, ch, n), ALL, 900 + i as u64, softplus);
+                let o = options(softplus, zoh, 256, ScanParallelism::Auto);
+                let want = selective_scan_reference(&case.shape, &case.inputs(), &o).unwrap();
+                let mut state = case.initial_state.clone().unwrap();
+                let mut out = vec![0.0f64; b * l * ch];
+                let row = |x: &[f64], t: usize, w: usize| -> Vec<f64> {
+                    (0..b)
+                        .flat_map(|bb| x[(bb * l + t) * w..(bb * l + t + 1) * w].to_vec())
+                        .collect()
+                };
+                for t in 0..l {
+                    let (u, delta, z) = (
+                        row(&case.u, t, ch),
+                        row(&case.delta, t, ch),
+                        row(case.z.as_ref().unwrap(), t, ch),
+                    );
+                    let (bt, ct) = (row(&case.b, t, n), row(&case.c, t, n));
+                    let inputs = ScanStepInputs {
+                        u: &u,
+                        delta: &delta,
+                        a: &case.a,
+                        b: &bt,
+                        c: &ct,
+                        d: case.d.as_deref(),
+                        z: Some(&z),
+                        delta_bias: case.delta_bias.as_deref(),
+                    };
+                    let mut y = vec![0.0f64; b * ch];
+                    selective_scan_step(b, ch, n, &inputs, &o, &mut state, &mut y).unwrap();
+                    for bb in 0..b {
+                        out[(bb * l + t) * ch..(bb * l + t + 1) * ch]
+                            .copy_from_slice(&y[bb * ch..(bb + 1) * ch]);
+                    }
+                }
+                let tag = format!("{b}x{l}x{ch}x{n} softplus {softplus} zoh {zoh}");
+                assert_close(&format!("step out {tag}"), &out, &want.out, 1e-12, 1e-10);
+                assert_close(
+                    &format!("step state {tag}"),
+                    &state,
+                    &want.final_state,
+                    1e-12,
+                    1e-10,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn single_step_shape_errors_name_the_tensor() {
+    let o = ScanOptions::default();
+    let (u, a, bc, mut state, mut out) = (
+        vec![0.0f32; 4],
+        vec![-1.0f32; 8],
+        vec![0.0f32; 2],
+        vec![0.0f32; 8],
+        vec![0.0f32; 4],
+    );
+    let inputs = ScanStepInputs {
+        u: &u,
+        delta: &u,
+        a: &a,
+        b: &bc,
+        c: &bc[..1],
+        d: None,
+        z: None,
+        delta_bias: None,
+    };
+    let err = selective_scan_step(1, 4, 2, &inputs, &o, &mut state, &mut out)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("C"), "{err}");
+}

@@ -214,6 +214,60 @@ pub fn causal_conv1d_state<T: Float>(shape: &ConvShape, x: &[T]) -> Result<Vec<T
     Ok(state)
 }
 
+/// Forward that continues from a recurrent `state` (batch, channels, K)
+/// instead of zeros, and leaves in it the state after the sequence: what
+/// prefill does when it resumes a saved sequence. Positions before t = 0
+/// are read from the state (slot j holds position j - K).
+pub fn causal_conv1d_forward_continuing<T: Float>(
+    shape: &ConvShape,
+    x: &[T],
+    weight: &[T],
+    bias: Option<&[T]>,
+    state: &mut [T],
+    y: &mut [T],
+) -> Result<()> {
+    const OP: &str = "causal_conv1d_forward_continuing";
+    shape.check(OP, weight, bias)?;
+    check_len(OP, "x", x, &shape.act_dims())?;
+    check_len(OP, "y", y, &shape.act_dims())?;
+    let (l, c, k) = (shape.len, shape.channels, shape.kernel);
+    check_len(
+        OP,
+        "state",
+        state,
+        &[("batch", shape.batch), ("channels", c), ("kernel", k)],
+    )?;
+    // The first K-1 outputs see the state; the rest are the plain forward.
+    causal_conv1d_forward(shape, x, weight, bias, y)?;
+    for b in 0..shape.batch {
+        for t in 0..l.min(k - 1) {
+            for ch in 0..c {
+                let mut acc = T::ZERO;
+                // taps reading positions p = t - (K-1) + j < 0
+                for j in 0..k - 1 - t {
+                    acc += weight[ch * k + j] * state[(b * c + ch) * k + j + t + 1];
+                }
+                y[(b * l + t) * c + ch] += acc;
+            }
+        }
+        // new slot j holds position l - K + j of [old state ++ x]
+        for ch in 0..c {
+            let window = &mut state[(b * c + ch) * k..(b * c + ch + 1) * k];
+            if l >= k {
+                for (j, slot) in window.iter_mut().enumerate() {
+                    *slot = x[(b * l + l - k + j) * c + ch];
+                }
+            } else {
+                window.copy_within(l.., 0);
+                for j in 0..l {
+                    window[k - l + j] = x[(b * l + j) * c + ch];
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// One decoding step: shifts `state` (batch, channels, K) left, appends
 /// x_t (batch, channels) and writes y_t (batch, channels).
 #[allow(clippy::too_many_arguments)]

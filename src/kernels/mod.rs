@@ -9,12 +9,13 @@ pub mod norm;
 pub mod s4d;
 pub mod selective_scan;
 pub mod selective_scan_reference;
+pub mod selective_scan_step;
 mod shared;
 
 pub use activation::{silu_backward, silu_forward, softplus_backward, softplus_forward};
 pub use conv1d::{
-    causal_conv1d_backward, causal_conv1d_forward, causal_conv1d_reference, causal_conv1d_state,
-    causal_conv1d_step, ConvGrads, ConvShape,
+    causal_conv1d_backward, causal_conv1d_forward, causal_conv1d_forward_continuing,
+    causal_conv1d_reference, causal_conv1d_state, causal_conv1d_step, ConvGrads, ConvShape,
 };
 pub use linear::{linear_reference, WeightFormat, Weights, Q8_BLOCK};
 pub use matmul::{matmul_xtw, matmul_xw, matmul_xwt, MatmulScalar};
@@ -30,3 +31,4 @@ pub use selective_scan::{
     ScanInputs, ScanOptions, ScanOutput, ScanParallelism, ScanShape,
 };
 pub use selective_scan_reference::{selective_scan_backward_reference, selective_scan_reference};
+pub use selective_scan_step::{selective_scan_step, ScanStepInputs};

@@ -1,0 +1,624 @@
+//! Inference (SPEC.md section 5): parallel prefill, then constant-memory
+//! recurrent decoding, with weights in any [`WeightFormat`] and f32
+//! arithmetic.
+//!
+//! Per sequence and layer the state is fixed in size:
+//!
+//! ```text
+//! conv_state  (E, K)   the last K pre-conv inputs x (zero padded)
+//! ssm_state   (E, N)   h
+//! ```
+//!
+//! Prefill runs a prompt through the parallel path (matrix multiplications
+//! over all positions, the fused scan) in chunks of `prefill_chunk`
+//! positions, each continuing from the state the previous one left, and
+//! computes the vocabulary head only for the last position. A decoding step
+//! for a batch of sequences is
+//!
+//! ```text
+//! h = E[token]                                        (b, D)
+//! per layer:  xz = norm(h) W_inᵀ                      (b, 2E)
+//!             conv_state ← shift(conv_state, x);  xs = silu(W_conv · conv_state + b_conv)
+//!             dt_low, B, C = xs W_xᵀ                   (b, R), (b, N), (b, N)
+//!             delta = dt_low W_dtᵀ                     (b, E)
+//!             ssm_state ← exp(ΔA) ssm_state + ΔB xs;   y = (C · ssm_state + D xs) silu(z)
+//!             h += y W_outᵀ                            (b, D)
+//! logits = norm_f(h) headᵀ                            (b, V)
+//! ```
+//! whose cost does not depend on the position.
+
+use super::config::MambaConfig;
+use super::mamba::Mamba;
+use super::params::LayerParams;
+use crate::error::{invalid, Result};
+use crate::eval::Perplexity;
+use crate::kernels::{
+    causal_conv1d_forward_continuing, causal_conv1d_step, layer_norm_forward, rms_norm_forward,
+    selective_scan_forward, selective_scan_step, ConvShape, ScanInputs, ScanOptions, ScanShape,
+    ScanStepInputs, WeightFormat, Weights,
+};
+
+/// Positions prefilled at once: large enough for the GEMM to run at full
+/// speed, small enough that activations stay a few tens of MB at any
+/// prompt length.
+pub const DEFAULT_PREFILL_CHUNK: usize = 2048;
+
+/// How many of the most recent tokens a [`Sequence`] remembers (for the
+/// repetition penalty); fixed so that a saved state has a fixed size.
+pub const RECENT_TOKENS: usize = 1024;
+
+/// One layer's weights for inference.
+struct InferenceLayer {
+    norm_weight: Vec<f32>,
+    norm_bias: Option<Vec<f32>>,
+    /// (2E, D)
+    in_proj: Weights,
+    in_proj_bias: Option<Vec<f32>>,
+    /// (E, K)
+    conv_weight: Vec<f32>,
+    conv_bias: Option<Vec<f32>>,
+    /// (R + 2N, E)
+    x_proj: Weights,
+    /// (E, R)
+    dt_proj: Weights,
+    dt_bias: Vec<f32>,
+    /// A = -exp(A_log) (E, N), computed once
+    a: Vec<f32>,
+    d: Vec<f32>,
+    /// (D, E)
+    out_proj: Weights,
+    out_proj_bias: Option<Vec<f32>>,
+}
+
+/// A Mamba language model prepared for generation: projection and
+/// embedding weights in one [`WeightFormat`], SSM parameters (A, D, dt bias,
+/// conv) and norms in f32.
+pub struct InferenceModel {
+    pub config: MambaConfig,
+    format: WeightFormat,
+    /// (V, D), also the head when tied
+    embedding: Weights,
+    lm_head: Option<Weights>,
+    norm_f_weight: Vec<f32>,
+    norm_f_bias: Option<Vec<f32>>,
+    layers: Vec<InferenceLayer>,
+    /// Positions per prefill chunk.
+    pub prefill_chunk: usize,
+}
+
+/// The recurrent state of one layer for one sequence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerState {
+    /// (E, K)
+    pub conv: Vec<f32>,
+    /// (E, N)
+    pub ssm: Vec<f32>,
+}
+
+/// Everything needed to continue one sequence: the layers' states, the
+/// logits for its next token, and its most recent tokens. Its size does not
+/// depend on the sequence length.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sequence {
+    pub layers: Vec<LayerState>,
+    /// Logits (V) predicting the next token; empty before any token.
+    pub logits: Vec<f32>,
+    /// Tokens processed so far.
+    pub position: u64,
+    /// The last up to [`RECENT_TOKENS`] tokens, oldest first.
+    pub recent: std::collections::VecDeque<u32>,
+}
+
+impl Sequence {
+    /// An empty sequence (zero states) for `config`.
+    pub fn new(config: &MambaConfig) -> Self {
+        let (e, n, k) = (config.d_inner, config.d_state, config.d_conv);
+        Self {
+            layers: (0..config.n_layer)
+                .map(|_| LayerState {
+                    conv: vec![0.0; e * k],
+                    ssm: vec![0.0; e * n],
+                })
+                .collect(),
+            logits: Vec::new(),
+            position: 0,
+            recent: std::collections::VecDeque::with_capacity(RECENT_TOKENS),
+        }
+    }
+
+    fn remember(&mut self, ids: &[u32]) {
+        let skip = ids.len().saturating_sub(RECENT_TOKENS);
+        for &id in &ids[skip..] {
+            if self.recent.len() == RECENT_TOKENS {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(id);
+        }
+        self.position += ids.len() as u64;
+    }
+
+    /// The recent tokens as one slice, oldest first.
+    pub fn recent_tokens(&mut self) -> &[u32] {
+        self.recent.make_contiguous()
+    }
+
+    /// Checks that this state belongs to a model of `config`.
+    pub fn check_fits(&self, config: &MambaConfig) -> Result<()> {
+        let (e, n, k) = (config.d_inner, config.d_state, config.d_conv);
+        let fits = self.layers.len() == config.n_layer
+            && self
+                .layers
+                .iter()
+                .all(|l| l.conv.len() == e * k && l.ssm.len() == e * n)
+            && (self.logits.is_empty() || self.logits.len() == config.vocab_size);
+        if fits {
+            Ok(())
+        } else {
+            Err(invalid(
+                "Sequence",
+                format!(
+                    "this state does not fit the model (n_layer={}, d_inner={e}, d_state={n}, d_conv={k}, vocab={})",
+                    config.n_layer, config.vocab_size
+                ),
+            ))
+        }
+    }
+}
+
+/// Working memory of a decoding step for up to `batch` sequences, reused
+/// from step to step.
+pub struct DecodeBuffers {
+    batch: usize,
+    /// residual stream (b, D)
+    h: Vec<f32>,
+    /// (b, D)
+    normed: Vec<f32>,
+    /// (b, 2E)
+    xz: Vec<f32>,
+    /// (b, E)
+    xs: Vec<f32>,
+    /// (b, R + 2N)
+    x_dbl: Vec<f32>,
+    /// (b, R)
+    dt_low: Vec<f32>,
+    /// (b, E)
+    delta: Vec<f32>,
+    /// (b, E)
+    y: Vec<f32>,
+    /// (b, V)
+    logits: Vec<f32>,
+}
+
+impl DecodeBuffers {
+    pub fn new(config: &MambaConfig, batch: usize) -> Self {
+        let c = config;
+        let (d, e, r, n, v) = (c.d_model, c.d_inner, c.dt_rank, c.d_state, c.vocab_size);
+        Self {
+            batch,
+            h: vec![0.0; batch * d],
+            normed: vec![0.0; batch * d],
+            xz: vec![0.0; batch * 2 * e],
+            xs: vec![0.0; batch * e],
+            x_dbl: vec![0.0; batch * (r + 2 * n)],
+            dt_low: vec![0.0; batch * r],
+            delta: vec![0.0; batch * e],
+            y: vec![0.0; batch * e],
+            logits: vec![0.0; batch * v],
+        }
+    }
+}
+
+fn scan_options() -> ScanOptions {
+    ScanOptions {
+        delta_softplus: true,
+        ..ScanOptions::default()
+    }
+}
+
+fn add_row_bias(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_mut(bias.len()) {
+        for (v, &b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
+    }
+}
+
+impl InferenceModel {
+    /// Converts a loaded model, layer by layer (each layer's f32 copy is
+    /// freed as soon as it is converted, so memory peaks near the f32 model).
+    pub fn from_mamba(model: Mamba<f32>, format: WeightFormat) -> Result<Self> {
+        let Mamba { config, params } = model;
+        let c = &config;
+        let (d, e, r, n, v) = (c.d_model, c.d_inner, c.dt_rank, c.d_state, c.vocab_size);
+        let mut layers = Vec::with_capacity(c.n_layer);
+        for layer in params.layers {
+            let LayerParams {
+                norm_weight,
+                norm_bias,
+                mixer: m,
+            } = layer;
+            layers.push(InferenceLayer {
+                norm_weight,
+                norm_bias,
+                in_proj: Weights::from_f32(format, 2 * e, d, &m.in_proj_weight)?,
+                in_proj_bias: m.in_proj_bias,
+                conv_weight: m.conv1d_weight,
+                conv_bias: m.conv1d_bias,
+                x_proj: Weights::from_f32(format, r + 2 * n, e, &m.x_proj_weight)?,
+                dt_proj: Weights::from_f32(format, e, r, &m.dt_proj_weight)?,
+                dt_bias: m.dt_proj_bias,
+                a: m.a_log.iter().map(|&v| -v.exp()).collect(),
+                d: m.d,
+                out_proj: Weights::from_f32(format, d, e, &m.out_proj_weight)?,
+                out_proj_bias: m.out_proj_bias,
+            });
+        }
+        let embedding = Weights::from_f32(format, v, d, &params.embedding)?;
+        drop(params.embedding);
+        let lm_head = params
+            .lm_head
+            .map(|w| Weights::from_f32(format, v, d, &w))
+            .transpose()?;
+        Ok(Self {
+            config,
+            format,
+            embedding,
+            lm_head,
+            norm_f_weight: params.norm_f_weight,
+            norm_f_bias: params.norm_f_bias,
+            layers,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+        })
+    }
+
+    pub fn format(&self) -> WeightFormat {
+        self.format
+    }
+
+    /// Bytes of weights one decoding step reads: every projection, the head
+    /// (the embedding, when tied), the norms and the SSM parameters; the
+    /// embedding rows looked up are negligible.
+    pub fn bytes_per_token(&self) -> usize {
+        let f32_bytes = |v: &[f32]| v.len() * 4;
+        let opt = |v: &Option<Vec<f32>>| v.as_deref().map_or(0, f32_bytes);
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                f32_bytes(&l.norm_weight)
+                    + opt(&l.norm_bias)
+                    + l.in_proj.bytes()
+                    + opt(&l.in_proj_bias)
+                    + f32_bytes(&l.conv_weight)
+                    + opt(&l.conv_bias)
+                    + l.x_proj.bytes()
+                    + l.dt_proj.bytes()
+                    + f32_bytes(&l.dt_bias)
+                    + f32_bytes(&l.a)
+                    + f32_bytes(&l.d)
+                    + l.out_proj.bytes()
+                    + opt(&l.out_proj_bias)
+            })
+            .sum();
+        layers + self.head().bytes() + f32_bytes(&self.norm_f_weight) + opt(&self.norm_f_bias)
+    }
+
+    fn head(&self) -> &Weights {
+        self.lm_head.as_ref().unwrap_or(&self.embedding)
+    }
+
+    fn check_ids(&self, op: &'static str, ids: &[u32]) -> Result<()> {
+        let v = self.config.vocab_size;
+        match ids.iter().enumerate().find(|(_, &id)| id as usize >= v) {
+            Some((i, id)) => Err(invalid(
+                op,
+                format!("token id {id} at position {i} is outside the vocabulary of {v}"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn norm(&self, x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32]) -> Result<()> {
+        let (dim, eps) = (self.config.d_model, self.config.norm_eps as f32);
+        match b {
+            None => rms_norm_forward(x, w, dim, eps, y),
+            Some(b) => layer_norm_forward(x, w, b, dim, eps, y),
+        }
+    }
+
+    /// Runs `ids` through the model after what `seq` has seen, leaving the
+    /// state after the last of them in `seq` and its next-token logits in
+    /// `seq.logits`.
+    pub fn prefill(&self, seq: &mut Sequence, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut last_hidden = Vec::new();
+        self.prefill_with(seq, ids, |_, normed| {
+            let d = self.config.d_model;
+            last_hidden.clear();
+            last_hidden.extend_from_slice(&normed[normed.len() - d..]);
+            Ok(())
+        })?;
+        seq.logits.resize(self.config.vocab_size, 0.0);
+        self.head()
+            .matmul_xwt(&last_hidden, 1, &mut seq.logits, false)
+    }
+
+    /// Prefill that hands norm_f(h) of every chunk (rows, D) to `on_chunk`
+    /// with the position of its first row.
+    fn prefill_with(
+        &self,
+        seq: &mut Sequence,
+        ids: &[u32],
+        mut on_chunk: impl FnMut(usize, &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        const OP: &str = "InferenceModel::prefill";
+        self.check_ids(OP, ids)?;
+        seq.check_fits(&self.config)?;
+        if self.prefill_chunk == 0 {
+            return Err(invalid(OP, "prefill_chunk must be at least 1"));
+        }
+        let c = &self.config;
+        let (d, e, r, n, k) = (c.d_model, c.d_inner, c.dt_rank, c.d_state, c.d_conv);
+        for (chunk_index, chunk) in ids.chunks(self.prefill_chunk).enumerate() {
+            let len = chunk.len();
+            // h = E[ids]  (L, D)
+            let mut h = vec![0.0f32; len * d];
+            for (row, &id) in h.chunks_mut(d).zip(chunk) {
+                self.embedding.row_to_f32(id as usize, row);
+            }
+            let mut normed = vec![0.0f32; len * d];
+            let mut xz = vec![0.0f32; len * 2 * e];
+            let mut x = vec![0.0f32; len * e];
+            let mut z = vec![0.0f32; len * e];
+            let mut xs = vec![0.0f32; len * e];
+            let mut x_dbl = vec![0.0f32; len * (r + 2 * n)];
+            let mut dt_low = vec![0.0f32; len * r];
+            let mut bm = vec![0.0f32; len * n];
+            let mut cm = vec![0.0f32; len * n];
+            let mut delta = vec![0.0f32; len * e];
+            let mut y = vec![0.0f32; len * e];
+            for (layer, state) in self.layers.iter().zip(seq.layers.iter_mut()) {
+                self.norm(
+                    &h,
+                    &layer.norm_weight,
+                    layer.norm_bias.as_deref(),
+                    &mut normed,
+                )?;
+                layer.in_proj.matmul_xwt(&normed, len, &mut xz, false)?;
+                if let Some(bias) = &layer.in_proj_bias {
+                    add_row_bias(&mut xz, bias);
+                }
+                for ((row, xr), zr) in xz.chunks(2 * e).zip(x.chunks_mut(e)).zip(z.chunks_mut(e)) {
+                    xr.copy_from_slice(&row[..e]);
+                    zr.copy_from_slice(&row[e..]);
+                }
+                let conv = ConvShape {
+                    batch: 1,
+                    len,
+                    channels: e,
+                    kernel: k,
+                };
+                causal_conv1d_forward_continuing(
+                    &conv,
+                    &x,
+                    &layer.conv_weight,
+                    layer.conv_bias.as_deref(),
+                    &mut state.conv,
+                    &mut xs,
+                )?;
+                for v in xs.iter_mut() {
+                    *v = crate::float::Float::silu(*v);
+                }
+                layer.x_proj.matmul_xwt(&xs, len, &mut x_dbl, false)?;
+                for (((row, dt), b), cc) in x_dbl
+                    .chunks(r + 2 * n)
+                    .zip(dt_low.chunks_mut(r))
+                    .zip(bm.chunks_mut(n))
+                    .zip(cm.chunks_mut(n))
+                {
+                    dt.copy_from_slice(&row[..r]);
+                    b.copy_from_slice(&row[r..r + n]);
+                    cc.copy_from_slice(&row[r + n..]);
+                }
+                layer.dt_proj.matmul_xwt(&dt_low, len, &mut delta, false)?;
+                let shape = ScanShape {
+                    batch: 1,
+                    len,
+                    channels: e,
+                    state: n,
+                };
+                let initial = (chunk_index > 0 || seq.position > 0).then(|| state.ssm.clone());
+                let inputs = ScanInputs {
+                    u: &xs,
+                    delta: &delta,
+                    a: &layer.a,
+                    b: &bm,
+                    c: &cm,
+                    d: Some(&layer.d),
+                    z: Some(&z),
+                    delta_bias: Some(&layer.dt_bias),
+                    initial_state: initial.as_deref(),
+                };
+                selective_scan_forward(
+                    &shape,
+                    &inputs,
+                    &scan_options(),
+                    &mut y,
+                    Some(&mut state.ssm),
+                    None,
+                )?;
+                layer.out_proj.matmul_xwt(&y, len, &mut h, true)?;
+                if let Some(bias) = &layer.out_proj_bias {
+                    add_row_bias(&mut h, bias);
+                }
+            }
+            self.norm(
+                &h,
+                &self.norm_f_weight,
+                self.norm_f_bias.as_deref(),
+                &mut normed,
+            )?;
+            on_chunk(chunk_index * self.prefill_chunk, &normed)?;
+        }
+        seq.remember(ids);
+        Ok(())
+    }
+
+    /// One decoding step for a batch of sequences: feeds `tokens[i]` to
+    /// `seqs[i]` and leaves its next-token logits in `seqs[i].logits`.
+    pub fn decode_step(
+        &self,
+        seqs: &mut [&mut Sequence],
+        tokens: &[u32],
+        buffers: &mut DecodeBuffers,
+    ) -> Result<()> {
+        const OP: &str = "InferenceModel::decode_step";
+        let b = seqs.len();
+        if b == 0 || tokens.len() != b {
+            return Err(invalid(
+                OP,
+                format!("{} tokens for {} sequences", tokens.len(), b),
+            ));
+        }
+        if b > buffers.batch {
+            return Err(invalid(
+                OP,
+                format!("{b} sequences but buffers for {}", buffers.batch),
+            ));
+        }
+        self.check_ids(OP, tokens)?;
+        for seq in seqs.iter() {
+            seq.check_fits(&self.config)?;
+        }
+        let c = &self.config;
+        let (d, e, r, n, k, v) = (
+            c.d_model,
+            c.d_inner,
+            c.dt_rank,
+            c.d_state,
+            c.d_conv,
+            c.vocab_size,
+        );
+        let buf = buffers;
+        let h = &mut buf.h[..b * d];
+        for (row, &id) in h.chunks_mut(d).zip(tokens) {
+            self.embedding.row_to_f32(id as usize, row);
+        }
+        let options = scan_options();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let normed = &mut buf.normed[..b * d];
+            self.norm(h, &layer.norm_weight, layer.norm_bias.as_deref(), normed)?;
+            let xz = &mut buf.xz[..b * 2 * e];
+            layer.in_proj.matmul_xwt(normed, b, xz, false)?;
+            if let Some(bias) = &layer.in_proj_bias {
+                add_row_bias(xz, bias);
+            }
+            let xs = &mut buf.xs[..b * e];
+            for (i, seq) in seqs.iter_mut().enumerate() {
+                let xs_i = &mut xs[i * e..(i + 1) * e];
+                causal_conv1d_step(
+                    1,
+                    e,
+                    k,
+                    &mut seq.layers[li].conv,
+                    &xz[i * 2 * e..i * 2 * e + e],
+                    &layer.conv_weight,
+                    layer.conv_bias.as_deref(),
+                    xs_i,
+                )?;
+                for v in xs_i.iter_mut() {
+                    *v = crate::float::Float::silu(*v);
+                }
+            }
+            let x_dbl = &mut buf.x_dbl[..b * (r + 2 * n)];
+            layer.x_proj.matmul_xwt(xs, b, x_dbl, false)?;
+            let dt_low = &mut buf.dt_low[..b * r];
+            for (dt, row) in dt_low.chunks_mut(r).zip(x_dbl.chunks(r + 2 * n)) {
+                dt.copy_from_slice(&row[..r]);
+            }
+            let delta = &mut buf.delta[..b * e];
+            layer.dt_proj.matmul_xwt(dt_low, b, delta, false)?;
+            let y = &mut buf.y[..b * e];
+            for (i, seq) in seqs.iter_mut().enumerate() {
+                let row = &x_dbl[i * (r + 2 * n)..(i + 1) * (r + 2 * n)];
+                let inputs = ScanStepInputs {
+                    u: &xs[i * e..(i + 1) * e],
+                    delta: &delta[i * e..(i + 1) * e],
+                    a: &layer.a,
+                    b: &row[r..r + n],
+                    c: &row[r + n..],
+                    d: Some(&layer.d),
+                    z: Some(&xz[i * 2 * e + e..(i + 1) * 2 * e]),
+                    delta_bias: Some(&layer.dt_bias),
+                };
+                selective_scan_step(
+                    1,
+                    e,
+                    n,
+                    &inputs,
+                    &options,
+                    &mut seq.layers[li].ssm,
+                    &mut y[i * e..(i + 1) * e],
+                )?;
+            }
+            layer.out_proj.matmul_xwt(y, b, h, true)?;
+            if let Some(bias) = &layer.out_proj_bias {
+                add_row_bias(h, bias);
+            }
+        }
+        let normed = &mut buf.normed[..b * d];
+        self.norm(h, &self.norm_f_weight, self.norm_f_bias.as_deref(), normed)?;
+        let logits = &mut buf.logits[..b * v];
+        self.head().matmul_xwt(normed, b, logits, false)?;
+        for ((seq, row), &token) in seqs.iter_mut().zip(logits.chunks(v)).zip(tokens) {
+            seq.logits.clear();
+            seq.logits.extend_from_slice(row);
+            seq.remember(&[token]);
+        }
+        Ok(())
+    }
+
+    /// Mean negative log-likelihood of `ids` (one sequence) under the model
+    /// in this weight format, computed through prefill in chunks.
+    pub fn perplexity(&self, ids: &[u32]) -> Result<Perplexity> {
+        if ids.len() < 2 {
+            return Err(invalid(
+                "InferenceModel::perplexity",
+                format!("needs at least 2 tokens, got {}", ids.len()),
+            ));
+        }
+        let (d, v) = (self.config.d_model, self.config.vocab_size);
+        let mut seq = Sequence::new(&self.config);
+        let mut nll = 0.0f64;
+        const HEAD_ROWS: usize = 256;
+        let mut logits = vec![0.0f32; HEAD_ROWS * v];
+        self.prefill_with(&mut seq, ids, |start, normed| {
+            let rows = normed.len() / d;
+            for r0 in (0..rows).step_by(HEAD_ROWS) {
+                let r1 = (r0 + HEAD_ROWS).min(rows);
+                let out = &mut logits[..(r1 - r0) * v];
+                self.head()
+                    .matmul_xwt(&normed[r0 * d..r1 * d], r1 - r0, out, false)?;
+                for (i, row) in out.chunks(v).enumerate() {
+                    let t = start + r0 + i;
+                    if t + 1 >= ids.len() {
+                        break;
+                    }
+                    let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+                    let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+                    nll += max + sum.ln() - row[ids[t + 1] as usize] as f64;
+                }
+            }
+            Ok(())
+        })?;
+        let n = ids.len() - 1;
+        let mean_nll = nll / n as f64;
+        Ok(Perplexity {
+            predicted_tokens: n,
+            mean_nll,
+            perplexity: mean_nll.exp(),
+        })
+    }
+}

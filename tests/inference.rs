@@ -1,0 +1,262 @@
+//! Prefill and recurrent decoding against the full-sequence forward, the
+//! Hugging Face greedy continuation, batching, and the weight formats.
+
+mod common;
+
+use common::{ids_of, models_dir, read_reference};
+use selective::kernels::WeightFormat;
+use selective::model::{DecodeBuffers, InferenceModel, Mamba, Sequence};
+use selective::rng::Rng;
+
+fn load(dir: &str) -> Mamba<f32> {
+    Mamba::<f32>::from_dir(models_dir().join(dir)).unwrap()
+}
+
+fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut rng = Rng::new(seed);
+    (0..n).map(|_| rng.below(vocab) as u32).collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Feeds `ids` one token at a time and returns the logits after each (len, V).
+fn stepwise_logits(model: &InferenceModel, ids: &[u32]) -> Vec<f32> {
+    let mut seq = Sequence::new(&model.config);
+    let mut buffers = DecodeBuffers::new(&model.config, 1);
+    let mut out = Vec::new();
+    for &id in ids {
+        model
+            .decode_step(&mut [&mut seq], &[id], &mut buffers)
+            .unwrap();
+        out.extend_from_slice(&seq.logits);
+    }
+    out
+}
+
+#[test]
+fn decoding_step_by_step_equals_the_full_forward_at_every_position() {
+    for dir in ["tiny-hf", "small-hf", "tiny-original"] {
+        let mamba = load(dir);
+        let v = mamba.config.vocab_size;
+        let ids = random_ids(41, v, 7);
+        let full = mamba.forward(&ids, 1, ids.len()).unwrap();
+        let model = InferenceModel::from_mamba(mamba, WeightFormat::F32).unwrap();
+        let steps = stepwise_logits(&model, &ids);
+        let scale = full.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let diff = max_abs_diff(&steps, &full);
+        eprintln!("{dir}: step vs forward max |diff| {diff:.2e} (max |logit| {scale:.2})");
+        assert!(diff <= 2e-5 * scale.max(1.0), "{dir}: {diff}");
+    }
+}
+
+#[test]
+fn prefill_in_any_chunking_then_decoding_equals_the_full_forward() {
+    let mamba = load("small-hf");
+    let v = mamba.config.vocab_size;
+    let ids = random_ids(37, v, 11);
+    let full = mamba.forward(&ids, 1, ids.len()).unwrap();
+    let mut model = InferenceModel::from_mamba(mamba, WeightFormat::F32).unwrap();
+    let scale = full.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1.0);
+    for chunk in [1, 2, 3, 5, 16, 36, 37, 4096] {
+        model.prefill_chunk = chunk;
+        for split in [1, 4, 20, 36] {
+            // prefill ids[..split], then decode the rest one by one
+            let mut seq = Sequence::new(&model.config);
+            model.prefill(&mut seq, &ids[..split]).unwrap();
+            let want = &full[(split - 1) * v..split * v];
+            assert!(
+                max_abs_diff(&seq.logits, want) <= 2e-5 * scale,
+                "chunk {chunk} split {split}"
+            );
+            let mut buffers = DecodeBuffers::new(&model.config, 1);
+            for (t, &id) in ids.iter().enumerate().skip(split) {
+                model
+                    .decode_step(&mut [&mut seq], &[id], &mut buffers)
+                    .unwrap();
+                let want = &full[t * v..(t + 1) * v];
+                let diff = max_abs_diff(&seq.logits, want);
+                assert!(
+                    diff <= 2e-5 * scale,
+                    "chunk {chunk} split {split} t {t}: {diff}"
+                );
+            }
+            assert_eq!(seq.position, ids.len() as u64);
+        }
+    }
+}
+
+#[test]
+fn prefill_continues_a_sequence_exactly() {
+    let model = InferenceModel::from_mamba(load("small-hf"), WeightFormat::F32).unwrap();
+    let ids = random_ids(30, model.config.vocab_size, 3);
+    let mut whole = Sequence::new(&model.config);
+    model.prefill(&mut whole, &ids).unwrap();
+    for split in [1, 2, 3, 4, 5, 17, 29] {
+        let mut parts = Sequence::new(&model.config);
+        model.prefill(&mut parts, &ids[..split]).unwrap();
+        model.prefill(&mut parts, &ids[split..]).unwrap();
+        assert!(
+            max_abs_diff(&parts.logits, &whole.logits) <= 1e-4,
+            "split {split}"
+        );
+        for (a, b) in parts.layers.iter().zip(&whole.layers) {
+            assert!(
+                max_abs_diff(&a.conv, &b.conv) <= 1e-6,
+                "conv state, split {split}"
+            );
+            assert!(
+                max_abs_diff(&a.ssm, &b.ssm) <= 1e-4,
+                "ssm state, split {split}"
+            );
+        }
+    }
+}
+
+#[test]
+fn greedy_decoding_reproduces_transformers_generate() {
+    for dir in ["tiny-hf", "small-hf"] {
+        let r = read_reference(dir);
+        let (prompt, _, _) = ids_of(&r, "greedy_prompt");
+        let (want, _, n) = ids_of(&r, "greedy_tokens");
+        let model = InferenceModel::from_mamba(load(dir), WeightFormat::F32).unwrap();
+        let mut seq = Sequence::new(&model.config);
+        model.prefill(&mut seq, &prompt).unwrap();
+        let mut buffers = DecodeBuffers::new(&model.config, 1);
+        let mut got = Vec::new();
+        for _ in 0..n {
+            let t = argmax(&seq.logits);
+            got.push(t);
+            model
+                .decode_step(&mut [&mut seq], &[t], &mut buffers)
+                .unwrap();
+        }
+        assert_eq!(got, want, "{dir}");
+    }
+}
+
+#[test]
+fn batched_decoding_of_prompts_of_different_lengths_equals_each_alone() {
+    for format in [WeightFormat::F32, WeightFormat::Q8] {
+        let model = InferenceModel::from_mamba(load("small-hf"), format).unwrap();
+        let v = model.config.vocab_size;
+        let prompts: Vec<Vec<u32>> = [1usize, 9, 4, 23, 2, 13, 5, 8, 3, 11]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| random_ids(n, v, 100 + i as u64))
+            .collect();
+        let steps = 12;
+        // alone
+        let mut alone = Vec::new();
+        for p in &prompts {
+            let mut seq = Sequence::new(&model.config);
+            model.prefill(&mut seq, p).unwrap();
+            let mut buffers = DecodeBuffers::new(&model.config, 1);
+            let mut logits = Vec::new();
+            for _ in 0..steps {
+                let t = argmax(&seq.logits);
+                model
+                    .decode_step(&mut [&mut seq], &[t], &mut buffers)
+                    .unwrap();
+                logits.push(seq.logits.clone());
+            }
+            alone.push(logits);
+        }
+        // together: 10 sequences (more than the GEMV path's row limit)
+        for batch in [3, prompts.len()] {
+            let mut seqs: Vec<Sequence> = prompts[..batch]
+                .iter()
+                .map(|p| {
+                    let mut s = Sequence::new(&model.config);
+                    model.prefill(&mut s, p).unwrap();
+                    s
+                })
+                .collect();
+            let mut buffers = DecodeBuffers::new(&model.config, batch);
+            for step in 0..steps {
+                let tokens: Vec<u32> = seqs.iter().map(|s| argmax(&s.logits)).collect();
+                let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+                model.decode_step(&mut refs, &tokens, &mut buffers).unwrap();
+                for (i, s) in seqs.iter().enumerate() {
+                    let diff = max_abs_diff(&s.logits, &alone[i][step]);
+                    assert!(
+                        diff <= 1e-4,
+                        "{} batch {batch} seq {i} step {step}: {diff}",
+                        format.name()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn smaller_weight_formats_stay_close_to_f32() {
+    let mamba = load("small-hf");
+    let v = mamba.config.vocab_size;
+    let ids = random_ids(25, v, 5);
+    let f32_model = InferenceModel::from_mamba(mamba.clone(), WeightFormat::F32).unwrap();
+    let want = stepwise_logits(&f32_model, &ids);
+    let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let f32_bytes = f32_model.bytes_per_token();
+    // (format, bound on max |Δlogit| / max |logit|, storage ratio to f32)
+    for (format, tol, ratio) in [
+        (WeightFormat::Bf16, 1.5e-2, 0.5),
+        (WeightFormat::F16, 2e-3, 0.5),
+        (WeightFormat::Q8, 4e-2, 34.0 / 128.0),
+    ] {
+        let model = InferenceModel::from_mamba(mamba.clone(), format).unwrap();
+        let got = stepwise_logits(&model, &ids);
+        let rel = max_abs_diff(&got, &want) / scale;
+        eprintln!("{}: max |Δlogit| / max |logit| = {rel:.2e}", format.name());
+        assert!(rel <= tol, "{}: {rel}", format.name());
+        assert!(
+            rel > 0.0,
+            "{} must actually round the weights",
+            format.name()
+        );
+        // Everything but the small f32 SSM parameters and norms shrinks.
+        let r = model.bytes_per_token() as f64 / f32_bytes as f64;
+        assert!(
+            r > ratio && r < ratio + 0.15,
+            "{} bytes ratio {r}",
+            format.name()
+        );
+    }
+}
+
+#[test]
+fn decode_errors_name_the_problem() {
+    let model = InferenceModel::from_mamba(load("tiny-hf"), WeightFormat::F32).unwrap();
+    let mut seq = Sequence::new(&model.config);
+    let mut buffers = DecodeBuffers::new(&model.config, 1);
+    let err = model
+        .decode_step(&mut [&mut seq], &[1000], &mut buffers)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("1000") && err.contains("vocabulary"), "{err}");
+    let err = model
+        .decode_step(&mut [&mut seq], &[1, 2], &mut buffers)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("2 tokens for 1 sequences"), "{err}");
+    let other = load("small-hf");
+    let mut wrong = Sequence::new(&other.config);
+    let err = model.prefill(&mut wrong, &[1, 2]).unwrap_err().to_string();
+    assert!(err.contains("does not fit the model"), "{err}");
+}
