@@ -260,3 +260,48 @@ fn decode_errors_name_the_problem() {
     let err = model.prefill(&mut wrong, &[1, 2]).unwrap_err().to_string();
     assert!(err.contains("does not fit the model"), "{err}");
 }
+
+fn temp_path(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("selective-test-{}-{name}", std::process::id()))
+}
+
+#[test]
+fn saved_state_continues_the_sequence_and_has_a_fixed_size() {
+    use selective::model::{load_sequence, save_sequence};
+    let model = InferenceModel::from_mamba(load("small-hf"), WeightFormat::F32).unwrap();
+    let v = model.config.vocab_size;
+    let ids = random_ids(300, v, 21);
+    let mut sizes = Vec::new();
+    for split in [0usize, 3, 10, 300] {
+        let mut seq = Sequence::new(&model.config);
+        model.prefill(&mut seq, &ids[..split]).unwrap();
+        let path = temp_path(&format!("state-{split}.safetensors"));
+        save_sequence(&path, &seq, &model.config).unwrap();
+        sizes.push(std::fs::metadata(&path).unwrap().len());
+        let mut loaded = load_sequence(&path, &model.config).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(loaded, seq, "split {split}: the state round-trips exactly");
+        // Continuing both gives identical logits.
+        let mut buffers = DecodeBuffers::new(&model.config, 1);
+        for &id in &ids[..5] {
+            model
+                .decode_step(&mut [&mut seq], &[id], &mut buffers)
+                .unwrap();
+            model
+                .decode_step(&mut [&mut loaded], &[id], &mut buffers)
+                .unwrap();
+            assert_eq!(loaded.logits, seq.logits);
+        }
+    }
+    assert!(sizes.iter().all(|&s| s == sizes[0]), "sizes {sizes:?}");
+    // A state of another model, and a file that is not a state, are errors.
+    let tiny = load("tiny-hf");
+    let path = temp_path("state-wrong.safetensors");
+    save_sequence(&path, &Sequence::new(&tiny.config), &tiny.config).unwrap();
+    let err = load_sequence(&path, &model.config).unwrap_err().to_string();
+    assert!(err.contains("different model"), "{err}");
+    std::fs::write(&path, b"not a state").unwrap();
+    let err = load_sequence(&path, &model.config).unwrap_err().to_string();
+    assert!(err.contains("state-wrong.safetensors"), "{err}");
+    std::fs::remove_file(&path).unwrap();
+}

@@ -6,6 +6,7 @@ pub mod config;
 pub mod inference;
 pub mod mamba;
 pub mod params;
+pub mod state_file;
 pub mod torch_checkpoint;
 
 pub use checkpoint::{DType, SafetensorsFile, StoredTensor, TensorSource};
@@ -13,3 +14,4 @@ pub use config::{ConfigFormat, MambaConfig};
 pub use inference::{DecodeBuffers, InferenceModel, LayerState, Sequence};
 pub use mamba::{next_token_cross_entropy, ForwardCache, Mamba};
 pub use params::{LayerParams, MambaParams, MixerParams, ParamInfo, ParamKind};
+pub use state_file::{load_sequence, save_sequence};
