@@ -128,3 +128,39 @@ pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
+
+/// Read bandwidth in GB/s (1e9 bytes/s): `threads` threads summing a
+/// buffer of `bytes` bytes of f32, best of a few passes. With a buffer
+/// much larger than the last-level cache this is the DRAM bound of the
+/// decoding GEMV, which reads every weight once per token.
+pub fn read_bandwidth(bytes: usize, threads: usize) -> f64 {
+    use rayon::prelude::*;
+    // 64 lanes: 4 independent vector adds, so the sum keeps up with memory.
+    const LANES: usize = 64;
+    let len = (bytes / 4).max(LANES);
+    // Written once so that every page is really mapped.
+    let data: Vec<f32> = (0..len).map(|i| (i % 7) as f32).collect();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build()
+        .expect("a thread pool");
+    let chunk = len.div_ceil(threads.max(1) * 4).next_multiple_of(LANES);
+    let sum = |s: &[f32]| {
+        let mut acc = [0.0f32; LANES];
+        let mut it = s.chunks_exact(LANES);
+        for c in &mut it {
+            for l in 0..LANES {
+                acc[l] += c[l];
+            }
+        }
+        acc.iter().sum::<f32>() + it.remainder().iter().sum::<f32>()
+    };
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let total: f32 = pool.install(|| data.par_chunks(chunk).map(sum).sum());
+        best = best.min(t0.elapsed().as_secs_f64());
+        std::hint::black_box(total);
+    }
+    (len * 4) as f64 / best / 1e9
+}

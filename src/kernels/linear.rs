@@ -17,6 +17,7 @@
 //! has many rows; there the weights are expanded to f32 and go to the GEMM.
 
 use half::f16;
+use rayon::prelude::*;
 
 use crate::error::{check_len, invalid, Result};
 use crate::kernels::matmul::matmul_xwt;
@@ -25,7 +26,22 @@ use crate::kernels::matmul::matmul_xwt;
 pub const Q8_BLOCK: usize = 32;
 
 /// With more rows of x than this, expand W to f32 and use the GEMM.
-const GEMM_ROWS: usize = 8;
+pub const GEMM_ROWS: usize = 8;
+
+/// Rows of x that one pass of the GEMV over W serves (accumulators in
+/// registers); more rows take more passes.
+const GEMV_MAX_M: usize = 8;
+
+/// Below this many weights one thread does the whole GEMV or expansion:
+/// waking the other threads costs more than their share of the work.
+const PARALLEL_WEIGHTS: usize = 64 * 1024;
+
+/// GEMV tasks per thread, and the least weights in one task.
+const TASKS_PER_THREAD: usize = 4;
+const MIN_TASK_WEIGHTS: usize = 32 * 1024;
+
+/// Weights per f32 panel of the prefill path (4 MiB of f32).
+const PANEL_WEIGHTS: usize = 1 << 20;
 
 /// How a weight matrix is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -183,7 +199,22 @@ impl Weights {
             self.rows,
             self.cols
         );
-        let (start, end) = (r * self.cols, (r + 1) * self.cols);
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            let (fmt, raw) = self.raw();
+            // SAFETY: r < rows and out has cols elements (asserted above);
+            // the features were detected at run time.
+            unsafe { avx512::decode_row(fmt, raw, r, out) };
+            return;
+        }
+        self.decode_range(r, 0, out);
+    }
+
+    /// Weights c0..c0 + out.len() of row r in f32, in plain Rust (the
+    /// portable path). For Q8, c0 is a multiple of Q8_BLOCK.
+    fn decode_range(&self, r: usize, c0: usize, out: &mut [f32]) {
+        let start = r * self.cols + c0;
+        let end = start + out.len();
         match &self.storage {
             Storage::F32(v) => out.copy_from_slice(&v[start..end]),
             Storage::Bf16(v) => {
@@ -197,10 +228,15 @@ impl Weights {
                 }
             }
             Storage::Q8 { quants, scales } => {
+                debug_assert_eq!(c0 % Q8_BLOCK, 0);
                 let blocks = self.cols.div_ceil(Q8_BLOCK);
-                for (blk, chunk) in out.chunks_mut(Q8_BLOCK).enumerate() {
-                    let s = f16::from_bits(scales[r * blocks + blk]).to_f32();
-                    let q = &quants[start + blk * Q8_BLOCK..];
+                let first = r * blocks + c0 / Q8_BLOCK;
+                for (blk, (chunk, q)) in out
+                    .chunks_mut(Q8_BLOCK)
+                    .zip(quants[start..end].chunks(Q8_BLOCK))
+                    .enumerate()
+                {
+                    let s = f16::from_bits(scales[first + blk]).to_f32();
                     for (o, &qv) in chunk.iter_mut().zip(q) {
                         *o = s * qv as f32;
                     }
@@ -212,43 +248,523 @@ impl Weights {
     /// The whole matrix in f32 (rows, cols).
     pub fn to_f32(&self) -> Vec<f32> {
         let mut out = vec![0.0; self.rows * self.cols];
-        self.to_f32_into(&mut out);
+        self.rows_to_f32(0, &mut out);
         out
     }
 
-    fn to_f32_into(&self, out: &mut [f32]) {
+    /// Rows r0.. (as many as `out` holds) in f32, on rayon's pool.
+    fn rows_to_f32(&self, r0: usize, out: &mut [f32]) {
         if self.cols == 0 {
             return;
         }
-        for (r, row) in out.chunks_mut(self.cols).enumerate() {
-            self.row_to_f32(r, row);
+        let k = self.cols;
+        // ~64K weights per task: enough work to hide the dispatch.
+        let chunk_rows = (PARALLEL_WEIGHTS / k).max(1);
+        if out.len() <= chunk_rows * k || rayon::current_num_threads() == 1 {
+            for (r, row) in out.chunks_mut(k).enumerate() {
+                self.row_to_f32(r0 + r, row);
+            }
+            return;
         }
+        out.par_chunks_mut(chunk_rows * k)
+            .enumerate()
+            .for_each(|(t, panel)| {
+                for (r, row) in panel.chunks_mut(k).enumerate() {
+                    self.row_to_f32(r0 + t * chunk_rows + r, row);
+                }
+            });
+    }
+
+    /// The storage as raw parts for the kernels, with its format code.
+    fn raw(&self) -> (u8, Raw) {
+        let (fmt, data, scales) = match &self.storage {
+            Storage::F32(v) => (FMT_F32, v.as_ptr() as *const u8, std::ptr::null()),
+            Storage::Bf16(v) => (FMT_BF16, v.as_ptr() as *const u8, std::ptr::null()),
+            Storage::F16(v) => (FMT_F16, v.as_ptr() as *const u8, std::ptr::null()),
+            Storage::Q8 { quants, scales } => {
+                (FMT_Q8, quants.as_ptr() as *const u8, scales.as_ptr())
+            }
+        };
+        let raw = Raw {
+            data,
+            scales,
+            cols: self.cols,
+            blocks: self.cols.div_ceil(Q8_BLOCK),
+        };
+        (fmt, raw)
     }
 
     /// y (m, rows) [+]= x (m, cols) · Wᵀ in f32 arithmetic.
+    ///
+    /// Up to [`GEMM_ROWS`] rows of x: a GEMV that streams W once per 8 rows
+    /// of x in its stored format (decoding). More: W expanded to f32 in
+    /// panels and the GEMM (prefill).
     pub fn matmul_xwt(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) -> Result<()> {
+        self.matmul_xwt_with(x, m, y, accumulate, Kernel::Auto)
+    }
+
+    /// [`Weights::matmul_xwt`] with a chosen kernel, for tests and benchmarks.
+    #[doc(hidden)]
+    pub fn matmul_xwt_with(
+        &self,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+        accumulate: bool,
+        kernel: Kernel,
+    ) -> Result<()> {
         const OP: &str = "Weights::matmul_xwt";
         let (n, k) = (self.rows, self.cols);
         check_len(OP, "x", x, &[("m", m), ("cols", k)])?;
         check_len(OP, "y", y, &[("m", m), ("rows", n)])?;
-        if let Storage::F32(w) = &self.storage {
-            return matmul_xwt(x, w, m, k, n, y, accumulate);
+        let gemm = match kernel {
+            Kernel::Auto => m > GEMM_ROWS,
+            Kernel::Gemm => true,
+            Kernel::Gemv | Kernel::Portable => false,
+        };
+        if gemm {
+            return self.expand_gemm(x, m, y, accumulate);
         }
-        if m > GEMM_ROWS {
-            let w = self.to_f32();
-            return matmul_xwt(x, &w, m, k, n, y, accumulate);
-        }
-        let mut row = vec![0.0f32; k];
-        for j in 0..n {
-            self.row_to_f32(j, &mut row);
-            for i in 0..m {
-                let xi = &x[i * k..(i + 1) * k];
-                let dot: f32 = xi.iter().zip(&row).map(|(a, b)| a * b).sum();
-                let out = &mut y[i * n + j];
-                *out = if accumulate { *out + dot } else { dot };
+        let portable = kernel == Kernel::Portable;
+        for i0 in (0..m).step_by(GEMV_MAX_M) {
+            let mg = (m - i0).min(GEMV_MAX_M);
+            let xg = &x[i0 * k..(i0 + mg) * k];
+            if mg == 1 {
+                // (1, n) is already the kernel's (n, 1) layout.
+                self.gemv(xg, 1, &mut y[i0 * n..(i0 + 1) * n], accumulate, portable);
+            } else {
+                let mut t = vec![0.0f32; n * mg];
+                self.gemv(xg, mg, &mut t, false, portable);
+                for i in 0..mg {
+                    let yi = &mut y[(i0 + i) * n..(i0 + i + 1) * n];
+                    for (j, o) in yi.iter_mut().enumerate() {
+                        let d = t[j * mg + i];
+                        *o = if accumulate { *o + d } else { d };
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    /// out (rows, m) [+]= W · x (m ≤ GEMV_MAX_M rows of cols)ᵀ, each weight
+    /// read once, rows split over rayon's pool.
+    fn gemv(&self, x: &[f32], m: usize, out: &mut [f32], accumulate: bool, portable: bool) {
+        let (n, k) = (self.rows, self.cols);
+        let threads = rayon::current_num_threads();
+        let chunk_rows = if threads <= 1 || n * k < PARALLEL_WEIGHTS {
+            n
+        } else {
+            // A few tasks per thread so that a thread slowed by others on
+            // the machine hands work over; each at least MIN_TASK_WEIGHTS.
+            n.div_ceil(threads * TASKS_PER_THREAD)
+                .max(MIN_TASK_WEIGHTS.div_ceil(k.max(1)))
+                .next_multiple_of(4)
+        }
+        .max(1);
+        let run = |j0: usize, o: &mut [f32]| {
+            let rows = o.len() / m;
+            #[cfg(target_arch = "x86_64")]
+            if !portable && avx512::available() {
+                let (fmt, raw) = self.raw();
+                // SAFETY: rows j0..j0 + rows exist, x holds m rows of cols,
+                // o holds (rows, m); the features were detected at run time.
+                unsafe { avx512::gemv(fmt, raw, x, m, j0, rows, o, accumulate) };
+                return;
+            }
+            let _ = portable;
+            self.gemv_portable(x, m, j0, rows, o, accumulate);
+        };
+        if chunk_rows >= n {
+            run(0, out);
+        } else {
+            out.par_chunks_mut(chunk_rows * m)
+                .enumerate()
+                .for_each(|(t, o)| run(t * chunk_rows, o));
+        }
+    }
+
+    /// The GEMV in plain Rust: each row decoded into a stack buffer once
+    /// and dotted with every row of x, on 16 lanes that the compiler
+    /// vectorises.
+    fn gemv_portable(
+        &self,
+        x: &[f32],
+        m: usize,
+        j0: usize,
+        rows: usize,
+        out: &mut [f32],
+        accumulate: bool,
+    ) {
+        const LANES: usize = 16;
+        // a multiple of Q8_BLOCK and LANES; 2 KiB stays in L1
+        const PIECE: usize = 512;
+        let k = self.cols;
+        let mut buf = [0.0f32; PIECE];
+        for r in 0..rows {
+            let mut acc = [[0.0f32; LANES]; GEMV_MAX_M];
+            for c0 in (0..k).step_by(PIECE) {
+                let len = PIECE.min(k - c0);
+                let w = &mut buf[..len];
+                self.decode_range(j0 + r, c0, w);
+                for (i, a) in acc.iter_mut().enumerate().take(m) {
+                    let xi = &x[i * k + c0..i * k + c0 + len];
+                    let mut wc = w.chunks_exact(LANES);
+                    let mut xc = xi.chunks_exact(LANES);
+                    for (wv, xv) in (&mut wc).zip(&mut xc) {
+                        for l in 0..LANES {
+                            a[l] += wv[l] * xv[l];
+                        }
+                    }
+                    for (l, (wv, xv)) in wc.remainder().iter().zip(xc.remainder()).enumerate() {
+                        a[l] += wv * xv;
+                    }
+                }
+            }
+            for (i, a) in acc.iter().enumerate().take(m) {
+                let d: f32 = a.iter().sum();
+                let o = &mut out[r * m + i];
+                *o = if accumulate { *o + d } else { d };
+            }
+        }
+    }
+
+    /// The prefill path: W expanded to f32 in panels of rows (in parallel)
+    /// and each panel multiplied by the GEMM into its columns of y.
+    fn expand_gemm(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) -> Result<()> {
+        let (n, k) = (self.rows, self.cols);
+        if let Storage::F32(w) = &self.storage {
+            return matmul_xwt(x, w, m, k, n, y, accumulate);
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            if !accumulate {
+                y.fill(0.0);
+            }
+            return Ok(());
+        }
+        let panel_rows = (PANEL_WEIGHTS / k).clamp(16, n.max(16)).min(n);
+        let mut panel = vec![0.0f32; panel_rows * k];
+        let threads = rayon::current_num_threads();
+        for j0 in (0..n).step_by(panel_rows) {
+            let p = panel_rows.min(n - j0);
+            let wp = &mut panel[..p * k];
+            self.rows_to_f32(j0, wp);
+            let parallelism = if threads > 1 && m * p * k >= 48 * 48 * 48 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            };
+            // SAFETY: y is (m, n) and columns j0..j0 + p of it are written
+            // with row stride n; x is (m, k) and the panel (p, k) is read
+            // as its transpose (k, p); y does not alias either.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    p,
+                    k,
+                    y.as_mut_ptr().add(j0),
+                    1,
+                    n as isize,
+                    accumulate,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    wp.as_ptr(),
+                    k as isize,
+                    1,
+                    1.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which path [`Weights::matmul_xwt_with`] takes (tests and benchmarks).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// GEMV up to GEMM_ROWS rows of x, expand + GEMM above
+    Auto,
+    /// the GEMV (AVX-512 where available) for any m
+    Gemv,
+    /// the plain-Rust GEMV for any m
+    Portable,
+    /// expand + GEMM for any m
+    Gemm,
+}
+
+const FMT_F32: u8 = 0;
+const FMT_BF16: u8 = 1;
+const FMT_F16: u8 = 2;
+const FMT_Q8: u8 = 3;
+
+/// A read-only view of a matrix's storage for the SIMD kernels.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct Raw {
+    /// row 0's first weight: f32, u16 or i8 by format
+    data: *const u8,
+    /// Q8: (rows, blocks) f16 scale bits; null otherwise
+    scales: *const u16,
+    cols: usize,
+    blocks: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! The GEMV and row decoding with AVX-512: 32 weights (two vectors) per
+    //! step, converted to f32 in registers; R rows of W at once against M
+    //! rows of x, R·M accumulators.
+
+    use super::{Raw, FMT_BF16, FMT_F16, FMT_F32, Q8_BLOCK};
+    use std::arch::x86_64::*;
+
+    pub(super) fn available() -> bool {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("f16c")
+    }
+
+    /// Weights c..c + 32 of row j as two vectors of f32. TAIL: masked
+    /// loads (lo, hi select the valid ones, the rest read as 0).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn load32<const FMT: u8, const TAIL: bool>(
+        raw: Raw,
+        j: usize,
+        c: usize,
+        lo: __mmask16,
+        hi: __mmask16,
+    ) -> (__m512, __m512) {
+        let idx = j * raw.cols + c;
+        match FMT {
+            FMT_F32 => {
+                let p = (raw.data as *const f32).add(idx);
+                if TAIL {
+                    (
+                        _mm512_maskz_loadu_ps(lo, p),
+                        _mm512_maskz_loadu_ps(hi, p.add(16)),
+                    )
+                } else {
+                    (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+                }
+            }
+            FMT_BF16 | FMT_F16 => {
+                let p = (raw.data as *const i16).add(idx);
+                let (a, b) = if TAIL {
+                    (
+                        _mm256_maskz_loadu_epi16(lo, p),
+                        _mm256_maskz_loadu_epi16(hi, p.add(16)),
+                    )
+                } else {
+                    (
+                        _mm256_loadu_si256(p as *const __m256i),
+                        _mm256_loadu_si256(p.add(16) as *const __m256i),
+                    )
+                };
+                if FMT == FMT_F16 {
+                    (_mm512_cvtph_ps(a), _mm512_cvtph_ps(b))
+                } else {
+                    // bf16 is the high half of the f32
+                    let f =
+                        |v| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)));
+                    (f(a), f(b))
+                }
+            }
+            _ => {
+                let p = (raw.data as *const i8).add(idx);
+                let (a, b) = if TAIL {
+                    (
+                        _mm_maskz_loadu_epi8(lo, p),
+                        _mm_maskz_loadu_epi8(hi, p.add(16)),
+                    )
+                } else {
+                    (
+                        _mm_loadu_si128(p as *const __m128i),
+                        _mm_loadu_si128(p.add(16) as *const __m128i),
+                    )
+                };
+                // c is a multiple of 32: one block, one scale
+                let bits = *raw.scales.add(j * raw.blocks + c / Q8_BLOCK);
+                let s = _mm512_cvtph_ps(_mm256_set1_epi16(bits as i16));
+                let f = |v| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), s);
+                (f(a), f(b))
+            }
+        }
+    }
+
+    fn tail_masks(rem: usize) -> (__mmask16, __mmask16) {
+        let mask = ((1u64 << rem) - 1) as u32;
+        (mask as u16, (mask >> 16) as u16)
+    }
+
+    /// out[r·M + i] [+]= row j + r of W · row i of x, for r < R, i < M.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn block<const FMT: u8, const M: usize, const R: usize>(
+        raw: Raw,
+        x: *const f32,
+        j: usize,
+        out: *mut f32,
+        accumulate: bool,
+    ) {
+        let k = raw.cols;
+        let mut acc = [[_mm512_setzero_ps(); M]; R];
+        let mut c = 0;
+        while c + 32 <= k {
+            let mut xv = [[_mm512_setzero_ps(); 2]; M];
+            for (i, v) in xv.iter_mut().enumerate() {
+                let p = x.add(i * k + c);
+                *v = [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))];
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let (w0, w1) = load32::<FMT, false>(raw, j + r, c, !0, !0);
+                for (ai, xi) in a.iter_mut().zip(&xv) {
+                    *ai = _mm512_fmadd_ps(w0, xi[0], *ai);
+                    *ai = _mm512_fmadd_ps(w1, xi[1], *ai);
+                }
+            }
+            c += 32;
+        }
+        if c < k {
+            let (lo, hi) = tail_masks(k - c);
+            let mut xv = [[_mm512_setzero_ps(); 2]; M];
+            for (i, v) in xv.iter_mut().enumerate() {
+                let p = x.add(i * k + c);
+                *v = [
+                    _mm512_maskz_loadu_ps(lo, p),
+                    _mm512_maskz_loadu_ps(hi, p.add(16)),
+                ];
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let (w0, w1) = load32::<FMT, true>(raw, j + r, c, lo, hi);
+                for (ai, xi) in a.iter_mut().zip(&xv) {
+                    *ai = _mm512_fmadd_ps(w0, xi[0], *ai);
+                    *ai = _mm512_fmadd_ps(w1, xi[1], *ai);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (i, ai) in a.iter().enumerate() {
+                let d = _mm512_reduce_add_ps(*ai);
+                let o = out.add(r * M + i);
+                *o = if accumulate { *o + d } else { d };
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn rows<const FMT: u8, const M: usize, const R: usize>(
+        raw: Raw,
+        x: *const f32,
+        j0: usize,
+        n: usize,
+        out: *mut f32,
+        accumulate: bool,
+    ) {
+        let mut r = 0;
+        while r + R <= n {
+            block::<FMT, M, R>(raw, x, j0 + r, out.add(r * M), accumulate);
+            r += R;
+        }
+        while r < n {
+            block::<FMT, M, 1>(raw, x, j0 + r, out.add(r * M), accumulate);
+            r += 1;
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn gemv_fmt<const FMT: u8>(
+        raw: Raw,
+        x: *const f32,
+        m: usize,
+        j0: usize,
+        n: usize,
+        out: *mut f32,
+        accumulate: bool,
+    ) {
+        // R·M accumulators + 2·M vectors of x + 2 of W stay within the 32
+        // registers; R > 1 shares each load of x between rows of W.
+        match m {
+            1 => rows::<FMT, 1, 4>(raw, x, j0, n, out, accumulate),
+            2 => rows::<FMT, 2, 4>(raw, x, j0, n, out, accumulate),
+            3 => rows::<FMT, 3, 2>(raw, x, j0, n, out, accumulate),
+            4 => rows::<FMT, 4, 2>(raw, x, j0, n, out, accumulate),
+            5 => rows::<FMT, 5, 1>(raw, x, j0, n, out, accumulate),
+            6 => rows::<FMT, 6, 1>(raw, x, j0, n, out, accumulate),
+            7 => rows::<FMT, 7, 1>(raw, x, j0, n, out, accumulate),
+            8 => rows::<FMT, 8, 1>(raw, x, j0, n, out, accumulate),
+            _ => unreachable!("the GEMV takes 1..=8 rows of x"),
+        }
+    }
+
+    /// out (n, m) [+]= rows j0..j0 + n of W times x (m, cols)ᵀ.
+    ///
+    /// # Safety
+    /// The CPU has the features of [`available`]; rows j0..j0 + n exist;
+    /// x has m · cols elements and out n · m; 1 <= m <= 8.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemv(
+        fmt: u8,
+        raw: Raw,
+        x: &[f32],
+        m: usize,
+        j0: usize,
+        n: usize,
+        out: &mut [f32],
+        accumulate: bool,
+    ) {
+        debug_assert!(x.len() == m * raw.cols && out.len() == n * m);
+        let (x, out) = (x.as_ptr(), out.as_mut_ptr());
+        match fmt {
+            FMT_F32 => gemv_fmt::<FMT_F32>(raw, x, m, j0, n, out, accumulate),
+            FMT_BF16 => gemv_fmt::<FMT_BF16>(raw, x, m, j0, n, out, accumulate),
+            FMT_F16 => gemv_fmt::<FMT_F16>(raw, x, m, j0, n, out, accumulate),
+            _ => gemv_fmt::<{ super::FMT_Q8 }>(raw, x, m, j0, n, out, accumulate),
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn decode_fmt<const FMT: u8>(raw: Raw, j: usize, out: &mut [f32]) {
+        let k = raw.cols;
+        let o = out.as_mut_ptr();
+        let mut c = 0;
+        while c + 32 <= k {
+            let (a, b) = load32::<FMT, false>(raw, j, c, !0, !0);
+            _mm512_storeu_ps(o.add(c), a);
+            _mm512_storeu_ps(o.add(c + 16), b);
+            c += 32;
+        }
+        if c < k {
+            let (lo, hi) = tail_masks(k - c);
+            let (a, b) = load32::<FMT, true>(raw, j, c, lo, hi);
+            _mm512_mask_storeu_ps(o.add(c), lo, a);
+            _mm512_mask_storeu_ps(o.add(c + 16), hi, b);
+        }
+    }
+
+    /// Row j in f32 into out (cols).
+    ///
+    /// # Safety
+    /// The CPU has the features of [`available`]; row j exists.
+    pub(super) unsafe fn decode_row(fmt: u8, raw: Raw, j: usize, out: &mut [f32]) {
+        debug_assert_eq!(out.len(), raw.cols);
+        match fmt {
+            FMT_F32 => decode_fmt::<FMT_F32>(raw, j, out),
+            FMT_BF16 => decode_fmt::<FMT_BF16>(raw, j, out),
+            FMT_F16 => decode_fmt::<FMT_F16>(raw, j, out),
+            _ => decode_fmt::<{ super::FMT_Q8 }>(raw, j, out),
+        }
     }
 }
 
