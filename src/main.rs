@@ -6,9 +6,18 @@ use std::time::Instant;
 use clap::{Parser, Subcommand, ValueEnum};
 use selective::bench::time_scan;
 use selective::eval::perplexity;
+use selective::generation::{generate, FinishReason, GenerateOptions};
+use selective::generation_bench::{
+    bench_generation, peak_resident_bytes, prefill_scaling, resident_bytes,
+};
+use selective::kernels::WeightFormat;
 use selective::kernels::{ScanParallelism, ScanShape};
-use selective::model::{DType, Mamba, MambaConfig};
+use selective::model::{
+    load_sequence, save_sequence, DType, InferenceModel, Mamba, MambaConfig, Sequence,
+};
 use selective::npy::NpyWriter;
+use selective::sampling::SamplingConfig;
+use selective::text_stream::{StopStrings, TextStream};
 use selective::tokenizer::Tokenizer;
 
 #[derive(Parser)]
@@ -44,6 +53,10 @@ enum Command {
         logits_out: Option<PathBuf>,
         #[arg(long)]
         threads: Option<usize>,
+        /// Score with the weights in this format (f32 arithmetic), through
+        /// the inference path; without it, the f32 training forward.
+        #[arg(long, value_enum)]
+        dtype: Option<WeightType>,
     },
     /// Convert a model directory (original `pytorch_model.bin` or
     /// safetensors, either config dialect) into a Hugging Face-layout
@@ -77,6 +90,12 @@ enum Command {
         #[arg(long, value_enum, default_value_t = StorageType::F32)]
         dtype: StorageType,
     },
+    /// Generate text: parallel prefill of the prompt, then recurrent
+    /// decoding, streaming the text to stdout as it is produced.
+    Generate(GenerateArgs),
+    /// Prefill and decode speed in the manner of llama-bench, or (with
+    /// --scaling) prefill time per token across sequence lengths.
+    Bench(BenchArgs),
     /// Time the fused selective scan (forward and backward) on a Mamba
     /// layer's shape and print nanoseconds per (position x channel x state).
     BenchScan {
@@ -114,6 +133,149 @@ enum Preset {
     Mamba2_8b,
 }
 
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Model directory: config.json + weights (+ tokenizer.json, or
+    /// "tokenizer": "bytes" in config.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt text; repeat the flag to generate for several prompts as one batch.
+    #[arg(long)]
+    prompt: Vec<String>,
+    /// Prompt as token ids, comma separated.
+    #[arg(long, value_delimiter = ',', conflicts_with = "prompt")]
+    prompt_ids: Vec<u32>,
+    /// Tokens to generate at most.
+    #[arg(short = 'n', long = "max-tokens", default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 means greedy.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Keep the most likely tokens whose probabilities sum to p (1: all).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep tokens at least this fraction as likely as the most likely one (0: all).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Divide positive (multiply negative) logits of recent tokens by this (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// How many recent tokens the repetition penalty looks at.
+    #[arg(long, default_value_t = 64)]
+    repetition_window: usize,
+    /// Always take the most likely token (same as --temperature 0).
+    #[arg(long)]
+    greedy: bool,
+    /// Random seed (default: from the clock, printed so the run can be repeated).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when the text contains this string (not printed); repeatable.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Keep going after the end-of-text token.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print the generated token ids (one line, comma separated) instead of text.
+    #[arg(long)]
+    print_ids: bool,
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Weight format for the projections and embedding.
+    #[arg(long, value_enum, default_value_t = WeightType::F32)]
+    dtype: WeightType,
+    /// After generating, save the sequence's state here (fixed size).
+    #[arg(long)]
+    save_state: Option<PathBuf>,
+    /// Continue the sequence saved in this state file (the prompt, if any, follows it).
+    #[arg(long)]
+    load_state: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Model directory; without it, a randomly initialised model of --preset.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Preset::Mamba130m)]
+    preset: Preset,
+    #[arg(long)]
+    d_model: Option<usize>,
+    #[arg(long)]
+    n_layer: Option<usize>,
+    #[arg(long)]
+    vocab_size: Option<usize>,
+    /// Prompt tokens to prefill.
+    #[arg(short = 'p', long = "prompt-tokens", default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Tokens to decode.
+    #[arg(short = 'n', long = "gen-tokens", default_value_t = 128)]
+    gen_tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Weight formats to time, comma separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "f32")]
+    dtype: Vec<WeightType>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Instead: time the prefill of one sequence at lengths 2^10, 2^12, ..., 2^max-log2.
+    #[arg(long)]
+    scaling: bool,
+    #[arg(long, default_value_t = 20)]
+    max_log2: u32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl Preset {
+    /// The preset's configuration with the given sizes overridden.
+    fn config(
+        self,
+        d_model: Option<usize>,
+        n_layer: Option<usize>,
+        vocab_size: Option<usize>,
+        d_state: Option<usize>,
+    ) -> MambaConfig {
+        let (dm, nl) = match self {
+            Preset::Mamba130m => (768, 24),
+            Preset::Mamba370m => (1024, 48),
+            Preset::Mamba790m => (1536, 48),
+            Preset::Mamba1_4b => (2048, 48),
+            Preset::Mamba2_8b => (2560, 64),
+        };
+        MambaConfig::new(
+            d_model.unwrap_or(dm),
+            n_layer.unwrap_or(nl),
+            vocab_size.unwrap_or(50280),
+            d_state.unwrap_or(16),
+        )
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum WeightType {
+    F32,
+    Bf16,
+    F16,
+    Q8,
+}
+
+impl From<WeightType> for WeightFormat {
+    fn from(t: WeightType) -> Self {
+        match t {
+            WeightType::F32 => WeightFormat::F32,
+            WeightType::Bf16 => WeightFormat::Bf16,
+            WeightType::F16 => WeightFormat::F16,
+            WeightType::Q8 => WeightFormat::Q8,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum StorageType {
     F32,
@@ -147,11 +309,24 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             json,
             logits_out,
             threads,
+            dtype,
         } => {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads.unwrap_or(0))
                 .build()?;
-            pool.install(|| score(&model, text_file, ids, json, logits_out))
+            pool.install(|| score(&model, text_file, ids, json, logits_out, dtype))
+        }
+        Command::Generate(args) => {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(args.threads.unwrap_or(0))
+                .build()?;
+            pool.install(|| generate_command(args))
+        }
+        Command::Bench(args) => {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(args.threads.unwrap_or(0))
+                .build()?;
+            pool.install(|| bench_command(args))
         }
         Command::Convert { model, out, dtype } => {
             let t0 = Instant::now();
@@ -180,19 +355,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             seed,
             dtype,
         } => {
-            let (dm, nl) = match preset {
-                Preset::Mamba130m => (768, 24),
-                Preset::Mamba370m => (1024, 48),
-                Preset::Mamba790m => (1536, 48),
-                Preset::Mamba1_4b => (2048, 48),
-                Preset::Mamba2_8b => (2560, 64),
-            };
-            let config = MambaConfig::new(
-                d_model.unwrap_or(dm),
-                n_layer.unwrap_or(nl),
-                vocab_size.unwrap_or(50280),
-                d_state.unwrap_or(16),
-            );
+            let config = preset.config(d_model, n_layer, vocab_size, d_state);
             let model = Mamba::<f32>::init(config, seed)?;
             model.save(&out, dtype.into())?;
             eprintln!(
@@ -245,9 +408,17 @@ fn score(
     ids_file: Option<PathBuf>,
     json: bool,
     logits_out: Option<PathBuf>,
+    dtype: Option<WeightType>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    if dtype.is_some() && logits_out.is_some() {
+        return Err("--logits-out works with the f32 training forward only; drop --dtype".into());
+    }
     let t0 = Instant::now();
     let model = Mamba::<f32>::from_dir(dir)?;
+    let inference = match dtype {
+        Some(t) => Some(InferenceModel::from_mamba(model.clone(), t.into())?),
+        None => None,
+    };
     let load_s = t0.elapsed().as_secs_f64();
     let ids: Vec<u32> = match (text_file, ids_file) {
         (Some(path), _) => {
@@ -279,10 +450,13 @@ fn score(
         None => None,
     };
     let t1 = Instant::now();
-    let result = perplexity(&model, &ids, |block| match writer.as_mut() {
-        Some(w) => w.write(block.iter().copied()),
-        None => Ok(()),
-    })?;
+    let result = match &inference {
+        Some(m) => m.perplexity(&ids)?,
+        None => perplexity(&model, &ids, |block| match writer.as_mut() {
+            Some(w) => w.write(block.iter().copied()),
+            None => Ok(()),
+        })?,
+    };
     let score_s = t1.elapsed().as_secs_f64();
     if let Some(w) = writer {
         w.finish()?;
@@ -290,6 +464,7 @@ fn score(
     if json {
         let v = serde_json::json!({
             "model": dir.display().to_string(),
+            "dtype": inference.as_ref().map_or("f32 (training forward)", |m| m.format().name()),
             "tokens": ids.len(),
             "predicted_tokens": result.predicted_tokens,
             "mean_nll": result.mean_nll,
@@ -309,6 +484,275 @@ fn score(
         eprintln!(
             "load {load_s:.2} s, score {score_s:.2} s ({:.1} tokens/s)",
             ids.len() as f64 / score_s
+        );
+    }
+    Ok(())
+}
+
+type CliResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+fn megabytes(bytes: Option<u64>) -> String {
+    bytes.map_or("?".into(), |b| format!("{:.0} MB", b as f64 / 1e6))
+}
+
+fn generate_command(args: GenerateArgs) -> CliResult {
+    use std::io::Write;
+    let t0 = Instant::now();
+    let mamba = Mamba::<f32>::from_dir(&args.model)?;
+    let model = InferenceModel::from_mamba(mamba, args.dtype.into())?;
+    let tokenizer = Tokenizer::for_model_dir(&args.model)?;
+    eprintln!(
+        "loaded {} ({} weights) in {:.2} s",
+        args.model.display(),
+        model.format().name(),
+        t0.elapsed().as_secs_f64()
+    );
+    let prompts: Vec<Vec<u32>> = if !args.prompt_ids.is_empty() {
+        vec![args.prompt_ids.clone()]
+    } else if args.prompt.is_empty() {
+        vec![Vec::new()]
+    } else {
+        let tok = tokenizer.as_ref().ok_or_else(|| {
+            format!(
+                "{}: no tokenizer (tokenizer.json, or \"tokenizer\": \"bytes\" in config.json); use --prompt-ids",
+                args.model.display()
+            )
+        })?;
+        args.prompt
+            .iter()
+            .map(|p| tok.encode(p))
+            .collect::<selective::Result<_>>()?
+    };
+    if args.load_state.is_some() && prompts.len() > 1 {
+        return Err("--load-state continues one sequence: give at most one --prompt".into());
+    }
+    if args.save_state.is_some() && prompts.len() > 1 {
+        return Err("--save-state saves one sequence: give at most one --prompt".into());
+    }
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    let sampling = SamplingConfig {
+        temperature: if args.greedy { 0.0 } else { args.temperature },
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repetition_penalty: args.repetition_penalty,
+        repetition_window: args.repetition_window,
+        seed,
+    };
+    sampling.validate()?;
+    // Prefill every prompt (each alone: no padding between sequences).
+    let t_prefill = Instant::now();
+    let mut seqs = Vec::with_capacity(prompts.len());
+    for prompt in &prompts {
+        let mut seq = match &args.load_state {
+            Some(path) => load_sequence(path, &model.config)?,
+            None => Sequence::new(&model.config),
+        };
+        model.prefill(&mut seq, prompt)?;
+        if seq.logits.is_empty() {
+            return Err("nothing to continue: give --prompt, --prompt-ids or --load-state".into());
+        }
+        seqs.push(seq);
+    }
+    let prefill_s = t_prefill.elapsed().as_secs_f64();
+    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
+    let eos = if args.ignore_eos {
+        None
+    } else {
+        tokenizer.as_ref().and_then(|t| t.eos_token_id())
+    };
+    let options = GenerateOptions {
+        max_new_tokens: args.max_tokens,
+        eos,
+        sampling,
+    };
+    let text_mode = tokenizer.is_some() && !args.print_ids;
+    if !args.stop.is_empty() && !text_mode {
+        return Err("--stop needs text: a model with a tokenizer and no --print-ids".into());
+    }
+    let streaming = text_mode && seqs.len() == 1;
+    let mut streams: Vec<_> = (0..seqs.len())
+        .map(|_| tokenizer.as_ref().map(TextStream::new))
+        .collect();
+    let mut stops: Vec<StopStrings> = (0..seqs.len())
+        .map(|_| StopStrings::new(args.stop.clone()))
+        .collect::<selective::Result<_>>()?;
+    let mut texts = vec![String::new(); seqs.len()];
+    let stdout = std::io::stdout();
+    let out = generate(&model, &mut seqs, &options, |i, token| {
+        if !text_mode {
+            return Ok(true);
+        }
+        let piece = match streams[i].as_mut() {
+            Some(s) => s.push(token)?,
+            None => String::new(),
+        };
+        // The end-of-text token itself is not printed.
+        let piece = if eos == Some(token) {
+            String::new()
+        } else {
+            piece
+        };
+        let released = stops[i].push(&piece);
+        if streaming {
+            let mut lock = stdout.lock();
+            let _ = lock.write_all(released.text.as_bytes());
+            let _ = lock.flush();
+        } else {
+            texts[i].push_str(&released.text);
+        }
+        Ok(!released.stopped)
+    })?;
+    let mut lock = stdout.lock();
+    if text_mode {
+        for i in 0..seqs.len() {
+            let mut rest = String::new();
+            if !stops[i].stopped() {
+                if let Some(s) = streams[i].as_mut() {
+                    if out.finish[i] != FinishReason::Eos {
+                        rest = stops[i].push(&s.finish()?).text;
+                    }
+                }
+                rest.push_str(&stops[i].flush());
+            }
+            if streaming {
+                writeln!(lock, "{rest}")?;
+            } else {
+                if seqs.len() > 1 {
+                    writeln!(lock, "--- sequence {i} ---")?;
+                }
+                writeln!(lock, "{}{rest}", texts[i])?;
+            }
+        }
+    } else {
+        for tokens in &out.tokens {
+            let ids: Vec<String> = tokens.iter().map(u32::to_string).collect();
+            writeln!(lock, "{}", ids.join(","))?;
+        }
+    }
+    drop(lock);
+    if let Some(path) = &args.save_state {
+        save_sequence(path, &seqs[0], &model.config)?;
+        eprintln!(
+            "saved the state after {} tokens to {}",
+            seqs[0].position,
+            path.display()
+        );
+    }
+    let generated: usize = out.tokens.iter().map(Vec::len).sum();
+    eprintln!(
+        "prefill {prompt_tokens} tokens in {:.3} s ({:.1} tokens/s); decode {generated} tokens in {:.3} s ({:.1} tokens/s); seed {seed}; resident {} (peak {})",
+        prefill_s,
+        prompt_tokens as f64 / prefill_s.max(1e-12),
+        out.seconds,
+        out.tokens_per_second(),
+        megabytes(resident_bytes()),
+        megabytes(peak_resident_bytes()),
+    );
+    Ok(())
+}
+
+fn bench_model(args: &BenchArgs, format: WeightFormat) -> selective::Result<InferenceModel> {
+    let mamba = match &args.model {
+        Some(dir) => Mamba::<f32>::from_dir(dir)?,
+        None => Mamba::<f32>::init(
+            args.preset
+                .config(args.d_model, args.n_layer, args.vocab_size, None),
+            args.seed,
+        )?,
+    };
+    InferenceModel::from_mamba(mamba, format)
+}
+
+fn bench_command(args: BenchArgs) -> CliResult {
+    let threads = rayon::current_num_threads();
+    if args.scaling {
+        let model = bench_model(&args, WeightFormat::F32)?;
+        let lengths: Vec<usize> = (10..=args.max_log2)
+            .step_by(2)
+            .map(|p| 1usize << p)
+            .collect();
+        let timings = prefill_scaling(&model, &lengths, 1 << 14, args.seed)?;
+        if args.json {
+            println!("{}", serde_json::to_string(&timings)?);
+            return Ok(());
+        }
+        println!(
+            "prefill of one sequence, d_model {} n_layer {} d_inner {} (f32, {threads} threads)",
+            model.config.d_model, model.config.n_layer, model.config.d_inner
+        );
+        println!("| length | seconds | µs per token | vs 2^10 |");
+        println!("|---|---|---|---|");
+        let base = timings[0].microseconds_per_token;
+        for t in &timings {
+            println!(
+                "| 2^{} | {:.3} | {:.2} | {:.2} |",
+                t.len.trailing_zeros(),
+                t.seconds,
+                t.microseconds_per_token,
+                t.microseconds_per_token / base
+            );
+        }
+        return Ok(());
+    }
+    let bandwidth = selective::bench::read_bandwidth(1 << 30, threads);
+    let mut rows = Vec::new();
+    for &dtype in &args.dtype {
+        let model = bench_model(&args, dtype.into())?;
+        let r = bench_generation(
+            &model,
+            args.prompt_tokens,
+            args.gen_tokens,
+            args.reps,
+            args.seed,
+        )?;
+        let bytes = model.bytes_per_token();
+        let bound = bandwidth * 1e9 / bytes as f64;
+        rows.push(serde_json::json!({
+            "dtype": model.format().name(),
+            "threads": threads,
+            "n_params": model.config.n_params(),
+            "prompt_tokens": r.prompt_tokens,
+            "gen_tokens": r.generated_tokens,
+            "reps": r.reps,
+            "prefill_tokens_per_second": r.prefill.mean,
+            "prefill_sd": r.prefill.sd,
+            "decode_tokens_per_second": r.decode.mean,
+            "decode_sd": r.decode.sd,
+            "weight_bytes_per_token": bytes,
+            "read_bandwidth_gb_per_s": bandwidth,
+            "decode_bound_tokens_per_second": bound,
+            "fraction_of_bound": r.decode.mean / bound,
+            "peak_resident_bytes": peak_resident_bytes(),
+        }));
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!("read bandwidth {bandwidth:.1} GB/s ({threads} threads)");
+    println!("| dtype | threads | test | tokens/s | bound tokens/s | of bound |");
+    println!("|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {threads} | pp{} | {:.1} ± {:.1} | | |",
+            r["dtype"].as_str().unwrap_or("?"),
+            r["prompt_tokens"],
+            r["prefill_tokens_per_second"].as_f64().unwrap_or(0.0),
+            r["prefill_sd"].as_f64().unwrap_or(0.0),
+        );
+        println!(
+            "| {} | {threads} | tg{} | {:.1} ± {:.1} | {:.1} | {:.0}% |",
+            r["dtype"].as_str().unwrap_or("?"),
+            r["gen_tokens"],
+            r["decode_tokens_per_second"].as_f64().unwrap_or(0.0),
+            r["decode_sd"].as_f64().unwrap_or(0.0),
+            r["decode_bound_tokens_per_second"].as_f64().unwrap_or(0.0),
+            100.0 * r["fraction_of_bound"].as_f64().unwrap_or(0.0),
         );
     }
     Ok(())
