@@ -8,6 +8,9 @@
 //! - [`float`]: the scalar type the kernels are generic over (f32 for
 //!   speed, f64 for finite-difference checks).
 //! - [`error`]: the error type every public function returns.
+//! - [`tokenizer`], [`sampling`], [`text_stream`]: text generation's pieces
+//!   around the model: text to ids and back, choosing the next token from
+//!   logits, and printing the text as it streams (with stop strings).
 
 pub mod bench;
 pub mod error;
@@ -17,6 +20,8 @@ pub mod kernels;
 pub mod model;
 pub mod npy;
 pub mod rng;
+pub mod sampling;
+pub mod text_stream;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
