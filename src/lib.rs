@@ -16,6 +16,8 @@ pub mod bench;
 pub mod error;
 pub mod eval;
 pub mod float;
+pub mod generation;
+pub mod generation_bench;
 pub mod kernels;
 pub mod model;
 pub mod npy;
