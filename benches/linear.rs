@@ -14,7 +14,7 @@
 //! The read bandwidth of the machine (the DRAM bound) is printed first.
 
 use std::hint::black_box;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use selective::bench::read_bandwidth;
@@ -86,8 +86,16 @@ fn main() {
                     let w = Weights::from_f32(format, rows, cols, &values).unwrap();
                     group.throughput(Throughput::Bytes(w.bytes() as u64));
                     group.bench_function(format!("{name}/{}", format.name()), |b| {
-                        b.iter(|| {
-                            pool.install(|| w.matmul_xwt(black_box(&x), 1, &mut y, false).unwrap())
+                        b.iter_custom(|iters| {
+                            // timed inside the pool, as the model calls it:
+                            // no hand-off to the pool per call
+                            pool.install(|| {
+                                let t0 = Instant::now();
+                                for _ in 0..iters {
+                                    w.matmul_xwt(black_box(&x), 1, &mut y, false).unwrap();
+                                }
+                                t0.elapsed()
+                            })
                         })
                     });
                 }
@@ -109,14 +117,24 @@ fn main() {
                 let pool = pool(threads);
                 let mut group = c.benchmark_group(format!("linear_dram/t{threads}"));
                 group.throughput(Throughput::Bytes(one.bytes() as u64));
-                let mut next = 0;
-                group.bench_function(format.name(), |b| {
-                    b.iter(|| {
-                        let w = &set[next];
-                        next = (next + 1) % set.len();
-                        pool.install(|| w.matmul_xwt(black_box(&x), 1, &mut y, false).unwrap())
-                    })
-                });
+                for (path, kernel) in [("", Kernel::Gemv), ("/no_prefetch", Kernel::GemvNoPrefetch)]
+                {
+                    let mut next = 0;
+                    group.bench_function(format!("{}{path}", format.name()), |b| {
+                        b.iter_custom(|iters| {
+                            pool.install(|| {
+                                let t0 = Instant::now();
+                                for _ in 0..iters {
+                                    let w = &set[next];
+                                    next = (next + 1) % set.len();
+                                    w.matmul_xwt_with(black_box(&x), 1, &mut y, false, kernel)
+                                        .unwrap();
+                                }
+                                t0.elapsed()
+                            })
+                        })
+                    });
+                }
                 group.finish();
             }
         }

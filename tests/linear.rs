@@ -13,7 +13,13 @@ const FORMATS: [WeightFormat; 4] = [
     WeightFormat::F16,
     WeightFormat::Q8,
 ];
-const KERNELS: [Kernel; 4] = [Kernel::Auto, Kernel::Gemv, Kernel::Portable, Kernel::Gemm];
+const KERNELS: [Kernel; 5] = [
+    Kernel::Auto,
+    Kernel::Gemv,
+    Kernel::GemvNoPrefetch,
+    Kernel::Portable,
+    Kernel::Gemm,
+];
 
 fn random(len: usize, seed: u64) -> Vec<f32> {
     Rng::new(seed).vec(len, |r| r.normal())

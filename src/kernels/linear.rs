@@ -26,7 +26,11 @@ use crate::kernels::matmul::matmul_xwt;
 pub const Q8_BLOCK: usize = 32;
 
 /// With more rows of x than this, expand W to f32 and use the GEMM.
-pub const GEMM_ROWS: usize = 8;
+/// Measured on mamba-130m's in_proj (3072 x 768) and out_proj (768 x 1536)
+/// on 2 threads (docs/LINEAR.md): the GEMV, one pass over W per 8 rows of
+/// x, is faster up to m = 24 for every format and up to 32 for the 16-bit
+/// and q8 ones; at 64 the two are even.
+pub const GEMM_ROWS: usize = 32;
 
 /// Rows of x that one pass of the GEMV over W serves (accumulators in
 /// registers); more rows take more passes.
@@ -276,6 +280,7 @@ impl Weights {
     }
 
     /// The storage as raw parts for the kernels, with its format code.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn raw(&self) -> (u8, Raw) {
         let (fmt, data, scales) = match &self.storage {
             Storage::F32(v) => (FMT_F32, v.as_ptr() as *const u8, std::ptr::null()),
@@ -320,21 +325,29 @@ impl Weights {
         let gemm = match kernel {
             Kernel::Auto => m > GEMM_ROWS,
             Kernel::Gemm => true,
-            Kernel::Gemv | Kernel::Portable => false,
+            Kernel::Gemv | Kernel::GemvNoPrefetch | Kernel::Portable => false,
         };
         if gemm {
             return self.expand_gemm(x, m, y, accumulate);
         }
         let portable = kernel == Kernel::Portable;
+        let prefetch = kernel != Kernel::GemvNoPrefetch;
         for i0 in (0..m).step_by(GEMV_MAX_M) {
             let mg = (m - i0).min(GEMV_MAX_M);
             let xg = &x[i0 * k..(i0 + mg) * k];
             if mg == 1 {
                 // (1, n) is already the kernel's (n, 1) layout.
-                self.gemv(xg, 1, &mut y[i0 * n..(i0 + 1) * n], accumulate, portable);
+                self.gemv(
+                    xg,
+                    1,
+                    &mut y[i0 * n..(i0 + 1) * n],
+                    accumulate,
+                    portable,
+                    prefetch,
+                );
             } else {
                 let mut t = vec![0.0f32; n * mg];
-                self.gemv(xg, mg, &mut t, false, portable);
+                self.gemv(xg, mg, &mut t, false, portable, prefetch);
                 for i in 0..mg {
                     let yi = &mut y[(i0 + i) * n..(i0 + i + 1) * n];
                     for (j, o) in yi.iter_mut().enumerate() {
@@ -349,7 +362,15 @@ impl Weights {
 
     /// out (rows, m) [+]= W · x (m ≤ GEMV_MAX_M rows of cols)ᵀ, each weight
     /// read once, rows split over rayon's pool.
-    fn gemv(&self, x: &[f32], m: usize, out: &mut [f32], accumulate: bool, portable: bool) {
+    fn gemv(
+        &self,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+        accumulate: bool,
+        portable: bool,
+        prefetch: bool,
+    ) {
         let (n, k) = (self.rows, self.cols);
         let threads = rayon::current_num_threads();
         let chunk_rows = if threads <= 1 || n * k < PARALLEL_WEIGHTS {
@@ -369,7 +390,7 @@ impl Weights {
                 let (fmt, raw) = self.raw();
                 // SAFETY: rows j0..j0 + rows exist, x holds m rows of cols,
                 // o holds (rows, m); the features were detected at run time.
-                unsafe { avx512::gemv(fmt, raw, x, m, j0, rows, o, accumulate) };
+                unsafe { avx512::gemv(fmt, prefetch, raw, x, m, j0, rows, o, accumulate) };
                 return;
             }
             let _ = portable;
@@ -496,15 +517,21 @@ pub enum Kernel {
     Auto,
     /// the GEMV (AVX-512 where available) for any m
     Gemv,
+    /// the same without software prefetch, to measure it
+    GemvNoPrefetch,
     /// the plain-Rust GEMV for any m
     Portable,
     /// expand + GEMM for any m
     Gemm,
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const FMT_F32: u8 = 0;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const FMT_BF16: u8 = 1;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const FMT_F16: u8 = 2;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const FMT_Q8: u8 = 3;
 
 /// A read-only view of a matrix's storage for the SIMD kernels.
@@ -525,7 +552,7 @@ mod avx512 {
     //! step, converted to f32 in registers; R rows of W at once against M
     //! rows of x, R·M accumulators.
 
-    use super::{Raw, FMT_BF16, FMT_F16, FMT_F32, Q8_BLOCK};
+    use super::{Raw, FMT_BF16, FMT_F16, FMT_F32, FMT_Q8, Q8_BLOCK};
     use std::arch::x86_64::*;
 
     pub(super) fn available() -> bool {
@@ -536,7 +563,8 @@ mod avx512 {
     }
 
     /// Weights c..c + 32 of row j as two vectors of f32. TAIL: masked
-    /// loads (lo, hi select the valid ones, the rest read as 0).
+    /// loads (lo, hi select the valid ones, the rest read as 0). Q8: `s` is
+    /// the block's scale in every lane.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
     unsafe fn load32<const FMT: u8, const TAIL: bool>(
@@ -545,6 +573,7 @@ mod avx512 {
         c: usize,
         lo: __mmask16,
         hi: __mmask16,
+        s: __m512,
     ) -> (__m512, __m512) {
         let idx = j * raw.cols + c;
         match FMT {
@@ -594,13 +623,24 @@ mod avx512 {
                         _mm_loadu_si128(p.add(16) as *const __m128i),
                     )
                 };
-                // c is a multiple of 32: one block, one scale
-                let bits = *raw.scales.add(j * raw.blocks + c / Q8_BLOCK);
-                let s = _mm512_cvtph_ps(_mm256_set1_epi16(bits as i16));
                 let f = |v| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), s);
                 (f(a), f(b))
             }
         }
+    }
+
+    /// Q8: the scales of blocks b0..b0 + 16 of row j (fewer at the row's
+    /// end) in f32 into `out`, converted 16 at a time so that each block
+    /// then costs one broadcast load instead of a scalar f16 conversion.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn scales16(raw: Raw, j: usize, b0: usize, out: &mut [f32; 16]) {
+        let nb = (raw.blocks - b0).min(16);
+        let h = _mm256_maskz_loadu_epi16(
+            ((1u32 << nb) - 1) as u16,
+            raw.scales.add(j * raw.blocks + b0) as *const i16,
+        );
+        _mm512_storeu_ps(out.as_mut_ptr(), _mm512_cvtph_ps(h));
     }
 
     fn tail_masks(rem: usize) -> (__mmask16, __mmask16) {
@@ -609,9 +649,14 @@ mod avx512 {
     }
 
     /// out[r·M + i] [+]= row j + r of W · row i of x, for r < R, i < M.
+    ///
+    /// PF: prefetch the next R rows at the column being read in these,
+    /// R rows ahead (R · cols weights, 3 KiB for q8 on 768 columns): the
+    /// R short row streams read together defeat the hardware prefetcher
+    /// on rows of a few cache lines (measured in docs/LINEAR.md).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn block<const FMT: u8, const M: usize, const R: usize>(
+    unsafe fn block<const FMT: u8, const M: usize, const R: usize, const PF: bool>(
         raw: Raw,
         x: *const f32,
         j: usize,
@@ -619,16 +664,46 @@ mod avx512 {
         accumulate: bool,
     ) {
         let k = raw.cols;
+        let esize = match FMT {
+            FMT_F32 => 4,
+            FMT_BF16 | FMT_F16 => 2,
+            _ => 1,
+        };
         let mut acc = [[_mm512_setzero_ps(); M]; R];
+        // Q8: f32 scales of the 16 blocks (512 columns) under way, per row
+        let mut sbuf = [[0.0f32; 16]; R];
+        let scale = |sbuf: &[[f32; 16]; R], r: usize, c: usize| {
+            if FMT == FMT_Q8 {
+                _mm512_set1_ps(sbuf[r][(c / Q8_BLOCK) % 16])
+            } else {
+                _mm512_setzero_ps()
+            }
+        };
         let mut c = 0;
         while c + 32 <= k {
+            if FMT == FMT_Q8 && c % (16 * Q8_BLOCK) == 0 {
+                for (r, sb) in sbuf.iter_mut().enumerate() {
+                    scales16(raw, j + r, c / Q8_BLOCK, sb);
+                }
+            }
+            if PF {
+                // one prefetch per 64-byte line of the 32 · esize bytes;
+                // past the last row the address leaves the matrix (a
+                // prefetch never faults, and wrapping_add makes no claim)
+                for r in 0..R {
+                    let p = raw.data.wrapping_add(((j + R + r) * k + c) * esize);
+                    for line in 0..(32 * esize).div_ceil(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line * 64) as *const i8);
+                    }
+                }
+            }
             let mut xv = [[_mm512_setzero_ps(); 2]; M];
             for (i, v) in xv.iter_mut().enumerate() {
                 let p = x.add(i * k + c);
                 *v = [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))];
             }
             for (r, a) in acc.iter_mut().enumerate() {
-                let (w0, w1) = load32::<FMT, false>(raw, j + r, c, !0, !0);
+                let (w0, w1) = load32::<FMT, false>(raw, j + r, c, !0, !0, scale(&sbuf, r, c));
                 for (ai, xi) in a.iter_mut().zip(&xv) {
                     *ai = _mm512_fmadd_ps(w0, xi[0], *ai);
                     *ai = _mm512_fmadd_ps(w1, xi[1], *ai);
@@ -637,6 +712,11 @@ mod avx512 {
             c += 32;
         }
         if c < k {
+            if FMT == FMT_Q8 && c % (16 * Q8_BLOCK) == 0 {
+                for (r, sb) in sbuf.iter_mut().enumerate() {
+                    scales16(raw, j + r, c / Q8_BLOCK, sb);
+                }
+            }
             let (lo, hi) = tail_masks(k - c);
             let mut xv = [[_mm512_setzero_ps(); 2]; M];
             for (i, v) in xv.iter_mut().enumerate() {
@@ -647,7 +727,7 @@ mod avx512 {
                 ];
             }
             for (r, a) in acc.iter_mut().enumerate() {
-                let (w0, w1) = load32::<FMT, true>(raw, j + r, c, lo, hi);
+                let (w0, w1) = load32::<FMT, true>(raw, j + r, c, lo, hi, scale(&sbuf, r, c));
                 for (ai, xi) in a.iter_mut().zip(&xv) {
                     *ai = _mm512_fmadd_ps(w0, xi[0], *ai);
                     *ai = _mm512_fmadd_ps(w1, xi[1], *ai);
@@ -664,7 +744,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn rows<const FMT: u8, const M: usize, const R: usize>(
+    unsafe fn rows<const FMT: u8, const M: usize, const R: usize, const PF: bool>(
         raw: Raw,
         x: *const f32,
         j0: usize,
@@ -674,17 +754,17 @@ mod avx512 {
     ) {
         let mut r = 0;
         while r + R <= n {
-            block::<FMT, M, R>(raw, x, j0 + r, out.add(r * M), accumulate);
+            block::<FMT, M, R, PF>(raw, x, j0 + r, out.add(r * M), accumulate);
             r += R;
         }
         while r < n {
-            block::<FMT, M, 1>(raw, x, j0 + r, out.add(r * M), accumulate);
+            block::<FMT, M, 1, false>(raw, x, j0 + r, out.add(r * M), accumulate);
             r += 1;
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn gemv_fmt<const FMT: u8>(
+    unsafe fn gemv_fmt<const FMT: u8, const PF: bool>(
         raw: Raw,
         x: *const f32,
         m: usize,
@@ -696,14 +776,14 @@ mod avx512 {
         // R·M accumulators + 2·M vectors of x + 2 of W stay within the 32
         // registers; R > 1 shares each load of x between rows of W.
         match m {
-            1 => rows::<FMT, 1, 4>(raw, x, j0, n, out, accumulate),
-            2 => rows::<FMT, 2, 4>(raw, x, j0, n, out, accumulate),
-            3 => rows::<FMT, 3, 2>(raw, x, j0, n, out, accumulate),
-            4 => rows::<FMT, 4, 2>(raw, x, j0, n, out, accumulate),
-            5 => rows::<FMT, 5, 1>(raw, x, j0, n, out, accumulate),
-            6 => rows::<FMT, 6, 1>(raw, x, j0, n, out, accumulate),
-            7 => rows::<FMT, 7, 1>(raw, x, j0, n, out, accumulate),
-            8 => rows::<FMT, 8, 1>(raw, x, j0, n, out, accumulate),
+            1 => rows::<FMT, 1, 4, PF>(raw, x, j0, n, out, accumulate),
+            2 => rows::<FMT, 2, 4, PF>(raw, x, j0, n, out, accumulate),
+            3 => rows::<FMT, 3, 2, PF>(raw, x, j0, n, out, accumulate),
+            4 => rows::<FMT, 4, 2, PF>(raw, x, j0, n, out, accumulate),
+            5 => rows::<FMT, 5, 1, PF>(raw, x, j0, n, out, accumulate),
+            6 => rows::<FMT, 6, 1, PF>(raw, x, j0, n, out, accumulate),
+            7 => rows::<FMT, 7, 1, PF>(raw, x, j0, n, out, accumulate),
+            8 => rows::<FMT, 8, 1, PF>(raw, x, j0, n, out, accumulate),
             _ => unreachable!("the GEMV takes 1..=8 rows of x"),
         }
     }
@@ -716,6 +796,7 @@ mod avx512 {
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn gemv(
         fmt: u8,
+        prefetch: bool,
         raw: Raw,
         x: &[f32],
         m: usize,
@@ -726,11 +807,15 @@ mod avx512 {
     ) {
         debug_assert!(x.len() == m * raw.cols && out.len() == n * m);
         let (x, out) = (x.as_ptr(), out.as_mut_ptr());
-        match fmt {
-            FMT_F32 => gemv_fmt::<FMT_F32>(raw, x, m, j0, n, out, accumulate),
-            FMT_BF16 => gemv_fmt::<FMT_BF16>(raw, x, m, j0, n, out, accumulate),
-            FMT_F16 => gemv_fmt::<FMT_F16>(raw, x, m, j0, n, out, accumulate),
-            _ => gemv_fmt::<{ super::FMT_Q8 }>(raw, x, m, j0, n, out, accumulate),
+        match (fmt, prefetch) {
+            (FMT_F32, true) => gemv_fmt::<FMT_F32, true>(raw, x, m, j0, n, out, accumulate),
+            (FMT_BF16, true) => gemv_fmt::<FMT_BF16, true>(raw, x, m, j0, n, out, accumulate),
+            (FMT_F16, true) => gemv_fmt::<FMT_F16, true>(raw, x, m, j0, n, out, accumulate),
+            (_, true) => gemv_fmt::<FMT_Q8, true>(raw, x, m, j0, n, out, accumulate),
+            (FMT_F32, false) => gemv_fmt::<FMT_F32, false>(raw, x, m, j0, n, out, accumulate),
+            (FMT_BF16, false) => gemv_fmt::<FMT_BF16, false>(raw, x, m, j0, n, out, accumulate),
+            (FMT_F16, false) => gemv_fmt::<FMT_F16, false>(raw, x, m, j0, n, out, accumulate),
+            (_, false) => gemv_fmt::<FMT_Q8, false>(raw, x, m, j0, n, out, accumulate),
         }
     }
 
@@ -738,16 +823,29 @@ mod avx512 {
     unsafe fn decode_fmt<const FMT: u8>(raw: Raw, j: usize, out: &mut [f32]) {
         let k = raw.cols;
         let o = out.as_mut_ptr();
+        let mut sbuf = [0.0f32; 16];
+        let scale = |sbuf: &mut [f32; 16], c: usize| {
+            if FMT == FMT_Q8 {
+                if c % (16 * Q8_BLOCK) == 0 {
+                    scales16(raw, j, c / Q8_BLOCK, sbuf);
+                }
+                _mm512_set1_ps(sbuf[(c / Q8_BLOCK) % 16])
+            } else {
+                _mm512_setzero_ps()
+            }
+        };
         let mut c = 0;
         while c + 32 <= k {
-            let (a, b) = load32::<FMT, false>(raw, j, c, !0, !0);
+            let s = scale(&mut sbuf, c);
+            let (a, b) = load32::<FMT, false>(raw, j, c, !0, !0, s);
             _mm512_storeu_ps(o.add(c), a);
             _mm512_storeu_ps(o.add(c + 16), b);
             c += 32;
         }
         if c < k {
             let (lo, hi) = tail_masks(k - c);
-            let (a, b) = load32::<FMT, true>(raw, j, c, lo, hi);
+            let s = scale(&mut sbuf, c);
+            let (a, b) = load32::<FMT, true>(raw, j, c, lo, hi, s);
             _mm512_mask_storeu_ps(o.add(c), lo, a);
             _mm512_mask_storeu_ps(o.add(c + 16), hi, b);
         }
@@ -763,7 +861,7 @@ mod avx512 {
             FMT_F32 => decode_fmt::<FMT_F32>(raw, j, out),
             FMT_BF16 => decode_fmt::<FMT_BF16>(raw, j, out),
             FMT_F16 => decode_fmt::<FMT_F16>(raw, j, out),
-            _ => decode_fmt::<{ super::FMT_Q8 }>(raw, j, out),
+            _ => decode_fmt::<FMT_Q8>(raw, j, out),
         }
     }
 }
