@@ -48,6 +48,10 @@ fn mean_and_scale<T: Float>(x: &[T], eps: T) -> (T, T) {
     (mean, T::ONE / (var + eps).sqrt())
 }
 
+/// Rows normalised per task: a decoding step's few rows stay on the
+/// caller's thread instead of paying for waking another.
+const ROWS_PER_TASK: usize = 16;
+
 /// RMSNorm forward. x, y: (rows, dim); weight: (dim).
 pub fn rms_norm_forward<T: Float>(
     x: &[T],
@@ -61,6 +65,7 @@ pub fn rms_norm_forward<T: Float>(
     check_len(OP, "y", y, &[("rows", rows), ("dim", dim)])?;
     y.par_chunks_mut(dim)
         .zip(x.par_chunks(dim))
+        .with_min_len(ROWS_PER_TASK)
         .for_each(|(y_row, x_row)| {
             let r = rms_scale(x_row, eps);
             for ((yv, &xv), &wv) in y_row.iter_mut().zip(x_row).zip(weight) {
@@ -166,6 +171,7 @@ pub fn layer_norm_forward<T: Float>(
     check_len(OP, "y", y, &[("rows", rows), ("dim", dim)])?;
     y.par_chunks_mut(dim)
         .zip(x.par_chunks(dim))
+        .with_min_len(ROWS_PER_TASK)
         .for_each(|(y_row, x_row)| {
             let (mean, r) = mean_and_scale(x_row, eps);
             for (((yv, &xv), &wv), &bv) in y_row.iter_mut().zip(x_row).zip(weight).zip(bias) {

@@ -101,16 +101,22 @@ pub fn selective_scan_step<T: Float>(
             let a_row = &inputs.a[ch * n..(ch + 1) * n];
             let h = &mut state[i * n..(i + 1) * n];
             let dtu = dt * u;
-            let mut y = T::ZERO;
-            for s in 0..n {
-                let x = dt * a_row[s];
-                let b_bar_u = match options.discretization {
-                    Discretization::Official => dtu * b_t[s],
-                    Discretization::ZeroOrderHold => dtu * x.expm1_over_x() * b_t[s],
-                };
-                h[s] = x.exp().mul_add(h[s], b_bar_u);
-                y = c_t[s].mul_add(h[s], y);
+            // Element-wise over the state index (vectorises, exp included),
+            // then C · h as a lane-wise dot product.
+            match options.discretization {
+                Discretization::Official => {
+                    for ((hs, &an), &bn) in h.iter_mut().zip(a_row).zip(b_t) {
+                        *hs = (dt * an).exp().mul_add(*hs, dtu * bn);
+                    }
+                }
+                Discretization::ZeroOrderHold => {
+                    for ((hs, &an), &bn) in h.iter_mut().zip(a_row).zip(b_t) {
+                        let x = dt * an;
+                        *hs = x.exp().mul_add(*hs, dtu * x.expm1_over_x() * bn);
+                    }
+                }
             }
+            let mut y = dot(c_t, h);
             if let Some(d) = inputs.d {
                 y = d[ch].mul_add(u, y);
             }
@@ -121,4 +127,22 @@ pub fn selective_scan_step<T: Float>(
         }
     }
     Ok(())
+}
+
+/// Σ a[i] b[i] with 16 independent partial sums, so that it vectorises.
+#[inline(always)]
+fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+    const LANES: usize = 16;
+    let mut lanes = [T::ZERO; LANES];
+    let split = a.len() / LANES * LANES;
+    for (ca, cb) in a[..split].chunks_exact(LANES).zip(b[..split].chunks_exact(LANES)) {
+        for w in 0..LANES {
+            lanes[w] = ca[w].mul_add(cb[w], lanes[w]);
+        }
+    }
+    let mut sum = T::ZERO;
+    for (&x, &y) in a[split..].iter().zip(&b[split..]) {
+        sum = x.mul_add(y, sum);
+    }
+    lanes.iter().fold(sum, |acc, &v| acc + v)
 }
