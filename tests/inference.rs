@@ -305,3 +305,100 @@ fn saved_state_continues_the_sequence_and_has_a_fixed_size() {
     assert!(err.contains("state-wrong.safetensors"), "{err}");
     std::fs::remove_file(&path).unwrap();
 }
+
+mod generation {
+    use super::*;
+    use selective::generation::{generate, FinishReason, GenerateOptions};
+    use selective::sampling::SamplingConfig;
+
+    fn prefilled(model: &InferenceModel, prompt: &[u32]) -> Sequence {
+        let mut seq = Sequence::new(&model.config);
+        model.prefill(&mut seq, prompt).unwrap();
+        seq
+    }
+
+    fn options(max_new_tokens: usize, eos: Option<u32>, seed: u64) -> GenerateOptions {
+        GenerateOptions {
+            max_new_tokens,
+            eos,
+            sampling: SamplingConfig {
+                temperature: 0.9,
+                seed,
+                ..SamplingConfig::default()
+            },
+        }
+    }
+
+    #[test]
+    fn sampled_batches_equal_each_sequence_alone_with_its_seed() {
+        let model = InferenceModel::from_mamba(load("small-hf"), WeightFormat::F32).unwrap();
+        let prompts = [vec![1u32, 2, 3], vec![7], vec![9, 8, 7, 6, 5, 4]];
+        let mut seqs: Vec<Sequence> = prompts.iter().map(|p| prefilled(&model, p)).collect();
+        let together =
+            generate(&model, &mut seqs, &options(15, None, 42), |_, _| Ok(true)).unwrap();
+        for (i, p) in prompts.iter().enumerate() {
+            let mut one = [prefilled(&model, p)];
+            // sequence i of a batch samples with seed + i
+            let alone = generate(
+                &model,
+                &mut one,
+                &options(15, None, 42 + i as u64),
+                |_, _| Ok(true),
+            )
+            .unwrap();
+            assert_eq!(together.tokens[i], alone.tokens[0], "sequence {i}");
+            assert_eq!(one[0].position, seqs[i].position);
+        }
+        assert!(together
+            .finish
+            .iter()
+            .all(|&f| f == FinishReason::MaxTokens));
+    }
+
+    #[test]
+    fn sequences_stop_at_eos_at_the_callers_word_and_at_the_limit() {
+        let model = InferenceModel::from_mamba(load("small-hf"), WeightFormat::F32).unwrap();
+        // Greedy from this prompt: find its third token and declare it EOS.
+        let greedy = GenerateOptions {
+            sampling: SamplingConfig::greedy(),
+            ..options(10, None, 0)
+        };
+        let mut seq = [prefilled(&model, &[4, 5, 6])];
+        let free = generate(&model, &mut seq, &greedy, |_, _| Ok(true)).unwrap();
+        let eos = free.tokens[0][2];
+        let first_eos = free.tokens[0].iter().position(|&t| t == eos).unwrap();
+        let mut seq = [prefilled(&model, &[4, 5, 6])];
+        let out = generate(
+            &model,
+            &mut seq,
+            &GenerateOptions {
+                eos: Some(eos),
+                ..greedy.clone()
+            },
+            |_, _| Ok(true),
+        )
+        .unwrap();
+        assert_eq!(out.tokens[0], free.tokens[0][..=first_eos].to_vec());
+        assert_eq!(out.finish[0], FinishReason::Eos);
+        // Every emitted token is in the state: 3 prompt + the generated ones.
+        assert_eq!(seq[0].position, 3 + out.tokens[0].len() as u64);
+        let mut seq = [prefilled(&model, &[4, 5, 6])];
+        let mut seen = 0;
+        let out = generate(&model, &mut seq, &greedy, |_, _| {
+            seen += 1;
+            Ok(seen < 4)
+        })
+        .unwrap();
+        assert_eq!(out.tokens[0].len(), 4);
+        assert_eq!(out.finish[0], FinishReason::Stopped);
+        let err = generate(
+            &model,
+            &mut [Sequence::new(&model.config)],
+            &greedy,
+            |_, _| Ok(true),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("prefill"), "{err}");
+    }
+}
