@@ -10,6 +10,14 @@
 //!   decoding a whole model does.
 //! - `linear_m/t2/<layer>/<format>/<path>/m<m>`: the GEMV against expand +
 //!   GEMM over the rows of x, to place the threshold between them.
+//! - `linear_token`: one token of mamba-130m at m = 1 (and 4) on 2 threads:
+//!   for each of 24 distinct layers in_proj (3072 x 768), x_proj (80 x
+//!   1536), dt_proj (1536 x 48), out_proj (768 x 1536), then lm_head (50280
+//!   x 768), in that order. `model` reads one copy of these weights per
+//!   token, as decoding does (bf16 / f16 / q8 are smaller than the reported
+//!   L3); `dram` rotates over copies totalling >= 1 GiB so that every token
+//!   comes from DRAM. Timed by hand (not criterion): median ms per token of
+//!   `TOKEN_REPS` tokens, GB/s of weights and the equivalent tokens/s.
 //!
 //! The read bandwidth of the machine (the DRAM bound) is printed first.
 
@@ -50,6 +58,84 @@ fn pool(threads: usize) -> rayon::ThreadPool {
         .unwrap()
 }
 
+/// Tokens timed per `linear_token` measurement (the median is reported).
+const TOKEN_REPS: usize = 40;
+
+/// One token of mamba-130m: the decoding products of 24 layers and lm_head.
+fn token_shapes() -> Vec<(usize, usize)> {
+    let mut v = Vec::new();
+    for _ in 0..24 {
+        v.extend([(3072, 768), (80, 1536), (1536, 48), (768, 1536)]);
+    }
+    v.push((50280, 768));
+    v
+}
+
+fn bench_token() {
+    let shapes = token_shapes();
+    let pool = pool(2);
+    // LINEAR_TOKEN_FORMATS=q8,bf16 and LINEAR_TOKEN_M=1 narrow the run
+    let env = |name: &str| std::env::var(name).unwrap_or_default();
+    let (formats, ms) = (env("LINEAR_TOKEN_FORMATS"), env("LINEAR_TOKEN_M"));
+    for format in FORMATS {
+        if !formats.is_empty() && !formats.split(',').any(|f| f == format.name()) {
+            continue;
+        }
+        // one model copy: distinct weights per layer (random, as trained
+        // weights are for the kernels)
+        let model: Vec<Weights> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(r, c))| {
+                Weights::from_f32(format, r, c, &random(r * c, 100 + i as u64)).unwrap()
+            })
+            .collect();
+        let bytes: usize = model.iter().map(|w| w.bytes()).sum();
+        for (mode, copies) in [
+            ("model", 1),
+            ("dram", (1usize << 30).div_ceil(bytes).max(2)),
+        ] {
+            let extra: Vec<Vec<Weights>> = (1..copies).map(|_| model.clone()).collect();
+            let set: Vec<&[Weights]> = std::iter::once(model.as_slice())
+                .chain(extra.iter().map(|v| v.as_slice()))
+                .collect();
+            for m in [1usize, 4] {
+                if !ms.is_empty() && !ms.split(',').any(|v| v == m.to_string()) {
+                    continue;
+                }
+                let xs: Vec<Vec<f32>> = shapes.iter().map(|&(_, c)| random(m * c, 7)).collect();
+                let mut ys: Vec<Vec<f32>> = shapes.iter().map(|&(r, _)| vec![0.0; m * r]).collect();
+                let mut times = pool.install(|| {
+                    let mut times = Vec::new();
+                    for t in 0..TOKEN_REPS + 3 {
+                        let ws = set[t % set.len()];
+                        let t0 = Instant::now();
+                        for ((w, x), y) in ws.iter().zip(&xs).zip(ys.iter_mut()) {
+                            w.matmul_xwt(black_box(x), m, y, false).unwrap();
+                        }
+                        let dt = t0.elapsed().as_secs_f64();
+                        if t >= 3 {
+                            times.push(dt);
+                        }
+                    }
+                    times
+                });
+                black_box(&ys);
+                times.sort_by(f64::total_cmp);
+                let med = times[times.len() / 2];
+                println!(
+                    "linear_token/t2/{mode}/{}/m{m}: {:.3} ms/token (min {:.3}), {:.1} GB/s, {:.1} tokens/s",
+                    format.name(),
+                    med * 1e3,
+                    times[0] * 1e3,
+                    bytes as f64 / med / 1e9,
+                    1.0 / med
+                );
+            }
+        }
+    }
+}
+
 fn main() {
     let mut c = Criterion::default()
         .sample_size(10)
@@ -72,6 +158,10 @@ fn main() {
             "read bandwidth, {threads} thread(s), 1 GiB: {:.1} GB/s",
             read_bandwidth(1 << 30, threads)
         );
+    }
+
+    if wanted("linear_token") {
+        bench_token();
     }
 
     if wanted("linear/") {

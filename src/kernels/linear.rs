@@ -555,6 +555,11 @@ mod avx512 {
     use super::{Raw, FMT_BF16, FMT_F16, FMT_F32, FMT_Q8, Q8_BLOCK};
     use std::arch::x86_64::*;
 
+    /// Software prefetch distance in blocks of R rows. 1, 2 and 4 measured
+    /// the same on mamba-130m's token (docs/LINEAR.md); 1 keeps the
+    /// prefetched lines closest to their use.
+    const PF_BLOCKS: usize = 1;
+
     pub(super) fn available() -> bool {
         is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
@@ -567,7 +572,7 @@ mod avx512 {
     /// the block's scale in every lane.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn load32<const FMT: u8, const TAIL: bool>(
+    unsafe fn load32<const FMT: u8, const TAIL: bool, const SCALED: bool>(
         raw: Raw,
         j: usize,
         c: usize,
@@ -623,7 +628,14 @@ mod avx512 {
                         _mm_loadu_si128(p.add(16) as *const __m128i),
                     )
                 };
-                let f = |v| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), s);
+                let f = |v| {
+                    let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
+                    if SCALED {
+                        _mm512_mul_ps(q, s)
+                    } else {
+                        q
+                    }
+                };
                 (f(a), f(b))
             }
         }
@@ -643,6 +655,29 @@ mod avx512 {
         _mm512_storeu_ps(out.as_mut_ptr(), _mm512_cvtph_ps(h));
     }
 
+    /// acc[i] += (w0, w1) · x[i] for each row i of x. Q8: w is unscaled
+    /// (the block's integers) and the block's dot is scaled once, s · (w ·
+    /// x), which takes one multiply fewer per block than scaling w.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn dot32<const FMT: u8, const M: usize>(
+        acc: &mut [__m512; M],
+        w0: __m512,
+        w1: __m512,
+        xv: &[[__m512; 2]; M],
+        s: __m512,
+    ) {
+        for (ai, xi) in acc.iter_mut().zip(xv) {
+            if FMT == FMT_Q8 {
+                let t = _mm512_fmadd_ps(w1, xi[1], _mm512_mul_ps(w0, xi[0]));
+                *ai = _mm512_fmadd_ps(t, s, *ai);
+            } else {
+                *ai = _mm512_fmadd_ps(w0, xi[0], *ai);
+                *ai = _mm512_fmadd_ps(w1, xi[1], *ai);
+            }
+        }
+    }
+
     fn tail_masks(rem: usize) -> (__mmask16, __mmask16) {
         let mask = ((1u64 << rem) - 1) as u32;
         (mask as u16, (mask >> 16) as u16)
@@ -651,7 +686,8 @@ mod avx512 {
     /// out[r·M + i] [+]= row j + r of W · row i of x, for r < R, i < M.
     ///
     /// PF: prefetch the next R rows at the column being read in these,
-    /// R rows ahead (R · cols weights, 3 KiB for q8 on 768 columns): the
+    /// R rows ahead (R · cols weights, 3 KiB for q8 on 768 columns), and
+    /// for q8 their scales (a separate array) at the block's start: the
     /// R short row streams read together defeat the hardware prefetcher
     /// on rows of a few cache lines (measured in docs/LINEAR.md).
     #[inline]
@@ -662,6 +698,7 @@ mod avx512 {
         j: usize,
         out: *mut f32,
         accumulate: bool,
+        pf_blocks: usize,
     ) {
         let k = raw.cols;
         let esize = match FMT {
@@ -670,6 +707,7 @@ mod avx512 {
             _ => 1,
         };
         let mut acc = [[_mm512_setzero_ps(); M]; R];
+        let s0 = _mm512_setzero_ps();
         // Q8: f32 scales of the 16 blocks (512 columns) under way, per row
         let mut sbuf = [[0.0f32; 16]; R];
         let scale = |sbuf: &[[f32; 16]; R], r: usize, c: usize| {
@@ -687,11 +725,22 @@ mod avx512 {
                 }
             }
             if PF {
+                let ahead = j + pf_blocks * R;
+                if FMT == FMT_Q8 && c == 0 {
+                    // the scales of the rows prefetched below
+                    let p = raw.scales.wrapping_add(ahead * raw.blocks) as *const u8;
+                    let bytes = R * raw.blocks * 2;
+                    let mut off = 0;
+                    while off < bytes + 64 {
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8);
+                        off += 64;
+                    }
+                }
                 // one prefetch per 64-byte line of the 32 · esize bytes;
                 // past the last row the address leaves the matrix (a
                 // prefetch never faults, and wrapping_add makes no claim)
                 for r in 0..R {
-                    let p = raw.data.wrapping_add(((j + R + r) * k + c) * esize);
+                    let p = raw.data.wrapping_add(((ahead + r) * k + c) * esize);
                     for line in 0..(32 * esize).div_ceil(64) {
                         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line * 64) as *const i8);
                     }
@@ -703,11 +752,8 @@ mod avx512 {
                 *v = [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))];
             }
             for (r, a) in acc.iter_mut().enumerate() {
-                let (w0, w1) = load32::<FMT, false>(raw, j + r, c, !0, !0, scale(&sbuf, r, c));
-                for (ai, xi) in a.iter_mut().zip(&xv) {
-                    *ai = _mm512_fmadd_ps(w0, xi[0], *ai);
-                    *ai = _mm512_fmadd_ps(w1, xi[1], *ai);
-                }
+                let (w0, w1) = load32::<FMT, false, false>(raw, j + r, c, !0, !0, s0);
+                dot32::<FMT, M>(a, w0, w1, &xv, scale(&sbuf, r, c));
             }
             c += 32;
         }
@@ -727,11 +773,8 @@ mod avx512 {
                 ];
             }
             for (r, a) in acc.iter_mut().enumerate() {
-                let (w0, w1) = load32::<FMT, true>(raw, j + r, c, lo, hi, scale(&sbuf, r, c));
-                for (ai, xi) in a.iter_mut().zip(&xv) {
-                    *ai = _mm512_fmadd_ps(w0, xi[0], *ai);
-                    *ai = _mm512_fmadd_ps(w1, xi[1], *ai);
-                }
+                let (w0, w1) = load32::<FMT, true, false>(raw, j + r, c, lo, hi, s0);
+                dot32::<FMT, M>(a, w0, w1, &xv, scale(&sbuf, r, c));
             }
         }
         for (r, a) in acc.iter().enumerate() {
@@ -754,11 +797,11 @@ mod avx512 {
     ) {
         let mut r = 0;
         while r + R <= n {
-            block::<FMT, M, R, PF>(raw, x, j0 + r, out.add(r * M), accumulate);
+            block::<FMT, M, R, PF>(raw, x, j0 + r, out.add(r * M), accumulate, PF_BLOCKS);
             r += R;
         }
         while r < n {
-            block::<FMT, M, 1, false>(raw, x, j0 + r, out.add(r * M), accumulate);
+            block::<FMT, M, 1, false>(raw, x, j0 + r, out.add(r * M), accumulate, 0);
             r += 1;
         }
     }
@@ -837,7 +880,7 @@ mod avx512 {
         let mut c = 0;
         while c + 32 <= k {
             let s = scale(&mut sbuf, c);
-            let (a, b) = load32::<FMT, false>(raw, j, c, !0, !0, s);
+            let (a, b) = load32::<FMT, false, true>(raw, j, c, !0, !0, s);
             _mm512_storeu_ps(o.add(c), a);
             _mm512_storeu_ps(o.add(c + 16), b);
             c += 32;
@@ -845,7 +888,7 @@ mod avx512 {
         if c < k {
             let (lo, hi) = tail_masks(k - c);
             let s = scale(&mut sbuf, c);
-            let (a, b) = load32::<FMT, true>(raw, j, c, lo, hi, s);
+            let (a, b) = load32::<FMT, true, true>(raw, j, c, lo, hi, s);
             _mm512_mask_storeu_ps(o.add(c), lo, a);
             _mm512_mask_storeu_ps(o.add(c + 16), hi, b);
         }
