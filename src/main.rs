@@ -93,7 +93,7 @@ enum Command {
     },
     /// Train a language model on a text file (byte-level, or a
     /// tokenizer.json): AdamW, warm-up + cosine, checkpoints, --resume.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Generate text: parallel prefill of the prompt, then recurrent
     /// decoding, streaming the text to stdout as it is produced.
     Generate(GenerateArgs),
@@ -406,7 +406,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(args.threads.unwrap_or(0))
                 .build()?;
-            pool.install(|| train_command(args))
+            pool.install(|| train_command(*args))
         }
         Command::Bench(args) => {
             let pool = rayon::ThreadPoolBuilder::new()

@@ -61,7 +61,7 @@ impl Reporter {
         if let Some(bar) = &self.bar {
             bar.set_position(s.step as u64);
             bar.set_message(text);
-        } else if self.plain && (s.step % self.log_every == 0 || s.step == s.total) {
+        } else if self.plain && (s.step.is_multiple_of(self.log_every) || s.step == s.total) {
             eprintln!("step {}/{}  {text}", s.step, s.total);
         }
     }

@@ -190,7 +190,11 @@ impl TrainConfig {
                 return bad(format!("{name} must be in [0, 1), got {v}"));
             }
         }
-        if !(self.adam_eps > 0.0) || !(self.weight_decay >= 0.0) || !(self.grad_clip >= 0.0) {
+        // NaN fails every comparison: `(0.0..).contains` rejects it.
+        let positive = self.adam_eps.is_finite() && self.adam_eps > 0.0;
+        let non_negative =
+            (0.0..).contains(&self.weight_decay) && (0.0..).contains(&self.grad_clip);
+        if !positive || !non_negative {
             return bad(format!(
                 "adam_eps must be positive and weight_decay, grad_clip non-negative; got {}, {}, {}",
                 self.adam_eps, self.weight_decay, self.grad_clip
@@ -494,7 +498,7 @@ impl Trainer {
                 seconds_left: (c.steps - s) as f64 * t_run.elapsed().as_secs_f64() / done,
             });
             let last = s == end;
-            if (c.eval_every > 0 && s % c.eval_every == 0) || (last && s == c.steps) {
+            if (c.eval_every > 0 && s.is_multiple_of(c.eval_every)) || (last && s == c.steps) {
                 let val = self.validation_loss()?;
                 self.state.last_val_loss = Some(val);
                 report.val_losses.push((s, val));
@@ -503,7 +507,7 @@ impl Trainer {
                     "step {s}: validation loss {val:.4} (train {loss:.4})"
                 ));
             }
-            if (c.save_every > 0 && s % c.save_every == 0) || last {
+            if (c.save_every > 0 && s.is_multiple_of(c.save_every)) || last {
                 self.save_checkpoint()?;
             }
         }
