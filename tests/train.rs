@@ -473,3 +473,30 @@ fn the_command_line_trains_and_the_model_generates() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.txt"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_tokenizer_json_run_carries_its_tokenizer_into_the_model_directory() {
+    let dir = temp_dir("tokenizer");
+    let data = write_text(&dir);
+    let tokenizer = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/gpt-neox-20b-tokenizer.json");
+    let config = TrainConfig {
+        tokenizer: Some(tokenizer),
+        steps: 2,
+        seq_len: 8,
+        ..tiny_config(data)
+    };
+    let report = Trainer::new(config, dir.join("run"))
+        .unwrap()
+        .run(&silent())
+        .unwrap();
+    assert!(report.finished);
+    let model_dir = dir.join("run/model");
+    assert!(model_dir.join("tokenizer.json").exists());
+    let model = Mamba::<f32>::from_dir(&model_dir).unwrap();
+    assert_eq!(model.config.vocab_size, 50280); // 50277 padded to a multiple of 8
+    let tok = selective::tokenizer::Tokenizer::for_model_dir(&model_dir)
+        .unwrap()
+        .unwrap();
+    assert_eq!(tok.vocab_size(), 50277);
+    let _ = std::fs::remove_dir_all(&dir);
+}
