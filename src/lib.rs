@@ -11,6 +11,7 @@
 //! - [`tokenizer`], [`sampling`], [`text_stream`]: text generation's pieces
 //!   around the model: text to ids and back, choosing the next token from
 //!   logits, and printing the text as it streams (with stop strings).
+//! - [`train`]: training from a text file (AdamW, schedule, checkpoints).
 
 pub mod bench;
 pub mod error;
@@ -25,6 +26,7 @@ pub mod rng;
 pub mod sampling;
 pub mod text_stream;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use float::Float;

@@ -19,6 +19,7 @@ use selective::npy::NpyWriter;
 use selective::sampling::SamplingConfig;
 use selective::text_stream::{StopStrings, TextStream};
 use selective::tokenizer::Tokenizer;
+use selective::train::{ProgressMode, RunOptions, TrainConfig, Trainer};
 
 #[derive(Parser)]
 #[command(
@@ -90,6 +91,9 @@ enum Command {
         #[arg(long, value_enum, default_value_t = StorageType::F32)]
         dtype: StorageType,
     },
+    /// Train a language model on a text file (byte-level, or a
+    /// tokenizer.json): AdamW, warm-up + cosine, checkpoints, --resume.
+    Train(Box<TrainArgs>),
     /// Generate text: parallel prefill of the prompt, then recurrent
     /// decoding, streaming the text to stdout as it is produced.
     Generate(GenerateArgs),
@@ -192,6 +196,82 @@ struct GenerateArgs {
     /// Continue the sequence saved in this state file (the prompt, if any, follows it).
     #[arg(long)]
     load_state: Option<PathBuf>,
+}
+
+/// Settings left out take the config file's value, else the default
+/// (char-small: d_model 256, 4 layers, d_state 16, byte-level).
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Run directory: config.json, metrics.jsonl, checkpoint/, model/.
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the run in --out from its checkpoint, with its settings.
+    #[arg(long)]
+    resume: bool,
+    /// Training settings as JSON (the fields of RUN/config.json; any subset).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Training text.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// A tokenizer.json (default: byte-level, vocabulary 256).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[arg(long)]
+    d_model: Option<usize>,
+    #[arg(long)]
+    n_layer: Option<usize>,
+    #[arg(long)]
+    d_state: Option<usize>,
+    #[arg(long)]
+    expand: Option<usize>,
+    /// Sequences per micro-batch.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Tokens per sequence.
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Optimizer steps of the whole run.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    min_lr: Option<f64>,
+    /// Default: 10% of the steps.
+    #[arg(long)]
+    warmup_steps: Option<usize>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// AdamW betas, e.g. 0.9,0.95.
+    #[arg(long, value_delimiter = ',')]
+    betas: Option<Vec<f64>>,
+    /// Maximum global gradient norm (0: no clipping).
+    #[arg(long)]
+    grad_clip: Option<f64>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    eval_every: Option<usize>,
+    #[arg(long)]
+    eval_batches: Option<usize>,
+    #[arg(long)]
+    save_every: Option<usize>,
+    /// Log line every this many steps when stderr is not a terminal.
+    #[arg(long)]
+    log_every: Option<usize>,
+    /// Fraction of the text (its end) held out for validation.
+    #[arg(long)]
+    val_fraction: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop (with a checkpoint) after this step; continue later with --resume.
+    #[arg(long)]
+    stop_after: Option<usize>,
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -321,6 +401,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 .num_threads(args.threads.unwrap_or(0))
                 .build()?;
             pool.install(|| generate_command(args))
+        }
+        Command::Train(args) => {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(args.threads.unwrap_or(0))
+                .build()?;
+            pool.install(|| train_command(*args))
         }
         Command::Bench(args) => {
             let pool = rayon::ThreadPoolBuilder::new()
@@ -652,6 +738,97 @@ fn generate_command(args: GenerateArgs) -> CliResult {
         out.tokens_per_second(),
         megabytes(resident_bytes()),
         megabytes(peak_resident_bytes()),
+    );
+    Ok(())
+}
+
+fn train_command(args: TrainArgs) -> CliResult {
+    let options = RunOptions {
+        stop_after: args.stop_after,
+        progress: ProgressMode::Auto,
+    };
+    let mut config = match &args.config {
+        Some(path) => TrainConfig::from_file(path)?,
+        None => TrainConfig::default(),
+    };
+    // Each flag given overrides the setting; `given` names them.
+    let mut given: Vec<&str> = Vec::new();
+    macro_rules! set {
+        ($($field:ident),*) => {$(
+            if let Some(v) = args.$field.clone() {
+                config.$field = v.into();
+                given.push(stringify!($field));
+            }
+        )*};
+    }
+    set!(
+        data,
+        tokenizer,
+        d_model,
+        n_layer,
+        d_state,
+        expand,
+        batch_size,
+        seq_len,
+        steps,
+        lr,
+        min_lr,
+        warmup_steps,
+        weight_decay,
+        grad_clip,
+        grad_accum,
+        eval_every,
+        eval_batches,
+        save_every,
+        log_every,
+        val_fraction,
+        seed
+    );
+    if let Some(b) = &args.betas {
+        let [beta1, beta2] = b[..] else {
+            return Err(format!("--betas takes two numbers, e.g. 0.9,0.95; got {b:?}").into());
+        };
+        (config.beta1, config.beta2) = (beta1, beta2);
+        given.push("betas");
+    }
+    let mut trainer = if args.resume {
+        if args.config.is_some() || !given.is_empty() {
+            return Err(format!(
+                "--resume continues with the run's own settings ({}); drop --config and --{}",
+                args.out.join("config.json").display(),
+                given.join(", --").replace('_', "-")
+            )
+            .into());
+        }
+        Trainer::resume(&args.out)?
+    } else {
+        Trainer::new(config, &args.out)?
+    };
+    eprintln!(
+        "{} {}: {} parameters, {} training and {} validation tokens, step {}/{}",
+        if args.resume { "resuming" } else { "training" },
+        args.out.display(),
+        trainer.model.config.n_params(),
+        trainer.train_tokens(),
+        trainer.val_tokens(),
+        trainer.state.step,
+        trainer.config.steps
+    );
+    let report = trainer.run(&options)?;
+    eprintln!(
+        "steps {}..{} in {:.1} s, {:.0} training tokens/s; last loss {}; validation loss {}",
+        report.start_step,
+        report.end_step,
+        report.seconds,
+        report.tokens_per_second,
+        report
+            .losses
+            .last()
+            .map_or("-".into(), |l| format!("{l:.4}")),
+        report
+            .val_losses
+            .last()
+            .map_or("-".into(), |(_, l)| format!("{l:.4}")),
     );
     Ok(())
 }

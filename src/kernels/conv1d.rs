@@ -148,11 +148,14 @@ pub fn causal_conv1d_backward<T: Float>(
             }
         }
     });
-    // dW and dbias sum over every row: per-worker partials, then added.
+    // dW and dbias sum over every row: partial sums over fixed row ranges,
+    // added in order (the same bits whatever the threads).
     let rows = shape.batch * l;
-    let (dtaps, dbias) = (0..rows)
+    let chunk = rows.div_ceil(crate::kernels::REDUCTION_PARTS).max(1);
+    let partials: Vec<(Vec<T>, Vec<T>)> = (0..rows)
         .into_par_iter()
-        .fold(
+        .fold_chunks(
+            chunk,
             || (vec![T::ZERO; k * c], vec![T::ZERO; c]),
             |(mut dt, mut db), row| {
                 let (b, t) = (row / l, row % l);
@@ -171,14 +174,12 @@ pub fn causal_conv1d_backward<T: Float>(
                 (dt, db)
             },
         )
-        .reduce(
-            || (vec![T::ZERO; k * c], vec![T::ZERO; c]),
-            |(mut a, mut b), (a2, b2)| {
-                a.iter_mut().zip(&a2).for_each(|(x, y)| *x += *y);
-                b.iter_mut().zip(&b2).for_each(|(x, y)| *x += *y);
-                (a, b)
-            },
-        );
+        .collect();
+    let (mut dtaps, mut dbias) = (vec![T::ZERO; k * c], vec![T::ZERO; c]);
+    for (a2, b2) in &partials {
+        dtaps.iter_mut().zip(a2).for_each(|(x, y)| *x += *y);
+        dbias.iter_mut().zip(b2).for_each(|(x, y)| *x += *y);
+    }
     let mut dweight = vec![T::ZERO; c * k];
     for ch in 0..c {
         for j in 0..k {

@@ -12,6 +12,12 @@ pub mod selective_scan_reference;
 pub mod selective_scan_step;
 mod shared;
 
+/// Gradient sums over rows (norm weights, conv kernels) are split into at
+/// most this many fixed ranges, whose partial sums are added in order: the
+/// bits of a gradient do not depend on the thread count or scheduling, so a
+/// resumed training run repeats an uninterrupted one exactly.
+pub const REDUCTION_PARTS: usize = 64;
+
 pub use activation::{silu_backward, silu_forward, softplus_backward, softplus_forward};
 pub use conv1d::{
     causal_conv1d_backward, causal_conv1d_forward, causal_conv1d_forward_continuing,

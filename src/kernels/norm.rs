@@ -86,7 +86,10 @@ pub struct NormGrads<T> {
     pub bias: Option<Vec<T>>,
 }
 
-/// Sums per-row weight (and bias) gradients over rows in parallel.
+/// Sums per-row weight (and bias) gradients over rows in parallel: rows are
+/// cut into at most [`crate::kernels::REDUCTION_PARTS`] fixed ranges whose
+/// partial sums are added in order, so the result does not depend on the
+/// thread count or scheduling (training resumes bit for bit).
 fn reduce_rows<T: Float>(
     dim: usize,
     rows: usize,
@@ -94,23 +97,24 @@ fn reduce_rows<T: Float>(
     per_row: impl Fn(usize, &mut [T], &mut [T]) + Sync,
 ) -> (Vec<T>, Vec<T>) {
     let b_len = if with_bias { dim } else { 0 };
-    (0..rows)
+    let chunk = rows.div_ceil(crate::kernels::REDUCTION_PARTS).max(1);
+    let partials: Vec<(Vec<T>, Vec<T>)> = (0..rows)
         .into_par_iter()
-        .fold(
+        .fold_chunks(
+            chunk,
             || (vec![T::ZERO; dim], vec![T::ZERO; b_len]),
             |(mut dw, mut db), row| {
                 per_row(row, &mut dw, &mut db);
                 (dw, db)
             },
         )
-        .reduce(
-            || (vec![T::ZERO; dim], vec![T::ZERO; b_len]),
-            |(mut a, mut b), (a2, b2)| {
-                a.iter_mut().zip(&a2).for_each(|(x, y)| *x += *y);
-                b.iter_mut().zip(&b2).for_each(|(x, y)| *x += *y);
-                (a, b)
-            },
-        )
+        .collect();
+    let mut total = (vec![T::ZERO; dim], vec![T::ZERO; b_len]);
+    for (a2, b2) in &partials {
+        total.0.iter_mut().zip(a2).for_each(|(x, y)| *x += *y);
+        total.1.iter_mut().zip(b2).for_each(|(x, y)| *x += *y);
+    }
+    total
 }
 
 /// RMSNorm backward given dy (rows, dim).

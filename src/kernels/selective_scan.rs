@@ -62,6 +62,11 @@ use crate::float::Float;
 /// Channels processed together by one worker: one 512-bit vector of f32.
 pub const BLOCK: usize = 16;
 
+/// dB and dC, (batch, len, N) each, are summed over channel blocks in at most
+/// this many fixed ranges of blocks (one (batch, len, N) pair of partial sums
+/// each), added in order: deterministic whatever the threads, in bounded memory.
+const SCAN_REDUCTION_PARTS: usize = 16;
+
 /// Sizes of a selective scan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ScanShape {
@@ -1004,9 +1009,13 @@ fn backward_blocks<T: Float, const ZOH: bool>(
         delta_bias: grads.delta_bias.as_deref_mut().map(SharedMut::new),
         initial_state: grads.initial_state.as_deref_mut().map(SharedMut::new),
     };
-    (0..ctx.n_blocks)
+    // dB and dC sum over channel blocks: partial sums over fixed ranges of
+    // blocks, added in order (the same bits whatever the threads).
+    let chunk = ctx.n_blocks.div_ceil(SCAN_REDUCTION_PARTS).max(1);
+    let partials: Vec<(Vec<T>, Vec<T>)> = (0..ctx.n_blocks)
         .into_par_iter()
-        .fold(
+        .fold_chunks(
+            chunk,
             || {
                 (
                     vec![T::ZERO; bc_len],
@@ -1030,18 +1039,13 @@ fn backward_blocks<T: Float, const ZOH: bool>(
             },
         )
         .map(|(db, dc, _)| (db, dc))
-        .reduce(
-            || (vec![T::ZERO; bc_len], vec![T::ZERO; bc_len]),
-            |(mut db1, mut dc1), (db2, dc2)| {
-                for (x, y) in db1.iter_mut().zip(&db2) {
-                    *x += *y;
-                }
-                for (x, y) in dc1.iter_mut().zip(&dc2) {
-                    *x += *y;
-                }
-                (db1, dc1)
-            },
-        )
+        .collect();
+    let (mut db, mut dc) = (vec![T::ZERO; bc_len], vec![T::ZERO; bc_len]);
+    for (db2, dc2) in &partials {
+        db.iter_mut().zip(db2).for_each(|(x, y)| *x += *y);
+        dc.iter_mut().zip(dc2).for_each(|(x, y)| *x += *y);
+    }
+    (db, dc)
 }
 
 struct BlockGradOuts<'a, T> {

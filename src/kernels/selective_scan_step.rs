@@ -135,7 +135,10 @@ fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     const LANES: usize = 16;
     let mut lanes = [T::ZERO; LANES];
     let split = a.len() / LANES * LANES;
-    for (ca, cb) in a[..split].chunks_exact(LANES).zip(b[..split].chunks_exact(LANES)) {
+    for (ca, cb) in a[..split]
+        .chunks_exact(LANES)
+        .zip(b[..split].chunks_exact(LANES))
+    {
         for w in 0..LANES {
             lanes[w] = ca[w].mul_add(cb[w], lanes[w]);
         }

@@ -1,0 +1,16 @@
+//! Training a Mamba language model from a text file (SPEC.md section 6):
+//! AdamW with the official parameter groups, warm-up and cosine decay,
+//! global-norm clipping, gradient accumulation, validation, checkpoints that
+//! resume bit for bit.
+
+pub mod data;
+pub mod optimizer;
+mod progress;
+pub mod schedule;
+pub mod trainer;
+
+pub use data::{random_windows, TextData};
+pub use optimizer::{add_into, clip_global_norm, decays, global_norm, AdamW, AdamWConfig};
+pub use progress::ProgressMode;
+pub use schedule::LrSchedule;
+pub use trainer::{RunOptions, TrainConfig, TrainReport, Trainer, TrainerState};

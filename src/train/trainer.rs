@@ -1,0 +1,689 @@
+//! The training loop: settings, evaluation, checkpoints and resuming.
+//!
+//! A run directory holds
+//! ```text
+//! config.json            every training setting (TrainConfig)
+//! metrics.jsonl          one JSON object per step, and one per evaluation
+//! checkpoint/            the latest checkpoint, replaced whole (see below)
+//!   config.json            model config, Hugging Face dialect (+ "tokenizer": "bytes")
+//!   model.safetensors      weights, f32, Hugging Face names
+//!   tokenizer.json         when the run uses one
+//!   optimizer.safetensors  AdamW moments: exp_avg.NAME, exp_avg_sq.NAME
+//!   trainer_state.json     step, data generator state, tokens seen
+//! model/                 the final model (what `selective generate --model` reads)
+//! ```
+//! A checkpoint is written whole into `.checkpoint.tmp/`, then swapped in
+//! by renames; a crash between the two renames leaves `.checkpoint.old/`,
+//! which resuming falls back to.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::data::{random_windows, TextData};
+use super::optimizer::{add_into, clip_global_norm, global_norm, AdamW, AdamWConfig};
+use super::progress::{ProgressMode, Reporter, StepLine};
+use super::schedule::LrSchedule;
+use crate::error::{invalid, Error, Result};
+use crate::model::checkpoint::{encode, write_atomically, write_safetensors};
+use crate::model::{
+    next_token_cross_entropy, DType, Mamba, MambaConfig, SafetensorsFile, TensorSource,
+};
+use crate::rng::Rng;
+use crate::tokenizer::Tokenizer;
+
+/// Every setting of a run; written to `RUN/config.json`, and readable from
+/// a JSON file with any subset of the fields (the rest take the defaults).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// The training text.
+    pub data: PathBuf,
+    /// A Hugging Face tokenizer.json; none: byte-level (vocabulary 256).
+    pub tokenizer: Option<PathBuf>,
+    pub d_model: usize,
+    pub n_layer: usize,
+    pub d_state: usize,
+    pub expand: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Tokens per sequence (seq_len − 1 predictions each).
+    pub seq_len: usize,
+    /// Optimizer steps in the whole run.
+    pub steps: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    pub min_lr: f64,
+    /// None: 10% of the steps.
+    pub warmup_steps: Option<usize>,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub adam_eps: f64,
+    /// Maximum global gradient norm; 0 turns clipping off.
+    pub grad_clip: f64,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Evaluate on the validation split every this many steps (0: only at the end).
+    pub eval_every: usize,
+    /// Batches of batch_size windows per evaluation.
+    pub eval_batches: usize,
+    /// Checkpoint every this many steps (0: only at the end).
+    pub save_every: usize,
+    /// Log line every this many steps when stderr is not a terminal.
+    pub log_every: usize,
+    /// Fraction of the tokens (the last ones) held out for validation.
+    pub val_fraction: f64,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    /// "char-small": a byte-level model of d_model 256, 4 layers, N = 16.
+    fn default() -> Self {
+        let adam = AdamWConfig::default();
+        Self {
+            data: PathBuf::new(),
+            tokenizer: None,
+            d_model: 256,
+            n_layer: 4,
+            d_state: 16,
+            expand: 2,
+            batch_size: 16,
+            seq_len: 256,
+            steps: 1000,
+            lr: 2e-3,
+            min_lr: 1e-5,
+            warmup_steps: None,
+            weight_decay: adam.weight_decay,
+            beta1: adam.beta1,
+            beta2: adam.beta2,
+            adam_eps: adam.eps,
+            grad_clip: 1.0,
+            grad_accum: 1,
+            eval_every: 100,
+            eval_batches: 10,
+            save_every: 500,
+            log_every: 10,
+            val_fraction: 0.1,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads a JSON file of settings (unknown fields are errors).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str(&text).map_err(|e| Error::Format {
+            file: path.display().to_string(),
+            message: format!("not a training config: {e}"),
+        })
+    }
+
+    pub fn warmup(&self) -> usize {
+        self.warmup_steps.unwrap_or(self.steps / 10)
+    }
+
+    pub fn schedule(&self) -> LrSchedule {
+        LrSchedule {
+            peak: self.lr,
+            min: self.min_lr,
+            warmup_steps: self.warmup(),
+            total_steps: self.steps,
+        }
+    }
+
+    /// The model these settings describe, for a vocabulary of `vocab_size` ids.
+    pub fn model_config(&self, vocab_size: usize) -> MambaConfig {
+        let mut c = MambaConfig::new(self.d_model, self.n_layer, vocab_size, self.d_state);
+        c.expand = self.expand;
+        c.d_inner = self.expand * self.d_model;
+        c
+    }
+
+    /// Checks every setting, naming the bad one.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(invalid("train", m));
+        if self.data.as_os_str().is_empty() {
+            return bad("no training text: give --data FILE".into());
+        }
+        for (name, v) in [
+            ("d_model", self.d_model),
+            ("n_layer", self.n_layer),
+            ("d_state", self.d_state),
+            ("expand", self.expand),
+            ("batch_size", self.batch_size),
+            ("steps", self.steps),
+            ("grad_accum", self.grad_accum),
+            ("eval_batches", self.eval_batches),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be at least 1"));
+            }
+        }
+        if self.seq_len < 2 {
+            return bad(format!(
+                "seq_len must be at least 2 (one prediction), got {}",
+                self.seq_len
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("lr must be a positive number, got {}", self.lr));
+        }
+        if !(self.min_lr.is_finite() && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            return bad(format!(
+                "min_lr must be in [0, lr = {}], got {}",
+                self.lr, self.min_lr
+            ));
+        }
+        if self.warmup() > self.steps {
+            return bad(format!(
+                "warmup_steps {} is more than steps {}",
+                self.warmup(),
+                self.steps
+            ));
+        }
+        for (name, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(format!("{name} must be in [0, 1), got {v}"));
+            }
+        }
+        // NaN fails every comparison: `(0.0..).contains` rejects it.
+        let positive = self.adam_eps.is_finite() && self.adam_eps > 0.0;
+        let non_negative =
+            (0.0..).contains(&self.weight_decay) && (0.0..).contains(&self.grad_clip);
+        if !positive || !non_negative {
+            return bad(format!(
+                "adam_eps must be positive and weight_decay, grad_clip non-negative; got {}, {}, {}",
+                self.adam_eps, self.weight_decay, self.grad_clip
+            ));
+        }
+        if !(0.0..1.0).contains(&self.val_fraction) || self.val_fraction == 0.0 {
+            return bad(format!(
+                "val_fraction must be in (0, 1), got {}",
+                self.val_fraction
+            ));
+        }
+        Ok(())
+    }
+
+    fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.adam_eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+}
+
+/// What a checkpoint records besides weights and moments.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps taken.
+    pub step: usize,
+    /// The data generator's state: where the stream of windows continues.
+    pub data_rng_state: u64,
+    pub tokens_seen: u64,
+    pub last_loss: Option<f32>,
+    pub last_val_loss: Option<f32>,
+}
+
+/// How to run (not part of the run's settings).
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Stop (with a checkpoint) once this many steps are done, to continue
+    /// later with [`Trainer::resume`]; the schedule still spans all steps.
+    pub stop_after: Option<usize>,
+    pub progress: ProgressMode,
+}
+
+/// What one call of [`Trainer::run`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainReport {
+    pub start_step: usize,
+    pub end_step: usize,
+    /// Training loss of every step taken, in order.
+    pub losses: Vec<f32>,
+    /// (step, validation loss) of every evaluation.
+    pub val_losses: Vec<(usize, f32)>,
+    /// Training tokens (batch · seq_len · grad_accum per step) per second
+    /// of training steps (evaluations and checkpoints excluded).
+    pub tokens_per_second: f64,
+    pub seconds: f64,
+    /// All `steps` are done and `RUN/model` is written.
+    pub finished: bool,
+}
+
+/// A run in progress: model, optimizer, data and position.
+pub struct Trainer {
+    pub config: TrainConfig,
+    pub run_dir: PathBuf,
+    pub model: Mamba<f32>,
+    pub optimizer: AdamW,
+    pub state: TrainerState,
+    data: TextData,
+    tokenizer: Tokenizer,
+}
+
+/// The generator streams: weights from `seed` itself (`Mamba::init`), the
+/// windows from these.
+const DATA_STREAM: u64 = 0xDA7A_5EED_0000_0001;
+const EVAL_STREAM: u64 = 0xE7A1_5EED_0000_0002;
+
+impl Trainer {
+    /// A fresh run in `run_dir` (created; must not hold a checkpoint yet).
+    pub fn new(config: TrainConfig, run_dir: impl Into<PathBuf>) -> Result<Self> {
+        config.validate()?;
+        let run_dir = run_dir.into();
+        if run_dir.join("checkpoint").exists() || run_dir.join(".checkpoint.old").exists() {
+            return Err(invalid(
+                "train",
+                format!(
+                    "{} already holds a run: continue it with --resume, or choose another --out",
+                    run_dir.display()
+                ),
+            ));
+        }
+        let (tokenizer, data) = load_data(&config)?;
+        let vocab = padded_vocab(&tokenizer);
+        let model = Mamba::<f32>::init(config.model_config(vocab), config.seed)?;
+        let optimizer = AdamW::new(&model.params, config.adamw());
+        std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+        let mut saved = config.clone();
+        saved.warmup_steps = Some(config.warmup());
+        let text = serde_json::to_string_pretty(&saved).expect("settings serialise");
+        write_atomically(&run_dir.join("config.json"), text.as_bytes())?;
+        // A fresh run starts a fresh metrics file.
+        write_atomically(&run_dir.join("metrics.jsonl"), b"")?;
+        Ok(Self {
+            state: TrainerState {
+                step: 0,
+                data_rng_state: config.seed ^ DATA_STREAM,
+                tokens_seen: 0,
+                last_loss: None,
+                last_val_loss: None,
+            },
+            config,
+            run_dir,
+            model,
+            optimizer,
+            data,
+            tokenizer,
+        })
+    }
+
+    /// Continues the run in `run_dir` from its checkpoint, with its settings.
+    pub fn resume(run_dir: impl Into<PathBuf>) -> Result<Self> {
+        let run_dir = run_dir.into();
+        let config = TrainConfig::from_file(&run_dir.join("config.json"))?;
+        config.validate()?;
+        let mut ckpt = run_dir.join("checkpoint");
+        if !ckpt.exists() {
+            ckpt = run_dir.join(".checkpoint.old");
+        }
+        if !ckpt.exists() {
+            return Err(invalid(
+                "train",
+                format!("{}: no checkpoint to resume from", run_dir.display()),
+            ));
+        }
+        let (tokenizer, data) = load_data(&config)?;
+        let model = Mamba::<f32>::from_dir(&ckpt)?;
+        let state_path = ckpt.join("trainer_state.json");
+        let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
+        let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::Format {
+            file: state_path.display().to_string(),
+            message: format!("not a trainer state: {e}"),
+        })?;
+        let mut optimizer = AdamW::new(&model.params, config.adamw());
+        optimizer.step = state.step as u64;
+        let opt_path = ckpt.join("optimizer.safetensors");
+        let file = SafetensorsFile::open(&opt_path)?;
+        for (prefix, tree) in [
+            ("exp_avg", &mut optimizer.m),
+            ("exp_avg_sq", &mut optimizer.v),
+        ] {
+            for (info, dst) in tree.tensors_mut(&model.config) {
+                let name = format!("{prefix}.{}", info.name);
+                let t = file.tensor(&name)?.ok_or_else(|| Error::Tensor {
+                    file: opt_path.display().to_string(),
+                    tensor: name.clone(),
+                    message: "missing".into(),
+                })?;
+                let values = t.to_vec::<f32>(&opt_path.display().to_string(), &name)?;
+                if values.len() != dst.len() {
+                    return Err(Error::Tensor {
+                        file: opt_path.display().to_string(),
+                        tensor: name,
+                        message: format!("{} values, expected {}", values.len(), dst.len()),
+                    });
+                }
+                *dst = values;
+            }
+        }
+        truncate_metrics(&run_dir.join("metrics.jsonl"), state.step)?;
+        Ok(Self {
+            config,
+            run_dir,
+            model,
+            optimizer,
+            state,
+            data,
+            tokenizer,
+        })
+    }
+
+    pub fn train_tokens(&self) -> usize {
+        self.data.train.len()
+    }
+
+    pub fn val_tokens(&self) -> usize {
+        self.data.val.len()
+    }
+
+    /// Mean loss over `eval_batches` batches of the validation split, the
+    /// same windows at every evaluation.
+    pub fn validation_loss(&self) -> Result<f32> {
+        let c = &self.config;
+        let mut rng = Rng::new(c.seed ^ EVAL_STREAM);
+        let vocab = self.model.config.vocab_size;
+        let mut total = 0.0f64;
+        for _ in 0..c.eval_batches {
+            let ids = random_windows(&self.data.val, c.batch_size, c.seq_len, &mut rng)
+                .map_err(|e| invalid("train", format!("validation split: {e}")))?;
+            let logits = self.model.forward(&ids, c.batch_size, c.seq_len)?;
+            let (loss, _) =
+                next_token_cross_entropy(&logits, &ids, c.batch_size, c.seq_len, vocab)?;
+            total += loss as f64;
+        }
+        Ok((total / c.eval_batches as f64) as f32)
+    }
+
+    /// Trains until all steps are done (or `options.stop_after`), evaluating
+    /// and checkpointing on the way. A NaN or infinite loss or gradient stops
+    /// the run with an error before the update, leaving the last checkpoint.
+    pub fn run(&mut self, options: &RunOptions) -> Result<TrainReport> {
+        let c = self.config.clone();
+        let end = options.stop_after.unwrap_or(c.steps).min(c.steps);
+        let schedule = c.schedule();
+        let vocab = self.model.config.vocab_size;
+        let tokens_per_step = (c.batch_size * c.seq_len * c.grad_accum) as u64;
+        let reporter = Reporter::new(options.progress, self.state.step, c.steps, c.log_every);
+        let metrics_path = self.run_dir.join("metrics.jsonl");
+        let mut metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .map_err(|e| Error::io(&metrics_path, e))?;
+        let mut log = |v: serde_json::Value| -> Result<()> {
+            writeln!(metrics, "{v}").map_err(|e| Error::io(&metrics_path, e))
+        };
+        let start_step = self.state.step;
+        let mut report = TrainReport {
+            start_step,
+            end_step: start_step,
+            losses: Vec::new(),
+            val_losses: Vec::new(),
+            tokens_per_second: 0.0,
+            seconds: 0.0,
+            finished: false,
+        };
+        let t_run = Instant::now();
+        let mut train_seconds = 0.0f64;
+        let mut rng = Rng::new(self.state.data_rng_state);
+        while self.state.step < end {
+            let step = self.state.step;
+            let t_step = Instant::now();
+            let lr = schedule.lr(step);
+            let mut grads = None;
+            let mut loss_sum = 0.0f64;
+            for _ in 0..c.grad_accum {
+                let ids = random_windows(&self.data.train, c.batch_size, c.seq_len, &mut rng)?;
+                let (logits, cache) = self.model.forward_train(&ids, c.batch_size, c.seq_len)?;
+                let (loss, mut d_logits) =
+                    next_token_cross_entropy(&logits, &ids, c.batch_size, c.seq_len, vocab)?;
+                drop(logits);
+                loss_sum += loss as f64;
+                if c.grad_accum > 1 {
+                    // The step's loss is the mean over its micro-batches.
+                    let scale = 1.0 / c.grad_accum as f32;
+                    d_logits.iter_mut().for_each(|g| *g *= scale);
+                }
+                let g = self.model.backward(&ids, &cache, &d_logits)?;
+                match grads.as_mut() {
+                    None => grads = Some(g),
+                    Some(acc) => add_into(&self.model.config, acc, &g),
+                }
+            }
+            let mut grads = grads.expect("grad_accum >= 1");
+            let loss = (loss_sum / c.grad_accum as f64) as f32;
+            let grad_norm = if c.grad_clip > 0.0 {
+                clip_global_norm(&self.model.config, &mut grads, c.grad_clip)
+            } else {
+                global_norm(&self.model.config, &grads)
+            };
+            if !loss.is_finite() || !grad_norm.is_finite() {
+                reporter.finish();
+                return Err(self.non_finite(step, loss, grad_norm));
+            }
+            self.optimizer
+                .update(&self.model.config, &mut self.model.params, &grads, lr);
+            self.state.step += 1;
+            self.state.tokens_seen += tokens_per_step;
+            self.state.data_rng_state = rng.state();
+            self.state.last_loss = Some(loss);
+            report.losses.push(loss);
+            train_seconds += t_step.elapsed().as_secs_f64();
+            let done = (self.state.step - start_step) as f64;
+            let tokens_per_second = done * tokens_per_step as f64 / train_seconds;
+            let s = self.state.step;
+            log(serde_json::json!({
+                "step": s,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": self.state.tokens_seen,
+                "tokens_per_second": tokens_per_second,
+                "elapsed_seconds": t_run.elapsed().as_secs_f64(),
+            }))?;
+            reporter.step(&StepLine {
+                step: s,
+                total: c.steps,
+                loss,
+                lr,
+                tokens_per_second,
+                seconds_left: (c.steps - s) as f64 * t_run.elapsed().as_secs_f64() / done,
+            });
+            let last = s == end;
+            if (c.eval_every > 0 && s.is_multiple_of(c.eval_every)) || (last && s == c.steps) {
+                let val = self.validation_loss()?;
+                self.state.last_val_loss = Some(val);
+                report.val_losses.push((s, val));
+                log(serde_json::json!({ "step": s, "val_loss": val }))?;
+                reporter.line(&format!(
+                    "step {s}: validation loss {val:.4} (train {loss:.4})"
+                ));
+            }
+            if (c.save_every > 0 && s.is_multiple_of(c.save_every)) || last {
+                self.save_checkpoint()?;
+            }
+        }
+        if self.state.step == c.steps {
+            self.save_model(&self.run_dir.join("model"))?;
+            report.finished = true;
+            reporter.line(&format!(
+                "finished {} steps; model in {}",
+                c.steps,
+                self.run_dir.join("model").display()
+            ));
+        }
+        reporter.finish();
+        report.end_step = self.state.step;
+        report.seconds = t_run.elapsed().as_secs_f64();
+        report.tokens_per_second = if train_seconds > 0.0 {
+            (report.end_step - start_step) as f64 * tokens_per_step as f64 / train_seconds
+        } else {
+            0.0
+        };
+        Ok(report)
+    }
+
+    fn non_finite(&self, step: usize, loss: f32, grad_norm: f64) -> Error {
+        let ckpt = self.run_dir.join("checkpoint");
+        let kept = match std::fs::read_to_string(ckpt.join("trainer_state.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<TrainerState>(&t).ok())
+        {
+            Some(s) => format!(
+                "the last good checkpoint (step {}) is kept in {}; resume from it with --resume \
+                 after lowering lr or grad_clip in {}",
+                s.step,
+                ckpt.display(),
+                self.run_dir.join("config.json").display()
+            ),
+            None => "no checkpoint had been written yet".into(),
+        };
+        invalid(
+            "train",
+            format!(
+                "step {}: the loss ({loss}) or the gradient norm ({grad_norm}) is not finite; \
+                 stopped before the update: {kept}",
+                step + 1
+            ),
+        )
+    }
+
+    /// A model directory `selective generate`, `score` and transformers read:
+    /// config.json (with the tokenizer named) and model.safetensors in f32.
+    pub fn save_model(&self, dir: &Path) -> Result<()> {
+        let tmp = sibling(dir, "tmp");
+        remove_dir_if_exists(&tmp)?;
+        self.write_model_files(&tmp)?;
+        swap_in(&tmp, dir)
+    }
+
+    fn write_model_files(&self, dir: &Path) -> Result<()> {
+        self.model.save(dir, DType::F32)?;
+        let config_path = dir.join("config.json");
+        let mut config = self.model.config.to_hugging_face_json();
+        config["torch_dtype"] = "float32".into();
+        match (&self.tokenizer, &self.config.tokenizer) {
+            (Tokenizer::Bytes, _) => config["tokenizer"] = "bytes".into(),
+            (_, Some(path)) => {
+                let dst = dir.join("tokenizer.json");
+                std::fs::copy(path, &dst).map_err(|e| Error::io(path, e))?;
+            }
+            (_, None) => {}
+        }
+        let text = serde_json::to_string_pretty(&config).expect("a JSON value serialises");
+        write_atomically(&config_path, text.as_bytes())
+    }
+
+    /// Writes `RUN/checkpoint/` whole: model, optimizer moments, state.
+    pub fn save_checkpoint(&self) -> Result<()> {
+        let dir = self.run_dir.join("checkpoint");
+        let tmp = self.run_dir.join(".checkpoint.tmp");
+        remove_dir_if_exists(&tmp)?;
+        self.write_model_files(&tmp)?;
+        let mut tensors = Vec::new();
+        for (prefix, tree) in [
+            ("exp_avg", &self.optimizer.m),
+            ("exp_avg_sq", &self.optimizer.v),
+        ] {
+            for (info, data) in tree.tensors(&self.model.config) {
+                tensors.push((
+                    format!("{prefix}.{}", info.name),
+                    DType::F32,
+                    info.shape,
+                    encode(data, DType::F32),
+                ));
+            }
+        }
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("step".to_string(), self.optimizer.step.to_string());
+        write_safetensors(&tmp.join("optimizer.safetensors"), &tensors, Some(meta))?;
+        let state = serde_json::to_string_pretty(&self.state).expect("state serialises");
+        write_atomically(&tmp.join("trainer_state.json"), state.as_bytes())?;
+        swap_in(&tmp, &dir)
+    }
+}
+
+/// The tokenizer of the run and its text, split.
+fn load_data(config: &TrainConfig) -> Result<(Tokenizer, TextData)> {
+    let tokenizer = match &config.tokenizer {
+        None => Tokenizer::Bytes,
+        Some(path) => Tokenizer::from_file(path)?,
+    };
+    let data = TextData::load(&config.data, &tokenizer, config.val_fraction)?;
+    for (name, part) in [("training", &data.train), ("validation", &data.val)] {
+        if part.len() < config.seq_len {
+            return Err(invalid(
+                "train",
+                format!(
+                    "{}: the {name} split has {} tokens, fewer than seq_len = {}: use a longer text, \
+                     a shorter seq_len or another val_fraction",
+                    config.data.display(),
+                    part.len(),
+                    config.seq_len
+                ),
+            ));
+        }
+    }
+    Ok((tokenizer, data))
+}
+
+/// The tokenizer's vocabulary rounded up to a multiple of 8 (as the
+/// released models pad theirs).
+fn padded_vocab(tokenizer: &Tokenizer) -> usize {
+    tokenizer.vocab_size().div_ceil(8) * 8
+}
+
+/// `.NAME.SUFFIX` next to `dir`.
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let name = dir
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dir.with_file_name(format!(".{name}.{suffix}"))
+}
+
+fn remove_dir_if_exists(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(dir, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Replaces directory `dest` by `new`: dest → .dest.old, new → dest, then
+/// removes the old one. At every moment one complete copy exists.
+fn swap_in(new: &Path, dest: &Path) -> Result<()> {
+    let old = sibling(dest, "old");
+    if dest.exists() {
+        remove_dir_if_exists(&old)?;
+        std::fs::rename(dest, &old).map_err(|e| Error::io(dest, e))?;
+    }
+    std::fs::rename(new, dest).map_err(|e| Error::io(dest, e))?;
+    remove_dir_if_exists(&old)
+}
+
+/// Drops metrics lines of steps after `step` (written after the checkpoint
+/// a run resumes from, and about to be redone).
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    write_atomically(path, kept.as_bytes())
+}
