@@ -402,3 +402,43 @@ mod generation {
         assert!(err.contains("prefill"), "{err}");
     }
 }
+
+/// One sequence decodes on a team of all the pool's threads; any team size
+/// (including more threads than channel blocks) gives the forward's logits.
+#[test]
+fn single_sequence_team_decoding_equals_the_forward_for_any_thread_count() {
+    for dir in ["small-hf", "tiny-hf"] {
+        let mamba = load(dir);
+        let v = mamba.config.vocab_size;
+        let ids = random_ids(19, v, 13);
+        let full = mamba.forward(&ids, 1, ids.len()).unwrap();
+        let scale = full.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1.0);
+        for format in [WeightFormat::F32, WeightFormat::Q8] {
+            let model = InferenceModel::from_mamba(mamba.clone(), format).unwrap();
+            let one_thread = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap();
+            let want = one_thread.install(|| stepwise_logits(&model, &ids));
+            for threads in [2, 3, 5] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let got = pool.install(|| stepwise_logits(&model, &ids));
+                let diff = max_abs_diff(&got, &want);
+                assert!(
+                    diff <= 1e-6 * scale,
+                    "{dir} {} {threads} threads: {diff}",
+                    format.name()
+                );
+                if format == WeightFormat::F32 {
+                    assert!(
+                        max_abs_diff(&got, &full) <= 2e-5 * scale,
+                        "{dir} {threads} threads vs forward"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -360,6 +360,32 @@ impl Weights {
         Ok(())
     }
 
+    /// out (n) [+]= W[j0 .. j0 + n] · x (cols) on the calling thread: one
+    /// thread's share of a matrix-vector product whose rows the caller
+    /// splits (the decoding step's thread team).
+    pub fn matvec_rows(&self, x: &[f32], j0: usize, out: &mut [f32], accumulate: bool) {
+        assert!(
+            x.len() == self.cols && j0 + out.len() <= self.rows,
+            "matvec_rows: x has {} values for {} columns; rows {j0}..{} of {}",
+            x.len(),
+            self.cols,
+            j0 + out.len(),
+            self.rows
+        );
+        if out.is_empty() {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            let (fmt, raw) = self.raw();
+            // SAFETY: rows j0..j0 + out.len() exist (checked above), x holds
+            // one row of cols, out one value per row; features detected.
+            unsafe { avx512::gemv(fmt, true, raw, x, 1, j0, out.len(), out, accumulate) };
+            return;
+        }
+        self.gemv_portable(x, 1, j0, out.len(), out, accumulate);
+    }
+
     /// out (rows, m) [+]= W · x (m ≤ GEMV_MAX_M rows of cols)ᵀ, each weight
     /// read once, rows split over rayon's pool.
     fn gemv(

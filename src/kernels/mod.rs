@@ -10,7 +10,7 @@ pub mod s4d;
 pub mod selective_scan;
 pub mod selective_scan_reference;
 pub mod selective_scan_step;
-mod shared;
+pub(crate) mod shared;
 
 /// Gradient sums over rows (norm weights, conv kernels) are split into at
 /// most this many fixed ranges, whose partial sums are added in order: the

@@ -492,6 +492,9 @@ impl InferenceModel {
         for seq in seqs.iter() {
             seq.check_fits(&self.config)?;
         }
+        if b == 1 && rayon::current_num_threads() > 1 {
+            return self.decode_one_with_team(&mut *seqs[0], tokens[0], buffers);
+        }
         let c = &self.config;
         let (d, e, r, n, k, v) = (
             c.d_model,
@@ -580,6 +583,173 @@ impl InferenceModel {
         Ok(())
     }
 
+    /// The decoding step of one sequence on a team of all the pool's
+    /// threads that stays together for the whole step: each thread owns a
+    /// fixed share of every projection's output rows (and of the channels
+    /// after them) and the threads meet at a barrier between the phases
+    /// that read what others wrote. One pool call per token instead of
+    /// one per projection: decoding reads every weight once and is bound
+    /// by memory, and each of the ~100 small pool calls per token cost a
+    /// start-up and a new short stream for the prefetchers.
+    ///
+    /// Per layer, thread t of T (E, D and the head split into T ranges):
+    /// ```text
+    /// normed = norm(h)                           every thread, its own copy (D)
+    /// xz[x, z of channels_t] = in_proj rows; conv step + silu of channels_t
+    /// ── barrier ──
+    /// x_dbl[rows_t] = x_proj rows                (R + 2N)
+    /// ── barrier ──
+    /// delta[channels_t] = dt_proj rows; scan step of channels_t → y[channels_t]
+    /// ── barrier ──
+    /// h[model rows_t] += out_proj rows · y
+    /// ── barrier ──
+    /// ```
+    fn decode_one_with_team(
+        &self,
+        seq: &mut Sequence,
+        token: u32,
+        buffers: &mut DecodeBuffers,
+    ) -> Result<()> {
+        use crate::kernels::shared::SharedMut;
+        let c = &self.config;
+        let (d, e, r, n, k, v) = (
+            c.d_model,
+            c.d_inner,
+            c.dt_rank,
+            c.d_state,
+            c.d_conv,
+            c.vocab_size,
+        );
+        let x_dbl_len = r + 2 * n;
+        let buf = buffers;
+        self.embedding.row_to_f32(token as usize, &mut buf.h[..d]);
+        let threads = rayon::current_num_threads();
+        // [start, end) of thread t's share of `total`, in multiples of `align`.
+        let share = move |total: usize, t: usize, align: usize| -> (usize, usize) {
+            let per = total.div_ceil(threads).next_multiple_of(align);
+            ((t * per).min(total), ((t + 1) * per).min(total))
+        };
+        let barrier = SpinBarrier::new(threads);
+        let options = scan_options();
+        let h = SharedMut::new(&mut buf.h[..d]);
+        let xz = SharedMut::new(&mut buf.xz[..2 * e]);
+        let xs = SharedMut::new(&mut buf.xs[..e]);
+        let x_dbl = SharedMut::new(&mut buf.x_dbl[..x_dbl_len]);
+        let delta = SharedMut::new(&mut buf.delta[..e]);
+        let y = SharedMut::new(&mut buf.y[..e]);
+        let logits = SharedMut::new(&mut buf.logits[..v]);
+        let states: Vec<(SharedMut<'_, f32>, SharedMut<'_, f32>)> = seq
+            .layers
+            .iter_mut()
+            .map(|l| (SharedMut::new(&mut l.conv), SharedMut::new(&mut l.ssm)))
+            .collect();
+        let errors: Vec<Result<()>> = rayon::broadcast(|ctx| -> Result<()> {
+            let t = ctx.index();
+            let (c0, c1) = share(e, t, 16);
+            let (m0, m1) = share(d, t, 16);
+            let (p0, p1) = share(x_dbl_len, t, 1);
+            let mut normed = vec![0.0f32; d];
+            // SAFETY (every `slice` below): a thread writes only its own
+            // ranges [c0, c1), [m0, m1), [p0, p1) of the shared buffers, and
+            // reads other threads' ranges only after the barrier that
+            // follows their writes.
+            for (layer, (conv, ssm)) in self.layers.iter().zip(&states) {
+                let h_all = unsafe { h.slice(0, d) };
+                self.norm(
+                    h_all,
+                    &layer.norm_weight,
+                    layer.norm_bias.as_deref(),
+                    &mut normed,
+                )?;
+                if c1 > c0 {
+                    let xr = unsafe { xz.slice(c0, c1 - c0) };
+                    let zr = unsafe { xz.slice(e + c0, c1 - c0) };
+                    layer.in_proj.matvec_rows(&normed, c0, xr, false);
+                    layer.in_proj.matvec_rows(&normed, e + c0, zr, false);
+                    if let Some(bias) = &layer.in_proj_bias {
+                        add_row_bias(xr, &bias[c0..c1]);
+                        add_row_bias(zr, &bias[e + c0..e + c1]);
+                    }
+                    let xs_t = unsafe { xs.slice(c0, c1 - c0) };
+                    causal_conv1d_step(
+                        1,
+                        c1 - c0,
+                        k,
+                        unsafe { conv.slice(c0 * k, (c1 - c0) * k) },
+                        xr,
+                        &layer.conv_weight[c0 * k..c1 * k],
+                        layer.conv_bias.as_deref().map(|b| &b[c0..c1]),
+                        xs_t,
+                    )?;
+                    for v in xs_t.iter_mut() {
+                        *v = crate::float::Float::silu(*v);
+                    }
+                }
+                barrier.wait();
+                let xs_all = unsafe { xs.slice(0, e) };
+                layer
+                    .x_proj
+                    .matvec_rows(xs_all, p0, unsafe { x_dbl.slice(p0, p1 - p0) }, false);
+                barrier.wait();
+                if c1 > c0 {
+                    let row = unsafe { x_dbl.slice(0, x_dbl_len) };
+                    let delta_t = unsafe { delta.slice(c0, c1 - c0) };
+                    layer.dt_proj.matvec_rows(&row[..r], c0, delta_t, false);
+                    let inputs = ScanStepInputs {
+                        u: &xs_all[c0..c1],
+                        delta: delta_t,
+                        a: &layer.a[c0 * n..c1 * n],
+                        b: &row[r..r + n],
+                        c: &row[r + n..],
+                        d: Some(&layer.d[c0..c1]),
+                        z: Some(unsafe { xz.slice(e + c0, c1 - c0) }),
+                        delta_bias: Some(&layer.dt_bias[c0..c1]),
+                    };
+                    selective_scan_step(
+                        1,
+                        c1 - c0,
+                        n,
+                        &inputs,
+                        &options,
+                        unsafe { ssm.slice(c0 * n, (c1 - c0) * n) },
+                        unsafe { y.slice(c0, c1 - c0) },
+                    )?;
+                }
+                barrier.wait();
+                if m1 > m0 {
+                    let h_t = unsafe { h.slice(m0, m1 - m0) };
+                    layer
+                        .out_proj
+                        .matvec_rows(unsafe { y.slice(0, e) }, m0, h_t, true);
+                    if let Some(bias) = &layer.out_proj_bias {
+                        add_row_bias(h_t, &bias[m0..m1]);
+                    }
+                }
+                barrier.wait();
+            }
+            let h_all = unsafe { h.slice(0, d) };
+            self.norm(
+                h_all,
+                &self.norm_f_weight,
+                self.norm_f_bias.as_deref(),
+                &mut normed,
+            )?;
+            let (v0, v1) = share(v, t, 16);
+            if v1 > v0 {
+                self.head()
+                    .matvec_rows(&normed, v0, unsafe { logits.slice(v0, v1 - v0) }, false);
+            }
+            Ok(())
+        });
+        // An error on one thread leaves the others waiting at no barrier:
+        // every phase's errors are shape errors that all threads hit alike.
+        errors.into_iter().collect::<Result<Vec<()>>>()?;
+        seq.logits.clear();
+        seq.logits.extend_from_slice(&buf.logits[..v]);
+        seq.remember(&[token]);
+        Ok(())
+    }
+
     /// Mean negative log-likelihood of `ids` (one sequence) under the model
     /// in this weight format, computed through prefill in chunks.
     pub fn perplexity(&self, ids: &[u32]) -> Result<Perplexity> {
@@ -620,5 +790,43 @@ impl InferenceModel {
             mean_nll,
             perplexity: mean_nll.exp(),
         })
+    }
+}
+
+/// A barrier for the decoding team: the threads spin briefly (a phase
+/// lasts tens of microseconds) and then yield, so that a thread the
+/// operating system took away does not stall the others on a busy machine.
+struct SpinBarrier {
+    threads: usize,
+    arrived: std::sync::atomic::AtomicUsize,
+    generation: std::sync::atomic::AtomicUsize,
+}
+
+impl SpinBarrier {
+    fn new(threads: usize) -> Self {
+        Self {
+            threads,
+            arrived: std::sync::atomic::AtomicUsize::new(0),
+            generation: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    fn wait(&self) {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+        let generation = self.generation.load(Acquire);
+        if self.arrived.fetch_add(1, AcqRel) + 1 == self.threads {
+            self.arrived.store(0, Relaxed);
+            self.generation.fetch_add(1, Release);
+            return;
+        }
+        let mut spins = 0u32;
+        while self.generation.load(Acquire) == generation {
+            if spins < 4096 {
+                std::hint::spin_loop();
+                spins += 1;
+            } else {
+                std::thread::yield_now();
+            }
+        }
     }
 }
