@@ -3,6 +3,7 @@
 //! llama-perplexity and lm-eval's loglikelihood).
 
 use crate::error::{invalid, Result};
+use crate::float::Float;
 use crate::kernels::MatmulScalar;
 use crate::model::Mamba;
 
@@ -42,17 +43,30 @@ pub fn perplexity<T: MatmulScalar>(
         let logits = model.logits_from_hidden(&hidden[start * d..end * d])?;
         for t in start..end.min(ids.len() - 1) {
             let row = &logits[(t - start) * v..(t - start + 1) * v];
-            let max = row.iter().fold(f64::NEG_INFINITY, |m, x| m.max(x.to_f64()));
-            let sum: f64 = row.iter().map(|x| (x.to_f64() - max).exp()).sum();
-            nll += max + sum.ln() - row[ids[t + 1] as usize].to_f64();
+            nll += token_nll(row, ids[t + 1]);
         }
         on_logits(&logits)?;
     }
-    let n = ids.len() - 1;
-    let mean_nll = nll / n as f64;
-    Ok(Perplexity {
-        predicted_tokens: n,
-        mean_nll,
-        perplexity: mean_nll.exp(),
-    })
+    Ok(Perplexity::from_total_nll(nll, ids.len() - 1))
+}
+
+/// -ln softmax(logits)[target] in f64, for one row of logits.
+pub fn token_nll<T: Float>(logits: &[T], target: u32) -> f64 {
+    let max = logits
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, x| m.max(x.to_f64()));
+    let sum: f64 = logits.iter().map(|x| (x.to_f64() - max).exp()).sum();
+    max + sum.ln() - logits[target as usize].to_f64()
+}
+
+impl Perplexity {
+    /// From the summed NLL of `predicted_tokens` predictions.
+    pub fn from_total_nll(total_nll: f64, predicted_tokens: usize) -> Self {
+        let mean_nll = total_nll / predicted_tokens as f64;
+        Self {
+            predicted_tokens,
+            mean_nll,
+            perplexity: mean_nll.exp(),
+        }
+    }
 }

@@ -28,10 +28,10 @@
 //! whose cost does not depend on the position.
 
 use super::config::MambaConfig;
-use super::mamba::Mamba;
+use super::mamba::{add_row_bias, Mamba};
 use super::params::LayerParams;
 use crate::error::{invalid, Result};
-use crate::eval::Perplexity;
+use crate::eval::{token_nll, Perplexity};
 use crate::kernels::{
     causal_conv1d_forward_continuing, causal_conv1d_step, layer_norm_forward, rms_norm_forward,
     selective_scan_forward, selective_scan_step, ConvShape, ScanInputs, ScanOptions, ScanShape,
@@ -212,14 +212,6 @@ fn scan_options() -> ScanOptions {
     ScanOptions {
         delta_softplus: true,
         ..ScanOptions::default()
-    }
-}
-
-fn add_row_bias(x: &mut [f32], bias: &[f32]) {
-    for row in x.chunks_mut(bias.len()) {
-        for (v, &b) in row.iter_mut().zip(bias) {
-            *v += b;
-        }
     }
 }
 
@@ -776,20 +768,12 @@ impl InferenceModel {
                     if t + 1 >= ids.len() {
                         break;
                     }
-                    let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-                    let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
-                    nll += max + sum.ln() - row[ids[t + 1] as usize] as f64;
+                    nll += token_nll(row, ids[t + 1]);
                 }
             }
             Ok(())
         })?;
-        let n = ids.len() - 1;
-        let mean_nll = nll / n as f64;
-        Ok(Perplexity {
-            predicted_tokens: n,
-            mean_nll,
-            perplexity: mean_nll.exp(),
-        })
+        Ok(Perplexity::from_total_nll(nll, ids.len() - 1))
     }
 }
 

@@ -831,7 +831,7 @@ pub fn next_token_cross_entropy<T: MatmulScalar>(
 }
 
 /// x[row, :] += bias for every row.
-fn add_row_bias<T: MatmulScalar>(x: &mut [T], bias: &[T]) {
+pub(super) fn add_row_bias<T: MatmulScalar>(x: &mut [T], bias: &[T]) {
     for row in x.chunks_exact_mut(bias.len()) {
         for (a, &b) in row.iter_mut().zip(bias) {
             *a += b;
