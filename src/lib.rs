@@ -22,6 +22,7 @@ pub mod generation_bench;
 pub mod kernels;
 pub mod model;
 pub mod npy;
+pub mod plot;
 pub mod rng;
 pub mod sampling;
 pub mod text_stream;
