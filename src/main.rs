@@ -896,13 +896,21 @@ fn bench_train_command(args: &BenchArgs) -> CliResult {
         return Err("--train times a randomly initialised model of --preset; drop --model".into());
     }
     let threads = rayon::current_num_threads();
-    let config = args
-        .preset
-        .unwrap_or(Preset::CharSmall)
-        .config(args.d_model, args.n_layer, args.vocab_size, None);
+    let config = args.preset.unwrap_or(Preset::CharSmall).config(
+        args.d_model,
+        args.n_layer,
+        args.vocab_size,
+        None,
+    );
     let mut rows = Vec::new();
     for &len in &args.seq_len {
-        rows.push(bench_training(&config, args.batch_size, len, args.steps, args.seed)?);
+        rows.push(bench_training(
+            &config,
+            args.batch_size,
+            len,
+            args.steps,
+            args.seed,
+        )?);
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -936,9 +944,12 @@ fn bench_model(args: &BenchArgs, format: WeightFormat) -> selective::Result<Infe
     let mamba = match &args.model {
         Some(dir) => Mamba::<f32>::from_dir(dir)?,
         None => Mamba::<f32>::init(
-            args.preset
-                .unwrap_or(Preset::Mamba130m)
-                .config(args.d_model, args.n_layer, args.vocab_size, None),
+            args.preset.unwrap_or(Preset::Mamba130m).config(
+                args.d_model,
+                args.n_layer,
+                args.vocab_size,
+                None,
+            ),
             args.seed,
         )?,
     };

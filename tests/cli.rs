@@ -473,15 +473,32 @@ fn bench_reports_prefill_and_decode_speed_and_scaling() {
 
 #[test]
 fn generate_without_a_model_uses_the_built_in_shakespeare_model() {
-    let args = ["generate", "-n", "200", "--seed", "11", "--temperature", "0.8", "--threads", "1"];
+    let args = [
+        "generate",
+        "-n",
+        "200",
+        "--seed",
+        "11",
+        "--temperature",
+        "0.8",
+        "--threads",
+        "1",
+    ];
     let (first, stderr) = run_ok(&args);
     assert!(stderr.contains("models/shakespeare-char"), "{stderr}");
-    assert_eq!(first.chars().count(), 201, "the newline it starts from, then 200 characters: {first:?}");
+    assert_eq!(
+        first.chars().count(),
+        201,
+        "the newline it starts from, then 200 characters: {first:?}"
+    );
     // the same seed gives the same text
     assert_eq!(run_ok(&args).0, first);
     // a trained model, not a random one: more than 75% letters and spaces
     // (Shakespeare has ~95%), and several lines
-    let letters = first.chars().filter(|c| c.is_ascii_alphabetic() || *c == ' ').count();
+    let letters = first
+        .chars()
+        .filter(|c| c.is_ascii_alphabetic() || *c == ' ')
+        .count();
     assert!(letters > 150, "{first:?}");
     assert!(first.matches('\n').count() >= 2, "{first:?}");
 }

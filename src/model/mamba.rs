@@ -511,7 +511,13 @@ impl<T: MatmulScalar> Mamba<T> {
             kernel: c.d_conv,
         };
         let mut xc = vec![T::ZERO; x.len()];
-        causal_conv1d_forward(&conv, x, &m.conv1d_weight, m.conv1d_bias.as_deref(), &mut xc)?;
+        causal_conv1d_forward(
+            &conv,
+            x,
+            &m.conv1d_weight,
+            m.conv1d_bias.as_deref(),
+            &mut xc,
+        )?;
         let xs = xc.iter().map(|&v| v.silu()).collect();
         Ok((xc, xs))
     }
@@ -665,15 +671,7 @@ impl<T: MatmulScalar> Mamba<T> {
         matmul_xw(&sg.b, &wx[r * e..(r + n) * e], rows, n, e, &mut dxs, true)?;
         matmul_xw(&sg.c, &wx[(r + n) * e..], rows, n, e, &mut dxs, true)?;
         matmul_xtw(&d_dt_low, &xs, rows, r, e, &mut gx[..r * e], false)?;
-        matmul_xtw(
-            &sg.b,
-            &xs,
-            rows,
-            n,
-            e,
-            &mut gx[r * e..(r + n) * e],
-            false,
-        )?;
+        matmul_xtw(&sg.b, &xs, rows, n, e, &mut gx[r * e..(r + n) * e], false)?;
         matmul_xtw(&sg.c, &xs, rows, n, e, &mut gx[(r + n) * e..], false)?;
         drop(xs);
         // xs = silu(xc)
@@ -701,7 +699,8 @@ impl<T: MatmulScalar> Mamba<T> {
         }
         drop((xc, dxc, dxs));
         // x = u W_inxᵀ, z = u W_inzᵀ
-        let normed = self.norm_forward(&cache.resid, &layer.norm_weight, layer.norm_bias.as_deref())?;
+        let normed =
+            self.norm_forward(&cache.resid, &layer.norm_weight, layer.norm_bias.as_deref())?;
         let mut d_normed = vec![T::ZERO; rows * d];
         matmul_xw(
             &cg.x,

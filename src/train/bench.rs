@@ -49,7 +49,11 @@ pub fn bench_training(
     let mut optimizer = AdamW::new(&model.params, AdamWConfig::default());
     let mut rng = Rng::new(seed ^ 0xBE_4C4);
     let vocab = config.vocab_size;
-    let mut next_batch = || Ok((0..batch * seq_len).map(|_| rng.below(vocab) as u32).collect());
+    let mut next_batch = || {
+        Ok((0..batch * seq_len)
+            .map(|_| rng.below(vocab) as u32)
+            .collect())
+    };
     let mut samples = Vec::with_capacity(steps);
     for step in 0..=steps {
         let t0 = Instant::now();
@@ -65,7 +69,10 @@ pub fn bench_training(
         if !outcome.updated {
             return Err(invalid(
                 "bench_training",
-                format!("step {step}: loss {} or gradient norm {} not finite", outcome.loss, outcome.grad_norm),
+                format!(
+                    "step {step}: loss {} or gradient norm {} not finite",
+                    outcome.loss, outcome.grad_norm
+                ),
             ));
         }
         if step > 0 {

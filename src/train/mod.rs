@@ -10,11 +10,11 @@ mod progress;
 pub mod schedule;
 pub mod trainer;
 
+pub use bench::{bench_training, TrainingBench};
 pub use data::{random_windows, TextData};
 pub use optimizer::{add_into, clip_global_norm, decays, global_norm, AdamW, AdamWConfig};
 pub use progress::ProgressMode;
 pub use schedule::LrSchedule;
-pub use bench::{bench_training, TrainingBench};
 pub use trainer::{
     training_step, RunOptions, StepOutcome, TrainConfig, TrainReport, Trainer, TrainerState,
 };

@@ -652,7 +652,8 @@ pub fn training_step(
             Some(acc) => add_into(&model.config, acc, &g),
         }
     }
-    let mut grads = grads.ok_or_else(|| invalid("training_step", "micro_batches must be at least 1"))?;
+    let mut grads =
+        grads.ok_or_else(|| invalid("training_step", "micro_batches must be at least 1"))?;
     let loss = (loss_sum / micro_batches as f64) as f32;
     let grad_norm = if grad_clip > 0.0 {
         clip_global_norm(&model.config, &mut grads, grad_clip)
@@ -663,7 +664,11 @@ pub fn training_step(
     if updated {
         optimizer.update(&model.config, &mut model.params, &grads, lr);
     }
-    Ok(StepOutcome { loss, grad_norm, updated })
+    Ok(StepOutcome {
+        loss,
+        grad_norm,
+        updated,
+    })
 }
 
 /// Draws the training loss of every step and the validation loss of every
@@ -676,7 +681,9 @@ fn write_loss_plot(metrics_path: &Path, png_path: &Path) -> Result<()> {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
-        let Some(step) = v["step"].as_f64() else { continue };
+        let Some(step) = v["step"].as_f64() else {
+            continue;
+        };
         if let Some(loss) = v["loss"].as_f64() {
             train.push((step, loss));
         }
@@ -685,12 +692,21 @@ fn write_loss_plot(metrics_path: &Path, png_path: &Path) -> Result<()> {
         }
     }
     let chart = Chart {
-        title: format!("{}", metrics_path.parent().unwrap_or(Path::new(".")).display()),
+        title: format!(
+            "{}",
+            metrics_path.parent().unwrap_or(Path::new(".")).display()
+        ),
         x_label: "step".into(),
         y_label: "cross-entropy (nats per token)".into(),
         series: vec![
-            Series { name: "train".into(), points: train },
-            Series { name: "validation".into(), points: val },
+            Series {
+                name: "train".into(),
+                points: train,
+            },
+            Series {
+                name: "validation".into(),
+                points: val,
+            },
         ],
         log_x: false,
     };
