@@ -528,3 +528,48 @@ fn the_built_in_model_scores_below_its_target_on_held_out_shakespeare() {
     assert!(nll < 1.7, "mean NLL {nll}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bench_train_times_steps_at_each_length() {
+    let (stdout, _) = run_ok(&[
+        "bench",
+        "--train",
+        "--d-model",
+        "16",
+        "--n-layer",
+        "1",
+        "--vocab-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "8,40",
+        "--steps",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    let rows: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, len) in rows.iter().zip([8, 40]) {
+        assert_eq!(row["seq_len"], len);
+        assert_eq!(row["batch"], 2);
+        assert_eq!(
+            row["tokens_per_second"]["samples"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(row["tokens_per_second"]["mean"].as_f64().unwrap() > 0.0);
+        assert!(row["peak_resident_bytes"].as_u64().unwrap() > 0);
+    }
+    let out = selective()
+        .args(["bench", "--train", "--seq-len", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("seq_len ≥ 2"));
+}
