@@ -398,7 +398,34 @@ impl From<StorageType> for DType {
     }
 }
 
+/// Keeps freed memory in the process for the next allocation of the same
+/// size instead of handing it back to the kernel. A training step allocates
+/// and frees the same activation buffers (megabytes each) every step; with
+/// glibc's defaults each comes from a fresh mmap whose pages the kernel
+/// zeroes on first touch, which measured 1.14 s of system time in 7
+/// char-small steps against 0.18 s with these settings. Peak memory is
+/// unchanged (the same buffers are live at the peak).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory_for_reuse() {
+    extern "C" {
+        fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+    }
+    const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
+    const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
+    // SAFETY: mallopt only changes glibc's allocator settings; called before
+    // any thread starts. 32 MiB is the largest mmap threshold glibc accepts
+    // on 64-bit systems; a failed call (return 0) leaves the defaults.
+    unsafe {
+        mallopt(M_MMAP_THRESHOLD, 32 << 20);
+        mallopt(M_TRIM_THRESHOLD, std::ffi::c_int::MAX);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory_for_reuse() {}
+
 fn main() {
+    keep_freed_memory_for_reuse();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e}");
         std::process::exit(1);
