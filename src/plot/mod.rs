@@ -164,7 +164,17 @@ fn nice_ticks(lo: f64, hi: f64, target: usize) -> Vec<f64> {
         .unwrap_or(10.0 * magnitude);
     let first = (lo / step).ceil() as i64;
     let last = (hi / step).floor() as i64;
-    (first..=last).map(|k| k as f64 * step).collect()
+    // A step below 1 is 1, 2 or 5 times 10^-p, whose inverse is an integer:
+    // k / that integer is the correctly rounded tick (k · 0.1 is not: 14 ·
+    // 0.1 = 1.4000000000000001).
+    let tick = |k: i64| {
+        if step < 1.0 {
+            k as f64 / (1.0 / step).round()
+        } else {
+            k as f64 * step
+        }
+    };
+    (first..=last).map(tick).collect()
 }
 
 fn format_tick(v: f64) -> String {
