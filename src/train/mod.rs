@@ -5,7 +5,7 @@
 
 pub mod data;
 pub mod optimizer;
-mod progress;
+pub(crate) mod progress;
 pub mod schedule;
 pub mod trainer;
 
