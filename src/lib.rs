@@ -24,6 +24,7 @@ pub mod generation_bench;
 pub mod kernels;
 pub mod model;
 pub mod npy;
+pub mod plot;
 pub mod rng;
 pub mod sampling;
 pub mod tasks;

@@ -221,6 +221,10 @@ struct TrainArgs {
     /// A tokenizer.json (default: byte-level, vocabulary 256).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// A character vocabulary: the distinct characters of the text (65 for
+    /// Tiny Shakespeare), as nanoGPT's shakespeare_char.
+    #[arg(long)]
+    char_vocab: bool,
     #[arg(long)]
     d_model: Option<usize>,
     #[arg(long)]
@@ -789,6 +793,10 @@ fn train_command(args: TrainArgs) -> CliResult {
         val_fraction,
         seed
     );
+    if args.char_vocab {
+        config.char_vocab = true;
+        given.push("char_vocab");
+    }
     if let Some(b) = &args.betas {
         let [beta1, beta2] = b[..] else {
             return Err(format!("--betas takes two numbers, e.g. 0.9,0.95; got {b:?}").into());

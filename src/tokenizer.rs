@@ -2,7 +2,10 @@
 //! - a Hugging Face `tokenizer.json` (the GPT-NeoX-20B one for the released
 //!   Mamba models) through the `tokenizers` crate;
 //! - bytes: ids 0..=255 are the bytes of the UTF-8 text, for byte-level
-//!   models (those trained on raw bytes have no tokenizer file).
+//!   models (those trained on raw bytes have no tokenizer file);
+//! - characters: id i is the i-th of a list of characters stored in the
+//!   model's config.json, as nanoGPT's shakespeare_char (65 characters for
+//!   Tiny Shakespeare).
 
 use std::path::Path;
 
@@ -16,6 +19,89 @@ pub enum Tokenizer {
     HuggingFace(HfTokenizer),
     /// Ids 0..=255 are bytes; decoding replaces invalid UTF-8 with U+FFFD.
     Bytes,
+    Chars(CharVocab),
+}
+
+/// A character-level vocabulary: id i is `chars[i]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CharVocab {
+    chars: Vec<char>,
+    /// char → id, the inverse of `chars`
+    ids: std::collections::HashMap<char, u32>,
+}
+
+impl CharVocab {
+    /// The distinct characters of `text` in code-point order (the
+    /// vocabulary nanoGPT's shakespeare_char builds).
+    pub fn from_text(text: &str) -> Result<Self> {
+        let mut chars: Vec<char> = text.chars().collect();
+        chars.sort_unstable();
+        chars.dedup();
+        Self::new(chars)
+    }
+
+    /// A vocabulary given in order; characters must be distinct.
+    pub fn new(chars: Vec<char>) -> Result<Self> {
+        let mut sorted = chars.clone();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(invalid(
+                "CharVocab::new",
+                format!("character {:?} appears twice in the vocabulary", w[0]),
+            ));
+        }
+        if chars.is_empty() {
+            return Err(invalid("CharVocab::new", "the vocabulary has no characters"));
+        }
+        if chars.len() > u32::MAX as usize {
+            return Err(invalid("CharVocab::new", "more characters than u32 ids"));
+        }
+        let ids = chars.iter().enumerate().map(|(i, &c)| (c, i as u32)).collect();
+        Ok(CharVocab { chars, ids })
+    }
+
+    pub fn chars(&self) -> &[char] {
+        &self.chars
+    }
+
+    /// The vocabulary as it is stored in config.json: its characters, in order.
+    pub fn as_string(&self) -> String {
+        self.chars.iter().collect()
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        text.chars()
+            .enumerate()
+            .map(|(i, ch)| {
+                self.ids.get(&ch).copied().ok_or_else(|| {
+                    invalid(
+                        "Tokenizer::encode",
+                        format!(
+                            "character {ch:?} (at character {i} of the text) is not in the \
+                             model's {}-character vocabulary",
+                            self.chars.len()
+                        ),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        ids.iter()
+            .map(|&id| {
+                self.chars.get(id as usize).copied().ok_or_else(|| {
+                    invalid(
+                        "Tokenizer::decode",
+                        format!(
+                            "token id {id} is not in the {}-character vocabulary (a padding id)",
+                            self.chars.len()
+                        ),
+                    )
+                })
+            })
+            .collect()
+    }
 }
 
 /// A loaded `tokenizer.json` and the path it came from (for messages).
@@ -38,7 +124,8 @@ impl Tokenizer {
 
     /// The tokenizer a model directory names:
     /// - `dir/tokenizer.json` when there is one;
-    /// - otherwise bytes when `dir/config.json` says `"tokenizer": "bytes"`;
+    /// - otherwise bytes when `dir/config.json` says `"tokenizer": "bytes"`,
+    ///   characters when it says `"tokenizer": {"chars": "..."}`;
     /// - otherwise none (`Ok(None)`): the caller must be given token ids.
     pub fn for_model_dir(dir: impl AsRef<Path>) -> Result<Option<Self>> {
         let dir = dir.as_ref();
@@ -58,11 +145,23 @@ impl Tokenizer {
         match config.get("tokenizer") {
             None => Ok(None),
             Some(serde_json::Value::String(name)) if name == "bytes" => Ok(Some(Tokenizer::Bytes)),
+            Some(serde_json::Value::Object(map)) if map.contains_key("chars") => {
+                let bad = |message: String| Error::Format {
+                    file: config_path.display().to_string(),
+                    message,
+                };
+                let chars = map["chars"].as_str().ok_or_else(|| {
+                    bad("\"tokenizer\": {\"chars\": ...} must be a string of characters".into())
+                })?;
+                CharVocab::new(chars.chars().collect())
+                    .map(|v| Some(Tokenizer::Chars(v)))
+                    .map_err(|e| bad(format!("\"tokenizer\": {e}")))
+            }
             Some(other) => Err(Error::Format {
                 file: config_path.display().to_string(),
                 message: format!(
-                    "\"tokenizer\": {other} is not known; the only built-in one is \"bytes\" \
-                     (otherwise put a tokenizer.json in the model directory)"
+                    "\"tokenizer\": {other} is not known; the built-in ones are \"bytes\" and \
+                     {{\"chars\": \"...\"}} (otherwise put a tokenizer.json in the model directory)"
                 ),
             }),
         }
@@ -78,6 +177,7 @@ impl Tokenizer {
                 Ok(enc.get_ids().to_vec())
             }
             Tokenizer::Bytes => Ok(text.bytes().map(u32::from).collect()),
+            Tokenizer::Chars(vocab) => vocab.encode(text),
         }
     }
 
@@ -103,6 +203,7 @@ impl Tokenizer {
                     .collect::<Result<Vec<u8>>>()?;
                 Ok(String::from_utf8_lossy(&bytes).into_owned())
             }
+            Tokenizer::Chars(vocab) => vocab.decode(ids),
         }
     }
 
@@ -111,7 +212,7 @@ impl Tokenizer {
     pub fn eos_token_id(&self) -> Option<u32> {
         match self {
             Tokenizer::HuggingFace(hf) => hf.inner.token_to_id(HF_EOS_TOKEN),
-            Tokenizer::Bytes => None,
+            Tokenizer::Bytes | Tokenizer::Chars(_) => None,
         }
     }
 
@@ -122,6 +223,7 @@ impl Tokenizer {
         match self {
             Tokenizer::HuggingFace(hf) => hf.inner.get_vocab_size(true),
             Tokenizer::Bytes => 256,
+            Tokenizer::Chars(vocab) => vocab.chars.len(),
         }
     }
 }

@@ -500,3 +500,47 @@ fn a_tokenizer_json_run_carries_its_tokenizer_into_the_model_directory() {
     assert_eq!(tok.vocab_size(), 50277);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_char_vocab_run_stores_its_characters_and_draws_its_loss() {
+    let dir = temp_dir("chars");
+    let data = write_text(&dir);
+    let config = TrainConfig {
+        char_vocab: true,
+        steps: 4,
+        eval_every: 2,
+        ..tiny_config(data)
+    };
+    let report = Trainer::new(config, dir.join("run"))
+        .unwrap()
+        .run(&silent())
+        .unwrap();
+    assert_eq!(report.val_losses.len(), 2);
+    let model_dir = dir.join("run/model");
+    let model = Mamba::<f32>::from_dir(&model_dir).unwrap();
+    // the pangram has 28 distinct characters (" .a-z"), padded to 32 ids
+    assert_eq!(model.config.vocab_size, 32);
+    let tok = selective::tokenizer::Tokenizer::for_model_dir(&model_dir)
+        .unwrap()
+        .unwrap();
+    assert_eq!(tok.vocab_size(), 28);
+    assert_eq!(tok.encode(" .a").unwrap(), vec![0, 1, 2]);
+    assert_eq!(tok.decode(&[21, 2, 25]).unwrap(), "tax");
+    let err = tok.encode("Tax").unwrap_err().to_string();
+    assert!(err.contains("'T'") && err.contains("28-character"), "{err}");
+    assert!(tok.decode(&[28]).unwrap_err().to_string().contains("padding"));
+
+    // the loss plot is a PNG redrawn at each evaluation
+    let png = std::fs::read(dir.join("run/loss.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+
+    // both vocabularies at once are refused
+    let both = TrainConfig {
+        char_vocab: true,
+        tokenizer: Some(dir.join("tokenizer.json")),
+        ..tiny_config(dir.join("text.txt"))
+    };
+    let err = Trainer::new(both, dir.join("run2")).err().unwrap().to_string();
+    assert!(err.contains("not both"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

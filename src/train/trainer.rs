@@ -4,6 +4,7 @@
 //! ```text
 //! config.json            every training setting (TrainConfig)
 //! metrics.jsonl          one JSON object per step, and one per evaluation
+//! loss.png               training and validation loss, redrawn at each evaluation
 //! checkpoint/            the latest checkpoint, replaced whole (see below)
 //!   config.json            model config, Hugging Face dialect (+ "tokenizer": "bytes")
 //!   model.safetensors      weights, f32, Hugging Face names
@@ -31,8 +32,9 @@ use crate::model::checkpoint::{encode, write_atomically, write_safetensors};
 use crate::model::{
     next_token_cross_entropy, DType, Mamba, MambaConfig, SafetensorsFile, TensorSource,
 };
+use crate::plot::{self, Chart, Series};
 use crate::rng::Rng;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{CharVocab, Tokenizer};
 
 /// Every setting of a run; written to `RUN/config.json`, and readable from
 /// a JSON file with any subset of the fields (the rest take the defaults).
@@ -41,8 +43,13 @@ use crate::tokenizer::Tokenizer;
 pub struct TrainConfig {
     /// The training text.
     pub data: PathBuf,
-    /// A Hugging Face tokenizer.json; none: byte-level (vocabulary 256).
+    /// A Hugging Face tokenizer.json; none: byte-level (vocabulary 256),
+    /// or characters with `char_vocab`.
     pub tokenizer: Option<PathBuf>,
+    /// A character vocabulary: the distinct characters of the training
+    /// text, as nanoGPT's shakespeare_char (65 for Tiny Shakespeare, padded
+    /// to 72 ids).
+    pub char_vocab: bool,
     pub d_model: usize,
     pub n_layer: usize,
     pub d_state: usize,
@@ -86,6 +93,7 @@ impl Default for TrainConfig {
         Self {
             data: PathBuf::new(),
             tokenizer: None,
+            char_vocab: false,
             d_model: 256,
             n_layer: 4,
             d_state: 16,
@@ -162,6 +170,9 @@ impl TrainConfig {
             if v == 0 {
                 return bad(format!("{name} must be at least 1"));
             }
+        }
+        if self.char_vocab && self.tokenizer.is_some() {
+            return bad("give either a tokenizer.json or char_vocab, not both".into());
         }
         if self.seq_len < 2 {
             return bad(format!(
@@ -506,6 +517,7 @@ impl Trainer {
                 reporter.line(&format!(
                     "step {s}: validation loss {val:.4} (train {loss:.4})"
                 ));
+                write_loss_plot(&metrics_path, &self.run_dir.join("loss.png"))?;
             }
             if (c.save_every > 0 && s.is_multiple_of(c.save_every)) || last {
                 self.save_checkpoint()?;
@@ -572,6 +584,9 @@ impl Trainer {
         config["torch_dtype"] = "float32".into();
         match (&self.tokenizer, &self.config.tokenizer) {
             (Tokenizer::Bytes, _) => config["tokenizer"] = "bytes".into(),
+            (Tokenizer::Chars(vocab), _) => {
+                config["tokenizer"] = serde_json::json!({ "chars": vocab.as_string() })
+            }
             (_, Some(path)) => {
                 let dst = dir.join("tokenizer.json");
                 std::fs::copy(path, &dst).map_err(|e| Error::io(path, e))?;
@@ -611,11 +626,49 @@ impl Trainer {
     }
 }
 
+/// Draws the training loss of every step and the validation loss of every
+/// evaluation recorded in `metrics.jsonl` into a PNG.
+fn write_loss_plot(metrics_path: &Path, png_path: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(metrics_path).map_err(|e| Error::io(metrics_path, e))?;
+    let mut train = Vec::new();
+    let mut val = Vec::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let Some(step) = v["step"].as_f64() else { continue };
+        if let Some(loss) = v["loss"].as_f64() {
+            train.push((step, loss));
+        }
+        if let Some(loss) = v["val_loss"].as_f64() {
+            val.push((step, loss));
+        }
+    }
+    let chart = Chart {
+        title: format!("{}", metrics_path.parent().unwrap_or(Path::new(".")).display()),
+        x_label: "step".into(),
+        y_label: "cross-entropy (nats per token)".into(),
+        series: vec![
+            Series { name: "train".into(), points: train },
+            Series { name: "validation".into(), points: val },
+        ],
+        log_x: false,
+    };
+    plot::write_png(&chart, png_path)
+}
+
 /// The tokenizer of the run and its text, split.
 fn load_data(config: &TrainConfig) -> Result<(Tokenizer, TextData)> {
     let tokenizer = match &config.tokenizer {
-        None => Tokenizer::Bytes,
         Some(path) => Tokenizer::from_file(path)?,
+        None if config.char_vocab => {
+            let path = &config.data;
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            let vocab = CharVocab::from_text(&text)
+                .map_err(|e| invalid("train", format!("{}: {e}", path.display())))?;
+            Tokenizer::Chars(vocab)
+        }
+        None => Tokenizer::Bytes,
     };
     let data = TextData::load(&config.data, &tokenizer, config.val_fraction)?;
     for (name, part) in [("training", &data.train), ("validation", &data.val)] {
