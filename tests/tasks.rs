@@ -35,7 +35,11 @@ fn random_model(layer: SsmLayer, arch: BlockArch, seed: u64) -> TaskModel<f64> {
     let mut rng = Rng::new(seed ^ 0xABCD);
     for (info, t) in model.params.tensors_mut(&config) {
         // S4D's log_dt and log_a_real stay in a sensible range.
-        let scale = if info.name.contains("embedding") { 0.5 } else { 0.2 };
+        let scale = if info.name.contains("embedding") {
+            0.5
+        } else {
+            0.2
+        };
         for v in t.iter_mut() {
             *v += scale * rng.normal();
         }
@@ -43,7 +47,13 @@ fn random_model(layer: SsmLayer, arch: BlockArch, seed: u64) -> TaskModel<f64> {
     model
 }
 
-fn random_batch(vocab: usize, batch: usize, len: usize, answers_per_row: usize, seed: u64) -> TaskBatch {
+fn random_batch(
+    vocab: usize,
+    batch: usize,
+    len: usize,
+    answers_per_row: usize,
+    seed: u64,
+) -> TaskBatch {
     let mut rng = Rng::new(seed);
     let ids = (0..batch * len).map(|_| rng.below(vocab) as u32).collect();
     let mut answers = Vec::new();
@@ -103,7 +113,13 @@ fn gradients_match_finite_differences_for_every_variant() {
 }
 
 /// The final hidden rows of `ids` run as chunks of the given sizes.
-fn chunked_hidden(model: &TaskModel<f64>, ids: &[u32], batch: usize, len: usize, sizes: &[usize]) -> Vec<f64> {
+fn chunked_hidden(
+    model: &TaskModel<f64>,
+    ids: &[u32],
+    batch: usize,
+    len: usize,
+    sizes: &[usize],
+) -> Vec<f64> {
     let d = model.config.d_model;
     let mut state = model.zero_state(batch);
     let mut out = vec![0.0; batch * len * d];
@@ -137,7 +153,12 @@ fn chunked_and_step_modes_equal_the_whole_sequence_forward() {
         for sizes in [vec![13], vec![5, 1, 7], vec![1; 13]] {
             let got = chunked_hidden(&model, &data.ids, batch, len, &sizes);
             for (i, (a, b)) in got.iter().zip(whole).enumerate() {
-                assert!((a - b).abs() < 1e-10, "{}/{} chunks {sizes:?}: [{i}] {a} vs {b}", arch.name(), layer.name());
+                assert!(
+                    (a - b).abs() < 1e-10,
+                    "{}/{} chunks {sizes:?}: [{i}] {a} vs {b}",
+                    arch.name(),
+                    layer.name()
+                );
             }
         }
         let mut state = model.zero_state(batch);
@@ -147,7 +168,12 @@ fn chunked_and_step_modes_equal_the_whole_sequence_forward() {
             for b in 0..batch {
                 let want = &whole[(b * len + t) * d..(b * len + t + 1) * d];
                 for (a, w) in h[b * d..(b + 1) * d].iter().zip(want) {
-                    assert!((a - w).abs() < 1e-10, "{}/{} step {t}: {a} vs {w}", arch.name(), layer.name());
+                    assert!(
+                        (a - w).abs() < 1e-10,
+                        "{}/{} step {t}: {a} vs {w}",
+                        arch.name(),
+                        layer.name()
+                    );
                 }
             }
         }
@@ -172,7 +198,11 @@ fn f32_model_tracks_f64_over_a_long_chunked_run() {
         config,
         params: {
             let mut p = selective::tasks::TaskParams::<f32>::zeros(&config);
-            for ((_, dst), (_, src)) in p.tensors_mut(&config).into_iter().zip(m64.params.tensors(&config)) {
+            for ((_, dst), (_, src)) in p
+                .tensors_mut(&config)
+                .into_iter()
+                .zip(m64.params.tensors(&config))
+            {
                 *dst = src.iter().map(|&v| v as f32).collect();
             }
             p
@@ -187,7 +217,13 @@ fn f32_model_tracks_f64_over_a_long_chunked_run() {
     }
 }
 
-fn chunked_hidden_f32(model: &TaskModel<f32>, ids: &[u32], batch: usize, len: usize, chunk: usize) -> Vec<f32> {
+fn chunked_hidden_f32(
+    model: &TaskModel<f32>,
+    ids: &[u32],
+    batch: usize,
+    len: usize,
+    chunk: usize,
+) -> Vec<f32> {
     let d = model.config.d_model;
     let mut state = model.zero_state(batch);
     let mut out = vec![0.0; batch * len * d];
@@ -224,11 +260,17 @@ fn save_and_load_round_trip_every_variant_and_reject_mismatches() {
     s6.save(&dir).unwrap();
     let mut other = small_config(SsmLayer::S4d, BlockArch::Mamba);
     other.d_state = 4;
-    std::fs::write(dir.join("task-model.json"), serde_json::to_string(&other).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("task-model.json"),
+        serde_json::to_string(&other).unwrap(),
+    )
+    .unwrap();
     let e = TaskModel::<f32>::load(&dir).unwrap_err().to_string();
     assert!(e.contains("s4d") && e.contains("missing"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
-    let e = TaskModel::<f32>::load(Path::new("/nonexistent/model")).unwrap_err().to_string();
+    let e = TaskModel::<f32>::load(Path::new("/nonexistent/model"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("task-model.json"), "{e}");
 }
 
@@ -250,7 +292,11 @@ fn bad_inputs_are_errors_not_panics() {
         batch: 1,
         len: 3,
         ids: vec![1, 2, 3],
-        answers: vec![Answer { row: 0, position: 3, token: 1 }],
+        answers: vec![Answer {
+            row: 0,
+            position: 3,
+            token: 1,
+        }],
     };
     let e = answer_score(&model, &data).unwrap_err().to_string();
     assert!(e.contains("outside the batch"), "{e}");
@@ -264,9 +310,36 @@ fn selective() -> Command {
 fn task_command_trains_writes_results_and_evaluates_a_saved_model() {
     let out = std::env::temp_dir().join(format!("selective-task-cli-{}", std::process::id()));
     let status = selective()
-        .args(["task", "induction-heads", "--vocab", "6", "--seq-len", "16", "--d-model", "8"])
-        .args(["--steps", "6", "--eval-every", "3", "--batch", "4", "--eval-examples", "8"])
-        .args(["--test-examples", "8", "--lengths", "16,40", "--eval-samples", "3", "--eval-chunk", "7"])
+        .args([
+            "task",
+            "induction-heads",
+            "--vocab",
+            "6",
+            "--seq-len",
+            "16",
+            "--d-model",
+            "8",
+        ])
+        .args([
+            "--steps",
+            "6",
+            "--eval-every",
+            "3",
+            "--batch",
+            "4",
+            "--eval-examples",
+            "8",
+        ])
+        .args([
+            "--test-examples",
+            "8",
+            "--lengths",
+            "16,40",
+            "--eval-samples",
+            "3",
+            "--eval-chunk",
+            "7",
+        ])
         .args(["--threads", "1", "--out"])
         .arg(&out)
         .status()
@@ -282,18 +355,37 @@ fn task_command_trains_writes_results_and_evaluates_a_saved_model() {
     assert!(out.join("model/model.safetensors").exists());
     let eval_out = out.join("eval");
     let status = selective()
-        .args(["task", "induction-heads", "--vocab", "6", "--eval-only", "--model"])
+        .args([
+            "task",
+            "induction-heads",
+            "--vocab",
+            "6",
+            "--eval-only",
+            "--model",
+        ])
         .arg(out.join("model"))
-        .args(["--lengths", "16,40", "--eval-samples", "3", "--eval-chunk", "7", "--out"])
+        .args([
+            "--lengths",
+            "16,40",
+            "--eval-samples",
+            "3",
+            "--eval-chunk",
+            "7",
+            "--out",
+        ])
         .arg(&eval_out)
         .status()
         .unwrap();
     assert!(status.success());
     let eval: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(eval_out.join("results.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(eval_out.join("results.json")).unwrap())
+            .unwrap();
     // the same sequences (seed) and model give the same accuracies
     for i in 0..2 {
-        assert_eq!(eval["lengths"][i]["accuracy"], report["lengths"][i]["accuracy"]);
+        assert_eq!(
+            eval["lengths"][i]["accuracy"],
+            report["lengths"][i]["accuracy"]
+        );
     }
     let output = selective()
         .args(["task", "sorting", "--out"])

@@ -150,7 +150,10 @@ fn run(args: TaskArgs) -> Result<()> {
         EvalModeArg::Step => EvalMode::Step,
     };
     if !args.lengths.is_empty() && kind != TaskKind::InductionHeads {
-        return Err(invalid("selective task", "--lengths applies to induction-heads only"));
+        return Err(invalid(
+            "selective task",
+            "--lengths applies to induction-heads only",
+        ));
     }
     if args.eval_only {
         let dir = args.model.as_ref().expect("clap requires --model");
@@ -161,7 +164,11 @@ fn run(args: TaskArgs) -> Result<()> {
                 "--eval-only evaluates length extrapolation: induction-heads only",
             ));
         }
-        let lengths = if args.lengths.is_empty() { vec![spec.seq_len] } else { args.lengths.clone() };
+        let lengths = if args.lengths.is_empty() {
+            vec![spec.seq_len]
+        } else {
+            args.lengths.clone()
+        };
         eprintln!(
             "evaluating {} ({} parameters, layer {}, arch {}) at {} lengths, {} sequences each, {:?} mode",
             dir.display(),
@@ -207,7 +214,8 @@ fn run(args: TaskArgs) -> Result<()> {
         ArchArg::Mamba => BlockArch::Mamba,
         ArchArg::Nogate => BlockArch::Nogate,
     };
-    let mut model_config = TaskModelConfig::new(args.vocab, args.d_model, args.n_layer, layer, arch);
+    let mut model_config =
+        TaskModelConfig::new(args.vocab, args.d_model, args.n_layer, layer, arch);
     model_config.d_state = args.d_state;
     model_config.expand = args.expand;
     let settings = TrainSettings {
@@ -309,7 +317,11 @@ fn run(args: TaskArgs) -> Result<()> {
     if !lengths_results.is_empty() {
         md.push('\n');
         md.push_str(&lengths_table(&lengths_results));
-        write_length_png(&out.join("accuracy-by-length.png"), &model.config, &lengths_results)?;
+        write_length_png(
+            &out.join("accuracy-by-length.png"),
+            &model.config,
+            &lengths_results,
+        )?;
     }
     write_atomically(&out.join("results.md"), md.as_bytes())?;
     write_curve_png(
@@ -351,7 +363,9 @@ fn length_eval(
 }
 
 fn mib(bytes: Option<u64>) -> String {
-    bytes.map_or("?".into(), |b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64))
+    bytes.map_or("?".into(), |b| {
+        format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+    })
 }
 
 fn model_line(c: &TaskModelConfig, params: usize) -> String {
@@ -410,7 +424,11 @@ fn write_curve_png(path: &Path, title: &str, curve: &[CurvePoint]) -> Result<()>
 
 fn write_length_png(path: &Path, c: &TaskModelConfig, results: &[LengthResult]) -> Result<()> {
     let chart = crate::plot::Chart {
-        title: format!("induction heads by test length ({} / {})", c.arch.name(), c.layer.name()),
+        title: format!(
+            "induction heads by test length ({} / {})",
+            c.arch.name(),
+            c.layer.name()
+        ),
         x_label: "test sequence length".into(),
         y_label: "accuracy (%)".into(),
         series: vec![crate::plot::Series {

@@ -112,7 +112,10 @@ impl TaskSpec {
                     ));
                 }
                 if self.memorize == 0 {
-                    return Err(invalid(OP, "the number of tokens to memorise M must be at least 1"));
+                    return Err(invalid(
+                        OP,
+                        "the number of tokens to memorise M must be at least 1",
+                    ));
                 }
             }
             TaskKind::InductionHeads => {
@@ -371,7 +374,10 @@ mod tests {
             }
             first_positions.insert(data[0].0);
         }
-        assert!(first_positions.len() > 5, "positions are random: {first_positions:?}");
+        assert!(
+            first_positions.len() > 5,
+            "positions are random: {first_positions:?}"
+        );
     }
 
     #[test]
@@ -435,11 +441,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("vocabulary of at least 3"), "{e}");
-        let e = spec(TaskKind::Copying, 8, 10, 0).validate().unwrap_err().to_string();
+        let e = spec(TaskKind::Copying, 8, 10, 0)
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("M must be at least 1"), "{e}");
-        let e = spec(TaskKind::InductionHeads, 8, 3, 0).validate().unwrap_err().to_string();
+        let e = spec(TaskKind::InductionHeads, 8, 3, 0)
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("length of at least 4"), "{e}");
         assert!(TaskKind::parse("copy").is_err());
-        assert_eq!(TaskKind::parse("induction-heads").unwrap(), TaskKind::InductionHeads);
+        assert_eq!(
+            TaskKind::parse("induction-heads").unwrap(),
+            TaskKind::InductionHeads
+        );
     }
 }

@@ -40,6 +40,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check_len, invalid, Error, Result};
+use crate::float::Float;
 use crate::kernels::{
     causal_conv1d_backward, causal_conv1d_forward, causal_conv1d_forward_continuing,
     causal_conv1d_step, matmul_xtw, matmul_xw, matmul_xwt, rms_norm_backward, rms_norm_forward,
@@ -49,7 +50,6 @@ use crate::kernels::{
 };
 use crate::model::checkpoint::{encode, write_atomically, write_safetensors, DType};
 use crate::model::{SafetensorsFile, TensorSource};
-use crate::float::Float;
 use crate::rng::Rng;
 
 /// Scalar types of the task models: those the matmul and FFT kernels take.
@@ -329,8 +329,16 @@ impl<T: TaskScalar> TaskParams<T> {
             .map(|_| BlockParams {
                 norm_weight: z(d),
                 in_proj_weight: z(in_proj_rows(config) * d),
-                conv1d_weight: if config.arch == BlockArch::Mamba { z(e * k) } else { Vec::new() },
-                conv1d_bias: if config.arch == BlockArch::Mamba { z(e) } else { Vec::new() },
+                conv1d_weight: if config.arch == BlockArch::Mamba {
+                    z(e * k)
+                } else {
+                    Vec::new()
+                },
+                conv1d_bias: if config.arch == BlockArch::Mamba {
+                    z(e)
+                } else {
+                    Vec::new()
+                },
                 ssm: match config.layer {
                     SsmLayer::S6 => SsmParams::S6(S6Params {
                         x_proj_weight: z((r + 2 * n) * e),
@@ -395,7 +403,11 @@ pub fn tensor_infos(config: &TaskModelConfig) -> Vec<TensorInfo> {
         shape,
         decays,
     };
-    let mut out = vec![info("embedding.weight".into(), vec![config.vocab_size, d], false)];
+    let mut out = vec![info(
+        "embedding.weight".into(),
+        vec![config.vocab_size, d],
+        false,
+    )];
     for i in 0..config.n_layer {
         let p = format!("layers.{i}");
         out.push(info(format!("{p}.norm.weight"), vec![d], false));
@@ -410,7 +422,11 @@ pub fn tensor_infos(config: &TaskModelConfig) -> Vec<TensorInfo> {
         }
         match config.layer {
             SsmLayer::S6 => {
-                out.push(info(format!("{p}.mixer.x_proj.weight"), vec![r + 2 * n, e], true));
+                out.push(info(
+                    format!("{p}.mixer.x_proj.weight"),
+                    vec![r + 2 * n, e],
+                    true,
+                ));
                 out.push(info(format!("{p}.mixer.dt_proj.weight"), vec![e, r], true));
                 out.push(info(format!("{p}.mixer.dt_proj.bias"), vec![e], false));
                 out.push(info(format!("{p}.mixer.A_log"), vec![e, n], false));
@@ -526,8 +542,9 @@ impl<T: TaskScalar> TaskModel<T> {
         let mut rng = Rng::new(seed);
         let mut p = TaskParams::<T>::zeros(c);
         // kaiming_uniform(a=√5): U(±1/sqrt(fan_in))
-        let uniform =
-            |rng: &mut Rng, len: usize, bound: f64| -> Vec<T> { rng.vec(len, |r| r.uniform_in(-bound, bound)) };
+        let uniform = |rng: &mut Rng, len: usize, bound: f64| -> Vec<T> {
+            rng.vec(len, |r| r.uniform_in(-bound, bound))
+        };
         p.embedding = rng.vec(c.vocab_size * d, |r| r.normal() * 0.02);
         for layer in p.layers.iter_mut() {
             layer.norm_weight = vec![T::ONE; d];
@@ -549,12 +566,13 @@ impl<T: TaskScalar> TaskModel<T> {
                         .collect(),
                     d: vec![T::ONE; e],
                 }),
-                SsmLayer::S4d => SsmParams::S4d(S4dParams::init(S4dInit::Lin, e, n, rng.next_u64())?),
+                SsmLayer::S4d => {
+                    SsmParams::S4d(S4dParams::init(S4dInit::Lin, e, n, rng.next_u64())?)
+                }
             };
             let out_bound = 1.0 / (e as f64).sqrt();
             let scale = 1.0 / (c.n_layer as f64).sqrt();
-            layer.out_proj_weight =
-                rng.vec(d * e, |r| r.uniform_in(-out_bound, out_bound) * scale);
+            layer.out_proj_weight = rng.vec(d * e, |r| r.uniform_in(-out_bound, out_bound) * scale);
         }
         p.norm_f_weight = vec![T::ONE; d];
         Ok(Self { config, params: p })
@@ -604,7 +622,13 @@ impl<T: TaskScalar> TaskModel<T> {
 
     fn rms_norm(&self, x: &[T], w: &[T]) -> Result<Vec<T>> {
         let mut y = vec![T::ZERO; x.len()];
-        rms_norm_forward(x, w, self.config.d_model, <T as Float>::from_f64(self.config.norm_eps), &mut y)?;
+        rms_norm_forward(
+            x,
+            w,
+            self.config.d_model,
+            <T as Float>::from_f64(self.config.norm_eps),
+            &mut y,
+        )?;
         Ok(y)
     }
 
@@ -619,7 +643,15 @@ impl<T: TaskScalar> TaskModel<T> {
         }
         let rows = hidden.len() / d;
         let mut logits = vec![T::ZERO; rows * v];
-        matmul_xwt(hidden, &self.params.embedding, rows, d, v, &mut logits, false)?;
+        matmul_xwt(
+            hidden,
+            &self.params.embedding,
+            rows,
+            d,
+            v,
+            &mut logits,
+            false,
+        )?;
         Ok(logits)
     }
 
@@ -733,11 +765,27 @@ impl<T: TaskScalar> TaskModel<T> {
         let rows = batch * len;
         let normed = self.rms_norm(h, &layer.norm_weight)?;
         let mut x = vec![T::ZERO; rows * e];
-        matmul_xwt(&normed, &layer.in_proj_weight[..e * d], rows, d, e, &mut x, false)?;
+        matmul_xwt(
+            &normed,
+            &layer.in_proj_weight[..e * d],
+            rows,
+            d,
+            e,
+            &mut x,
+            false,
+        )?;
         let (z, xc, v) = match c.arch {
             BlockArch::Mamba => {
                 let mut z = vec![T::ZERO; rows * e];
-                matmul_xwt(&normed, &layer.in_proj_weight[e * d..], rows, d, e, &mut z, false)?;
+                matmul_xwt(
+                    &normed,
+                    &layer.in_proj_weight[e * d..],
+                    rows,
+                    d,
+                    e,
+                    &mut z,
+                    false,
+                )?;
                 let conv = ConvShape {
                     batch,
                     len,
@@ -912,7 +960,10 @@ impl<T: TaskScalar> TaskModel<T> {
         check_len(OP, "d_hidden", d_hidden, &[("rows", rows), ("d_model", d)])?;
         check_len(OP, "ids", ids, &[("rows", rows)])?;
         if cache.h_last.is_empty() {
-            return Err(invalid(OP, "the cache holds nothing: make it with forward_train"));
+            return Err(invalid(
+                OP,
+                "the cache holds nothing: make it with forward_train",
+            ));
         }
         let mut g = TaskParams::<T>::zeros(c);
         let eps = <T as Float>::from_f64(c.norm_eps);
@@ -967,7 +1018,10 @@ impl<T: TaskScalar> TaskModel<T> {
                     .zip(&cache.z)
                     .map(|((&g, &s), &z)| g * s * z.silu_grad())
                     .collect();
-                dy.iter().zip(&cache.z).map(|(&g, &z)| g * z.silu()).collect()
+                dy.iter()
+                    .zip(&cache.z)
+                    .map(|(&g, &z)| g * z.silu())
+                    .collect()
             }
             BlockArch::Nogate => dy
                 .iter()
@@ -1007,7 +1061,12 @@ impl<T: TaskScalar> TaskModel<T> {
                 gp.d = d;
                 u
             }
-            _ => return Err(invalid("TaskModel::backward", "gradient tree of another layer type")),
+            _ => {
+                return Err(invalid(
+                    "TaskModel::backward",
+                    "gradient tree of another layer type",
+                ))
+            }
         };
         // v = silu(conv1d(x) + b)  or  v = x
         let dx = match c.arch {
@@ -1032,11 +1091,43 @@ impl<T: TaskScalar> TaskModel<T> {
         };
         // x = u W_inxᵀ (, z = u W_inzᵀ)
         let mut d_normed = vec![T::ZERO; rows * d];
-        matmul_xw(&dx, &layer.in_proj_weight[..e * d], rows, e, d, &mut d_normed, false)?;
-        matmul_xtw(&dx, &cache.normed, rows, e, d, &mut g.in_proj_weight[..e * d], false)?;
+        matmul_xw(
+            &dx,
+            &layer.in_proj_weight[..e * d],
+            rows,
+            e,
+            d,
+            &mut d_normed,
+            false,
+        )?;
+        matmul_xtw(
+            &dx,
+            &cache.normed,
+            rows,
+            e,
+            d,
+            &mut g.in_proj_weight[..e * d],
+            false,
+        )?;
         if c.arch == BlockArch::Mamba {
-            matmul_xw(&dz, &layer.in_proj_weight[e * d..], rows, e, d, &mut d_normed, true)?;
-            matmul_xtw(&dz, &cache.normed, rows, e, d, &mut g.in_proj_weight[e * d..], false)?;
+            matmul_xw(
+                &dz,
+                &layer.in_proj_weight[e * d..],
+                rows,
+                e,
+                d,
+                &mut d_normed,
+                true,
+            )?;
+            matmul_xtw(
+                &dz,
+                &cache.normed,
+                rows,
+                e,
+                d,
+                &mut g.in_proj_weight[e * d..],
+                false,
+            )?;
         }
         // u = rmsnorm(h_in); the residual path adds dh itself.
         let ng = rms_norm_backward(
@@ -1085,7 +1176,14 @@ impl<T: TaskScalar> TaskModel<T> {
             channels: e,
             state: n,
         };
-        let sg = selective_scan_backward(&shape, &inputs, &scan_options(), &cache.checkpoints, ds, None)?;
+        let sg = selective_scan_backward(
+            &shape,
+            &inputs,
+            &scan_options(),
+            &cache.checkpoints,
+            ds,
+            None,
+        )?;
         // A = -exp(A_log): dA/dA_log = A
         for ((ga, &da), &a) in g.a_log.iter_mut().zip(&sg.a).zip(&cache.a) {
             *ga = da * a;
@@ -1094,8 +1192,24 @@ impl<T: TaskScalar> TaskModel<T> {
         g.dt_proj_bias = sg.delta_bias.expect("delta_bias was given");
         // delta = dt_low W_dtᵀ
         let mut d_dt_low = vec![T::ZERO; rows * r];
-        matmul_xw(&sg.delta, &p.dt_proj_weight, rows, e, r, &mut d_dt_low, false)?;
-        matmul_xtw(&sg.delta, &cache.dt_low, rows, e, r, &mut g.dt_proj_weight, false)?;
+        matmul_xw(
+            &sg.delta,
+            &p.dt_proj_weight,
+            rows,
+            e,
+            r,
+            &mut d_dt_low,
+            false,
+        )?;
+        matmul_xtw(
+            &sg.delta,
+            &cache.dt_low,
+            rows,
+            e,
+            r,
+            &mut g.dt_proj_weight,
+            false,
+        )?;
         // [dt_low, B, C] = v W_xᵀ
         let mut dv = sg.u;
         let wx = &p.x_proj_weight;
@@ -1123,12 +1237,28 @@ impl<T: TaskScalar> TaskModel<T> {
         for (layer, st) in self.params.layers.iter().zip(state.blocks.iter_mut()) {
             let normed = self.rms_norm(&h, &layer.norm_weight)?;
             let mut x = vec![T::ZERO; batch * e];
-            matmul_xwt(&normed, &layer.in_proj_weight[..e * d], batch, d, e, &mut x, false)?;
+            matmul_xwt(
+                &normed,
+                &layer.in_proj_weight[..e * d],
+                batch,
+                d,
+                e,
+                &mut x,
+                false,
+            )?;
             let mut z = Vec::new();
             let v = match c.arch {
                 BlockArch::Mamba => {
                     z = vec![T::ZERO; batch * e];
-                    matmul_xwt(&normed, &layer.in_proj_weight[e * d..], batch, d, e, &mut z, false)?;
+                    matmul_xwt(
+                        &normed,
+                        &layer.in_proj_weight[e * d..],
+                        batch,
+                        d,
+                        e,
+                        &mut z,
+                        false,
+                    )?;
                     let mut xc = vec![T::ZERO; batch * e];
                     causal_conv1d_step(
                         batch,

@@ -10,8 +10,8 @@ use serde::Serialize;
 use super::data::{Answer, InductionSequence, TaskBatch, TaskKind, TaskSpec};
 use super::model::{TaskModel, TaskModelConfig, TaskParams, TaskScalar};
 use crate::error::{invalid, Result};
-use crate::generation_bench::peak_resident_bytes;
 use crate::float::Float;
+use crate::generation_bench::peak_resident_bytes;
 use crate::rng::Rng;
 use crate::train::progress::{Reporter, StepLine};
 use crate::train::{AdamWConfig, LrSchedule, ProgressMode};
@@ -95,7 +95,10 @@ fn check_batch<T: TaskScalar>(model: &TaskModel<T>, batch: &TaskBatch) -> Result
         if a.token as usize >= model.config.vocab_size {
             return Err(invalid(
                 OP,
-                format!("answer token {} is outside the vocabulary of {}", a.token, model.config.vocab_size),
+                format!(
+                    "answer token {} is outside the vocabulary of {}",
+                    a.token, model.config.vocab_size
+                ),
             ));
         }
     }
@@ -103,7 +106,12 @@ fn check_batch<T: TaskScalar>(model: &TaskModel<T>, batch: &TaskBatch) -> Result
 }
 
 /// The final hidden rows (answers, D) of the answer positions.
-fn gather_answer_rows<T: TaskScalar>(hidden: &[T], d: usize, len: usize, answers: &[Answer]) -> Vec<T> {
+fn gather_answer_rows<T: TaskScalar>(
+    hidden: &[T],
+    d: usize,
+    len: usize,
+    answers: &[Answer],
+) -> Vec<T> {
     let mut rows = Vec::with_capacity(answers.len() * d);
     for a in answers {
         let r = a.row * len + a.position;
@@ -130,11 +138,22 @@ pub fn answer_loss_and_grads<T: TaskScalar>(
     // logits = rows · Eᵀ: d rows = d_logits · E, dE += d_logitsᵀ · rows
     let a = targets.len();
     let mut d_rows = vec![T::ZERO; a * d];
-    crate::kernels::matmul_xw(&d_logits, &model.params.embedding, a, v, d, &mut d_rows, false)?;
+    crate::kernels::matmul_xw(
+        &d_logits,
+        &model.params.embedding,
+        a,
+        v,
+        d,
+        &mut d_rows,
+        false,
+    )?;
     let mut d_hidden = vec![T::ZERO; batch.batch * batch.len * d];
     for (i, ans) in batch.answers.iter().enumerate() {
         let r = ans.row * batch.len + ans.position;
-        for (dst, &g) in d_hidden[r * d..(r + 1) * d].iter_mut().zip(&d_rows[i * d..(i + 1) * d]) {
+        for (dst, &g) in d_hidden[r * d..(r + 1) * d]
+            .iter_mut()
+            .zip(&d_rows[i * d..(i + 1) * d])
+        {
             *dst += g;
         }
     }
@@ -219,7 +238,11 @@ impl TaskAdamW {
 
 /// Scales the gradients so that their global norm is at most `max_norm`;
 /// returns the norm before clipping.
-pub fn clip_global_norm(config: &TaskModelConfig, grads: &mut TaskParams<f32>, max_norm: f64) -> f64 {
+pub fn clip_global_norm(
+    config: &TaskModelConfig,
+    grads: &mut TaskParams<f32>,
+    max_norm: f64,
+) -> f64 {
     let norm = grads
         .tensors(config)
         .iter()
@@ -315,7 +338,10 @@ pub fn train_task(settings: &TrainSettings) -> Result<TrainOutcome> {
         ));
     }
     if settings.steps == 0 || settings.batch == 0 || settings.eval_every == 0 {
-        return Err(invalid(OP, "steps, batch and eval_every must be at least 1"));
+        return Err(invalid(
+            OP,
+            "steps, batch and eval_every must be at least 1",
+        ));
     }
     if !(settings.lr > 0.0) {
         return Err(invalid(OP, "the learning rate must be positive"));
@@ -348,7 +374,10 @@ pub fn train_task(settings: &TrainSettings) -> Result<TrainOutcome> {
         let batch = settings.spec.sample(settings.batch, &mut rng)?;
         let (score, mut grads) = answer_loss_and_grads(&model, &batch)?;
         if !score.loss_sum.is_finite() {
-            return Err(invalid(OP, format!("the loss is not finite at step {step}")));
+            return Err(invalid(
+                OP,
+                format!("the loss is not finite at step {step}"),
+            ));
         }
         clip_global_norm(&settings.model, &mut grads, settings.clip);
         let lr = schedule.lr(step);
@@ -379,8 +408,13 @@ pub fn train_task(settings: &TrainSettings) -> Result<TrainOutcome> {
                 100.0 * val.accuracy()
             ));
             since = AnswerScore::default();
-            if settings.stop_at_accuracy.is_some_and(|a| val.accuracy() >= a) {
-                reporter.line(&format!("validation accuracy reached the target: stopping at step {steps_run}"));
+            if settings
+                .stop_at_accuracy
+                .is_some_and(|a| val.accuracy() >= a)
+            {
+                reporter.line(&format!(
+                    "validation accuracy reached the target: stopping at step {steps_run}"
+                ));
                 break;
             }
         }
@@ -441,7 +475,10 @@ pub fn evaluate_induction_lengths<T: TaskScalar>(
     if vocab > model.config.vocab_size {
         return Err(invalid(
             OP,
-            format!("task vocabulary {vocab} exceeds the model's {}", model.config.vocab_size),
+            format!(
+                "task vocabulary {vocab} exceeds the model's {}",
+                model.config.vocab_size
+            ),
         ));
     }
     let d = model.config.d_model;
