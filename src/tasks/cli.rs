@@ -114,6 +114,10 @@ pub struct TaskArgs {
     /// A saved task model directory (task-model.json + model.safetensors).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Train further from this saved model (its layer, arch and sizes are
+    /// used; the size flags must agree) instead of a fresh initialisation.
+    #[arg(long, conflicts_with = "eval_only")]
+    pub init: Option<PathBuf>,
     /// Where to write results (and the trained model, under model/).
     #[arg(long, default_value = "task-results")]
     pub out: PathBuf,
@@ -214,10 +218,30 @@ fn run(args: TaskArgs) -> Result<()> {
         ArchArg::Mamba => BlockArch::Mamba,
         ArchArg::Nogate => BlockArch::Nogate,
     };
-    let mut model_config =
-        TaskModelConfig::new(args.vocab, args.d_model, args.n_layer, layer, arch);
-    model_config.d_state = args.d_state;
-    model_config.expand = args.expand;
+    let init = args
+        .init
+        .as_deref()
+        .map(TaskModel::<f32>::load)
+        .transpose()?;
+    let model_config = match &init {
+        Some(m) => m.config,
+        None => {
+            let mut c = TaskModelConfig::new(args.vocab, args.d_model, args.n_layer, layer, arch);
+            c.d_state = args.d_state;
+            c.expand = args.expand;
+            c
+        }
+    };
+    let (layer, arch) = (model_config.layer, model_config.arch);
+    if model_config.vocab_size != args.vocab {
+        return Err(invalid(
+            "selective task",
+            format!(
+                "the model's vocabulary is {}, the task's --vocab {}",
+                model_config.vocab_size, args.vocab
+            ),
+        ));
+    }
     let settings = TrainSettings {
         spec,
         model: model_config,
@@ -233,6 +257,7 @@ fn run(args: TaskArgs) -> Result<()> {
         eval_every: args.eval_every,
         eval_examples: args.eval_examples,
         stop_at_accuracy: args.stop_at_accuracy,
+        init,
         progress: ProgressMode::Auto,
     };
     eprintln!(
@@ -273,6 +298,7 @@ fn run(args: TaskArgs) -> Result<()> {
     };
     let report = json!({
         "task": kind.name(),
+        "init": args.init.as_ref().map(|p| p.display().to_string()),
         "spec": spec,
         "input_len": spec.input_len(),
         "chance_accuracy": spec.chance_accuracy(),

@@ -278,6 +278,11 @@ pub struct TrainSettings {
     pub eval_examples: usize,
     /// Stop once the validation accuracy reaches this (None: run every step).
     pub stop_at_accuracy: Option<f64>,
+    /// Start from this model's weights instead of a fresh initialisation
+    /// (its configuration must equal `model`): a curriculum, e.g. a model
+    /// trained on short sequences trained further on longer ones.
+    #[serde(skip)]
+    pub init: Option<TaskModel<f32>>,
     #[serde(skip)]
     pub progress: ProgressMode,
 }
@@ -347,7 +352,19 @@ pub fn train_task(settings: &TrainSettings) -> Result<TrainOutcome> {
         return Err(invalid(OP, "the learning rate must be positive"));
     }
     let t0 = Instant::now();
-    let mut model = TaskModel::<f32>::init(settings.model, settings.seed)?;
+    let mut model = match &settings.init {
+        Some(m) if m.config != settings.model => {
+            return Err(invalid(
+                OP,
+                format!(
+                    "the initial model's configuration {:?} differs from the run's {:?}",
+                    m.config, settings.model
+                ),
+            ))
+        }
+        Some(m) => m.clone(),
+        None => TaskModel::<f32>::init(settings.model, settings.seed)?,
+    };
     let mut opt = TaskAdamW::new(
         &settings.model,
         AdamWConfig {
