@@ -42,6 +42,7 @@ print("/// Height of every glyph in pixels.")
 print("pub const GLYPH_HEIGHT: usize = %d;" % height)
 print()
 print("/// Glyphs of ASCII 32..=126, one u16 per row, bit x = column x.")
+print("#[rustfmt::skip]")
 print("pub const GLYPHS: [[u16; GLYPH_HEIGHT]; 95] = [")
 for c, glyph in zip(range(32, 127), rows):
     print("    [%s], // %r" % (", ".join("0x%04x" % g for g in glyph), chr(c)))

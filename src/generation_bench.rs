@@ -156,6 +156,13 @@ pub fn peak_resident_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Resets the peak resident memory of this process to its current
+/// resident memory (Linux: writing 5 to /proc/self/clear_refs), so that
+/// [`peak_resident_bytes`] measures from here on. Elsewhere it does nothing.
+pub fn reset_peak_resident() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 /// The resident memory of this process now (Linux's VmRSS), in bytes.
 pub fn resident_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -51,12 +51,19 @@ impl CharVocab {
             ));
         }
         if chars.is_empty() {
-            return Err(invalid("CharVocab::new", "the vocabulary has no characters"));
+            return Err(invalid(
+                "CharVocab::new",
+                "the vocabulary has no characters",
+            ));
         }
         if chars.len() > u32::MAX as usize {
             return Err(invalid("CharVocab::new", "more characters than u32 ids"));
         }
-        let ids = chars.iter().enumerate().map(|(i, &c)| (c, i as u32)).collect();
+        let ids = chars
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| (c, i as u32))
+            .collect();
         Ok(CharVocab { chars, ids })
     }
 

@@ -470,3 +470,106 @@ fn bench_reports_prefill_and_decode_speed_and_scaling() {
         "{stdout}"
     );
 }
+
+#[test]
+fn generate_without_a_model_uses_the_built_in_shakespeare_model() {
+    let args = [
+        "generate",
+        "-n",
+        "200",
+        "--seed",
+        "11",
+        "--temperature",
+        "0.8",
+        "--threads",
+        "1",
+    ];
+    let (first, stderr) = run_ok(&args);
+    assert!(stderr.contains("models/shakespeare-char"), "{stderr}");
+    assert_eq!(
+        first.chars().count(),
+        201,
+        "the newline it starts from, then 200 characters: {first:?}"
+    );
+    // the same seed gives the same text
+    assert_eq!(run_ok(&args).0, first);
+    // a trained model, not a random one: more than 75% letters and spaces
+    // (Shakespeare has ~95%), and several lines
+    let letters = first
+        .chars()
+        .filter(|c| c.is_ascii_alphabetic() || *c == ' ')
+        .count();
+    assert!(letters > 150, "{first:?}");
+    assert!(first.matches('\n').count() >= 2, "{first:?}");
+}
+
+#[test]
+fn the_built_in_model_scores_below_its_target_on_held_out_shakespeare() {
+    // the first 4000 characters of the validation split (the last 10% of
+    // the text), which training never saw
+    let text = std::fs::read_to_string(root().join("data/tinyshakespeare.txt")).unwrap();
+    let chars: Vec<char> = text.chars().collect();
+    let n_val = (chars.len() as f64 * 0.1).round() as usize;
+    let val: String = chars[chars.len() - n_val..][..4000].iter().collect();
+    let dir = temp_dir("builtin-score");
+    std::fs::write(dir.join("val.txt"), &val).unwrap();
+    let model = root().join("models/shakespeare-char");
+    let (stdout, _) = run_ok(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--text-file",
+        dir.join("val.txt").to_str().unwrap(),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let nll = v["mean_nll"].as_f64().unwrap();
+    // untrained: ln 72 = 4.28; the README states 1.53 on the whole split
+    assert!(nll < 1.7, "mean NLL {nll}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bench_train_times_steps_at_each_length() {
+    let (stdout, _) = run_ok(&[
+        "bench",
+        "--train",
+        "--d-model",
+        "16",
+        "--n-layer",
+        "1",
+        "--vocab-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "8,40",
+        "--steps",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    let rows: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, len) in rows.iter().zip([8, 40]) {
+        assert_eq!(row["seq_len"], len);
+        assert_eq!(row["batch"], 2);
+        assert_eq!(
+            row["tokens_per_second"]["samples"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(row["tokens_per_second"]["mean"].as_f64().unwrap() > 0.0);
+        assert!(row["peak_resident_bytes"].as_u64().unwrap() > 0);
+    }
+    let out = selective()
+        .args(["bench", "--train", "--seq-len", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("seq_len ≥ 2"));
+}

@@ -29,8 +29,18 @@ fn chart(series: Vec<Series>, log_x: bool) -> Chart {
 
 #[test]
 fn two_series_are_drawn_in_two_colours() {
-    let train = Series { name: "train".into(), points: (0..50).map(|i| (i as f64, 4.0 / (1.0 + i as f64))).collect() };
-    let val = Series { name: "val".into(), points: (0..5).map(|i| (10.0 * i as f64, 4.5 / (1.0 + 10.0 * i as f64))).collect() };
+    let train = Series {
+        name: "train".into(),
+        points: (0..50)
+            .map(|i| (i as f64, 4.0 / (1.0 + i as f64)))
+            .collect(),
+    };
+    let val = Series {
+        name: "val".into(),
+        points: (0..5)
+            .map(|i| (10.0 * i as f64, 4.5 / (1.0 + 10.0 * i as f64)))
+            .collect(),
+    };
     let (w, h, pixels) = decode(&render_png(&chart(vec![train, val.clone()], false)).unwrap());
     assert_eq!((w, h), (800, 500));
     let blue = count_color(&pixels, [31, 119, 180]);
@@ -44,7 +54,10 @@ fn two_series_are_drawn_in_two_colours() {
 
 #[test]
 fn a_rising_series_goes_from_bottom_left_to_top_right() {
-    let s = Series { name: "acc".into(), points: vec![(64.0, 0.0), (1048576.0, 1.0)] };
+    let s = Series {
+        name: "acc".into(),
+        points: vec![(64.0, 0.0), (1048576.0, 1.0)],
+    };
     let (w, _, pixels) = decode(&render_png(&chart(vec![s], true)).unwrap());
     let w = w as usize;
     let blue: Vec<(usize, usize)> = pixels
@@ -61,11 +74,22 @@ fn a_rising_series_goes_from_bottom_left_to_top_right() {
 
 #[test]
 fn bad_charts_are_errors_and_files_are_written() {
-    let s = Series { name: "x".into(), points: vec![(0.0, 1.0), (1.0, 2.0)] };
-    let err = render_png(&chart(vec![s.clone()], true)).unwrap_err().to_string();
+    let s = Series {
+        name: "x".into(),
+        points: vec![(0.0, 1.0), (1.0, 2.0)],
+    };
+    let err = render_png(&chart(vec![s.clone()], true))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("logarithmic"), "{err}");
-    let empty = Series { name: "nan".into(), points: vec![(1.0, f64::NAN)] };
-    assert!(render_png(&chart(vec![empty], false)).unwrap_err().to_string().contains("no finite points"));
+    let empty = Series {
+        name: "nan".into(),
+        points: vec![(1.0, f64::NAN)],
+    };
+    assert!(render_png(&chart(vec![empty], false))
+        .unwrap_err()
+        .to_string()
+        .contains("no finite points"));
 
     let dir = std::env::temp_dir().join(format!("selective-plot-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -80,9 +104,21 @@ fn bad_charts_are_errors_and_files_are_written() {
 /// `PLOT_SAMPLE=/tmp/sample.png cargo test --release --test plot -- sample`.
 #[test]
 fn sample() {
-    let Ok(path) = std::env::var("PLOT_SAMPLE") else { return };
-    let train = Series { name: "train".into(), points: (1..2000).map(|i| (i as f64, 1.4 + 3.0 / (i as f64).sqrt())).collect() };
-    let val = Series { name: "validation".into(), points: (1..20).map(|i| (100.0 * i as f64, 1.5 + 3.0 / (100.0 * i as f64).sqrt())).collect() };
+    let Ok(path) = std::env::var("PLOT_SAMPLE") else {
+        return;
+    };
+    let train = Series {
+        name: "train".into(),
+        points: (1..2000)
+            .map(|i| (i as f64, 1.4 + 3.0 / (i as f64).sqrt()))
+            .collect(),
+    };
+    let val = Series {
+        name: "validation".into(),
+        points: (1..20)
+            .map(|i| (100.0 * i as f64, 1.5 + 3.0 / (100.0 * i as f64).sqrt()))
+            .collect(),
+    };
     let mut c = chart(vec![train, val], false);
     c.title = "char-small on Tiny Shakespeare".into();
     write_png(&c, std::path::Path::new(&path)).unwrap();

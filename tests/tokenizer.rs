@@ -134,15 +134,33 @@ fn char_vocabularies_round_trip_and_read_from_config() {
     assert_eq!(ids, vec![9, 7, 8, 6, 3, 2, 1, 5, 4, 6, 6, 7, 0]);
     assert_eq!(tok.decode(&ids).unwrap(), "world, hello\n");
     assert!(CharVocab::from_text("").is_err());
-    assert!(CharVocab::new(vec!['a', 'b', 'a']).unwrap_err().to_string().contains("twice"));
+    assert!(CharVocab::new(vec!['a', 'b', 'a'])
+        .unwrap_err()
+        .to_string()
+        .contains("twice"));
 
     let dir = TempDir::new("chars-config");
-    std::fs::write(dir.0.join("config.json"), r#"{"tokenizer": {"chars": "ba"}}"#).unwrap();
+    std::fs::write(
+        dir.0.join("config.json"),
+        r#"{"tokenizer": {"chars": "ba"}}"#,
+    )
+    .unwrap();
     let found = Tokenizer::for_model_dir(&dir.0).unwrap().unwrap();
     assert_eq!(found.encode("ab").unwrap(), vec![1, 0]);
     std::fs::write(dir.0.join("config.json"), r#"{"tokenizer": {"chars": 5}}"#).unwrap();
     let err = Tokenizer::for_model_dir(&dir.0).err().unwrap().to_string();
-    assert!(err.contains("config.json") && err.contains("string"), "{err}");
-    std::fs::write(dir.0.join("config.json"), r#"{"tokenizer": {"chars": "aa"}}"#).unwrap();
-    assert!(Tokenizer::for_model_dir(&dir.0).err().unwrap().to_string().contains("twice"));
+    assert!(
+        err.contains("config.json") && err.contains("string"),
+        "{err}"
+    );
+    std::fs::write(
+        dir.0.join("config.json"),
+        r#"{"tokenizer": {"chars": "aa"}}"#,
+    )
+    .unwrap();
+    assert!(Tokenizer::for_model_dir(&dir.0)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("twice"));
 }

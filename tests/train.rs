@@ -528,7 +528,11 @@ fn a_char_vocab_run_stores_its_characters_and_draws_its_loss() {
     assert_eq!(tok.decode(&[21, 2, 25]).unwrap(), "tax");
     let err = tok.encode("Tax").unwrap_err().to_string();
     assert!(err.contains("'T'") && err.contains("28-character"), "{err}");
-    assert!(tok.decode(&[28]).unwrap_err().to_string().contains("padding"));
+    assert!(tok
+        .decode(&[28])
+        .unwrap_err()
+        .to_string()
+        .contains("padding"));
 
     // the loss plot is a PNG redrawn at each evaluation
     let png = std::fs::read(dir.join("run/loss.png")).unwrap();
@@ -540,7 +544,10 @@ fn a_char_vocab_run_stores_its_characters_and_draws_its_loss() {
         tokenizer: Some(dir.join("tokenizer.json")),
         ..tiny_config(dir.join("text.txt"))
     };
-    let err = Trainer::new(both, dir.join("run2")).err().unwrap().to_string();
+    let err = Trainer::new(both, dir.join("run2"))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("not both"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -21,7 +21,7 @@ use super::checkpoint::{
     encode, write_atomically, write_safetensors, DType, SafetensorsFile, TensorSource,
 };
 use super::config::MambaConfig;
-use super::params::{LayerParams, MambaParams, ParamInfo};
+use super::params::{LayerParams, MambaParams, MixerParams, ParamInfo};
 use super::torch_checkpoint::TorchCheckpoint;
 use crate::error::{invalid, Error, Result};
 use crate::kernels::{
@@ -39,27 +39,28 @@ pub struct Mamba<T> {
     pub params: MambaParams<T>,
 }
 
-/// What the forward pass keeps of one layer for the backward pass.
+/// What the forward pass keeps of one layer for the backward pass: per
+/// token D + 3E + R + 2N values. The backward pass recomputes the rest
+/// (norm(resid), the conv output and its silu, delta), each cheap next to
+/// the projections, as the official `mamba_inner_fn` recomputes the conv
+/// output and delta; the scan keeps only its states at chunk boundaries.
 pub struct LayerCache<T> {
     /// the layer's input, the residual stream (BL, D)
     resid: Vec<T>,
-    /// norm(resid) (BL, D)
-    normed: Vec<T>,
     /// pre-conv x (BL, E)
     x: Vec<T>,
+    /// the gate (BL, E)
     z: Vec<T>,
-    /// conv1d(x) + b (BL, E), before silu
-    xc: Vec<T>,
-    /// silu(xc), the scan's u (BL, E)
-    xs: Vec<T>,
+    /// (BL, R)
     dt_low: Vec<T>,
+    /// (BL, N) each
     b: Vec<T>,
     c: Vec<T>,
-    delta: Vec<T>,
     /// -exp(A_log) (E, N)
     a: Vec<T>,
     /// gated scan output (BL, E)
     y: Vec<T>,
+    /// scan states every SCAN_CHUNK positions (B, L/SCAN_CHUNK, E, N)
     checkpoints: Vec<T>,
 }
 
@@ -408,7 +409,7 @@ impl<T: MatmulScalar> Mamba<T> {
         keep: bool,
     ) -> Result<Option<LayerCache<T>>> {
         let c = &self.config;
-        let (d, e, n, r, k) = (c.d_model, c.d_inner, c.d_state, c.dt_rank, c.d_conv);
+        let (d, e, n, r) = (c.d_model, c.d_inner, c.d_state, c.dt_rank);
         let m = &layer.mixer;
         let rows = batch * len;
         let normed = self.norm_forward(h, &layer.norm_weight, layer.norm_bias.as_deref())?;
@@ -437,21 +438,7 @@ impl<T: MatmulScalar> Mamba<T> {
             add_row_bias(&mut x, &bias[..e]);
             add_row_bias(&mut z, &bias[e..]);
         }
-        let conv = ConvShape {
-            batch,
-            len,
-            channels: e,
-            kernel: k,
-        };
-        let mut xc = vec![T::ZERO; rows * e];
-        causal_conv1d_forward(
-            &conv,
-            &x,
-            &m.conv1d_weight,
-            m.conv1d_bias.as_deref(),
-            &mut xc,
-        )?;
-        let xs: Vec<T> = xc.iter().map(|&v| v.silu()).collect();
+        let (_, xs) = self.conv_silu(m, &x, batch, len)?;
         // x_proj: rows 0..R give dt_low, R..R+N give B, R+N..R+2N give C.
         let mut dt_low = vec![T::ZERO; rows * r];
         let mut bm = vec![T::ZERO; rows * n];
@@ -460,8 +447,7 @@ impl<T: MatmulScalar> Mamba<T> {
         matmul_xwt(&xs, &wx[..r * e], rows, e, r, &mut dt_low, false)?;
         matmul_xwt(&xs, &wx[r * e..(r + n) * e], rows, e, n, &mut bm, false)?;
         matmul_xwt(&xs, &wx[(r + n) * e..], rows, e, n, &mut cm, false)?;
-        let mut delta = vec![T::ZERO; rows * e];
-        matmul_xwt(&dt_low, &m.dt_proj_weight, rows, r, e, &mut delta, false)?;
+        let delta = self.dt_proj(m, &dt_low)?;
         let a: Vec<T> = m.a_log.iter().map(|&v| -v.exp()).collect();
         let shape = self.scan_shape(batch, len);
         let options = Self::scan_options();
@@ -498,19 +484,51 @@ impl<T: MatmulScalar> Mamba<T> {
         }
         Ok(keep.then_some(LayerCache {
             resid,
-            normed,
             x,
             z,
-            xc,
-            xs,
             dt_low,
             b: bm,
             c: cm,
-            delta,
             a,
             y,
             checkpoints,
         }))
+    }
+
+    /// xc = conv1d(x) + b_conv, xs = silu(xc)   (BL, E) each
+    fn conv_silu(
+        &self,
+        m: &MixerParams<T>,
+        x: &[T],
+        batch: usize,
+        len: usize,
+    ) -> Result<(Vec<T>, Vec<T>)> {
+        let c = &self.config;
+        let conv = ConvShape {
+            batch,
+            len,
+            channels: c.d_inner,
+            kernel: c.d_conv,
+        };
+        let mut xc = vec![T::ZERO; x.len()];
+        causal_conv1d_forward(
+            &conv,
+            x,
+            &m.conv1d_weight,
+            m.conv1d_bias.as_deref(),
+            &mut xc,
+        )?;
+        let xs = xc.iter().map(|&v| v.silu()).collect();
+        Ok((xc, xs))
+    }
+
+    /// delta = dt_low W_dtᵀ   (BL, E), before the bias and softplus (in the scan)
+    fn dt_proj(&self, m: &MixerParams<T>, dt_low: &[T]) -> Result<Vec<T>> {
+        let (e, r) = (self.config.d_inner, self.config.dt_rank);
+        let rows = dt_low.len() / r;
+        let mut delta = vec![T::ZERO; rows * e];
+        matmul_xwt(dt_low, &m.dt_proj_weight, rows, r, e, &mut delta, false)?;
+        Ok(delta)
     }
 
     /// Gradients of every parameter given dL/dlogits (batch, len, vocab).
@@ -594,10 +612,13 @@ impl<T: MatmulScalar> Mamba<T> {
         }
         let mut dy = vec![T::ZERO; rows * e];
         matmul_xw(dh, &m.out_proj_weight, rows, d, e, &mut dy, false)?;
+        // recomputed from the cache (see LayerCache)
+        let (xc, xs) = self.conv_silu(m, &cache.x, batch, len)?;
+        let delta = self.dt_proj(m, &cache.dt_low)?;
         // the selective scan
         let inputs = ScanInputs {
-            u: &cache.xs,
-            delta: &cache.delta,
+            u: &xs,
+            delta: &delta,
             a: &cache.a,
             b: &cache.b,
             c: &cache.c,
@@ -614,6 +635,7 @@ impl<T: MatmulScalar> Mamba<T> {
             &dy,
             None,
         )?;
+        drop(delta);
         // A = -exp(A_log): dA/dA_log = A
         for ((ga, &da), &a) in gm.a_log.iter_mut().zip(&sg.a).zip(&cache.a) {
             *ga = da * a;
@@ -648,21 +670,14 @@ impl<T: MatmulScalar> Mamba<T> {
         matmul_xw(&d_dt_low, &wx[..r * e], rows, r, e, &mut dxs, true)?;
         matmul_xw(&sg.b, &wx[r * e..(r + n) * e], rows, n, e, &mut dxs, true)?;
         matmul_xw(&sg.c, &wx[(r + n) * e..], rows, n, e, &mut dxs, true)?;
-        matmul_xtw(&d_dt_low, &cache.xs, rows, r, e, &mut gx[..r * e], false)?;
-        matmul_xtw(
-            &sg.b,
-            &cache.xs,
-            rows,
-            n,
-            e,
-            &mut gx[r * e..(r + n) * e],
-            false,
-        )?;
-        matmul_xtw(&sg.c, &cache.xs, rows, n, e, &mut gx[(r + n) * e..], false)?;
+        matmul_xtw(&d_dt_low, &xs, rows, r, e, &mut gx[..r * e], false)?;
+        matmul_xtw(&sg.b, &xs, rows, n, e, &mut gx[r * e..(r + n) * e], false)?;
+        matmul_xtw(&sg.c, &xs, rows, n, e, &mut gx[(r + n) * e..], false)?;
+        drop(xs);
         // xs = silu(xc)
         let dxc: Vec<T> = dxs
             .iter()
-            .zip(&cache.xc)
+            .zip(&xc)
             .map(|(&g, &x)| g * x.silu_grad())
             .collect();
         let conv = ConvShape {
@@ -682,7 +697,10 @@ impl<T: MatmulScalar> Mamba<T> {
         if let Some(b) = cg.bias {
             gm.conv1d_bias = Some(b);
         }
+        drop((xc, dxc, dxs));
         // x = u W_inxᵀ, z = u W_inzᵀ
+        let normed =
+            self.norm_forward(&cache.resid, &layer.norm_weight, layer.norm_bias.as_deref())?;
         let mut d_normed = vec![T::ZERO; rows * d];
         matmul_xw(
             &cg.x,
@@ -704,7 +722,7 @@ impl<T: MatmulScalar> Mamba<T> {
         )?;
         matmul_xtw(
             &cg.x,
-            &cache.normed,
+            &normed,
             rows,
             e,
             d,
@@ -713,7 +731,7 @@ impl<T: MatmulScalar> Mamba<T> {
         )?;
         matmul_xtw(
             &dz,
-            &cache.normed,
+            &normed,
             rows,
             e,
             d,

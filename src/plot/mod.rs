@@ -55,7 +55,9 @@ struct Canvas {
 
 impl Canvas {
     fn new() -> Self {
-        Canvas { pixels: WHITE.repeat(WIDTH * HEIGHT) }
+        Canvas {
+            pixels: WHITE.repeat(WIDTH * HEIGHT),
+        }
     }
 
     fn set(&mut self, x: i64, y: i64, color: Rgb) {
@@ -102,7 +104,11 @@ impl Canvas {
     fn text(&mut self, x: i64, y: i64, text: &str, color: Rgb) {
         for (k, ch) in text.chars().enumerate() {
             let code = ch as u32;
-            let index = if (32..127).contains(&code) { code - 32 } else { '?' as u32 - 32 };
+            let index = if (32..127).contains(&code) {
+                code - 32
+            } else {
+                '?' as u32 - 32
+            };
             let glyph = &font::GLYPHS[index as usize];
             let x0 = x + (k * font::GLYPH_WIDTH) as i64;
             for (row, bits) in glyph.iter().enumerate() {
@@ -120,7 +126,11 @@ impl Canvas {
         let len = text.chars().count() * font::GLYPH_WIDTH;
         for (k, ch) in text.chars().enumerate() {
             let code = ch as u32;
-            let index = if (32..127).contains(&code) { code - 32 } else { '?' as u32 - 32 };
+            let index = if (32..127).contains(&code) {
+                code - 32
+            } else {
+                '?' as u32 - 32
+            };
             let glyph = &font::GLYPHS[index as usize];
             // glyph column c of character k goes to image row y0 - (k·W + c)
             let y0 = cy + len as i64 / 2;
@@ -181,9 +191,10 @@ fn validate(chart: &Chart) -> Result<(f64, f64, f64, f64)> {
             if chart.log_x && x <= 0.0 {
                 return Err(invalid(
                     "plot",
-                    format!("plot '{}': series '{}' has x = {x}, but the x axis is logarithmic",
-                    chart.title, s.name
-                ),
+                    format!(
+                        "plot '{}': series '{}' has x = {x}, but the x axis is logarithmic",
+                        chart.title, s.name
+                    ),
                 ));
             }
             let x = if chart.log_x { x.log10() } else { x };
@@ -192,7 +203,10 @@ fn validate(chart: &Chart) -> Result<(f64, f64, f64, f64)> {
         }
     }
     if !x_range.0.is_finite() {
-        return Err(invalid("plot", format!("'{}': no finite points to draw", chart.title)));
+        return Err(invalid(
+            "plot",
+            format!("'{}': no finite points to draw", chart.title),
+        ));
     }
     let pad = |(lo, hi): (f64, f64)| {
         if hi - lo < 1e-12 * lo.abs().max(1.0) {
@@ -226,7 +240,12 @@ pub fn render_png(chart: &Chart) -> Result<Vec<u8>> {
         let y = py(t);
         canvas.line((left, y), (right, y), 1, GRID);
         let label = format_tick(t);
-        canvas.text(LEFT as i64 - 6 - text_width(&label), y as i64 - 8, &label, BLACK);
+        canvas.text(
+            LEFT as i64 - 6 - text_width(&label),
+            y as i64 - 8,
+            &label,
+            BLACK,
+        );
     }
     let x_ticks: Vec<(f64, String)> = if chart.log_x {
         nice_ticks(x_lo, x_hi, 8)
@@ -235,12 +254,20 @@ pub fn render_png(chart: &Chart) -> Result<Vec<u8>> {
             .map(|t| (10f64.powf(t), format!("1e{}", t as i64)))
             .collect()
     } else {
-        nice_ticks(x_lo, x_hi, 8).into_iter().map(|t| (t, format_tick(t))).collect()
+        nice_ticks(x_lo, x_hi, 8)
+            .into_iter()
+            .map(|t| (t, format_tick(t)))
+            .collect()
     };
     for (t, label) in &x_ticks {
         let x = px(*t);
         canvas.line((x, top), (x, bottom), 1, GRID);
-        canvas.text(x as i64 - text_width(label) / 2, bottom as i64 + 6, label, BLACK);
+        canvas.text(
+            x as i64 - text_width(label) / 2,
+            bottom as i64 + 6,
+            label,
+            BLACK,
+        );
     }
 
     // the series, then the frame over them
@@ -265,20 +292,41 @@ pub fn render_png(chart: &Chart) -> Result<Vec<u8>> {
     canvas.line((right, top), (right, bottom), 1, BLACK);
 
     // title, axis labels, legend
-    canvas.text(WIDTH as i64 / 2 - text_width(&chart.title) / 2, 10, &chart.title, BLACK);
+    canvas.text(
+        WIDTH as i64 / 2 - text_width(&chart.title) / 2,
+        10,
+        &chart.title,
+        BLACK,
+    );
     canvas.text(
         (LEFT as i64 + WIDTH as i64 - RIGHT as i64) / 2 - text_width(&chart.x_label) / 2,
         HEIGHT as i64 - 26,
         &chart.x_label,
         BLACK,
     );
-    canvas.text_vertical(14, (TOP as i64 + HEIGHT as i64 - BOTTOM as i64) / 2, &chart.y_label, BLACK);
-    let legend_w = chart.series.iter().map(|s| text_width(&s.name)).max().unwrap_or(0) + 34;
+    canvas.text_vertical(
+        14,
+        (TOP as i64 + HEIGHT as i64 - BOTTOM as i64) / 2,
+        &chart.y_label,
+        BLACK,
+    );
+    let legend_w = chart
+        .series
+        .iter()
+        .map(|s| text_width(&s.name))
+        .max()
+        .unwrap_or(0)
+        + 34;
     let (lx, ly) = (right as i64 - legend_w - 8, top as i64 + 8);
     for (k, s) in chart.series.iter().enumerate() {
         let y = ly + 18 * k as i64;
         let color = PALETTE[k % PALETTE.len()];
-        canvas.line(((lx + 4) as f64, (y + 8) as f64), ((lx + 24) as f64, (y + 8) as f64), 3, color);
+        canvas.line(
+            ((lx + 4) as f64, (y + 8) as f64),
+            ((lx + 24) as f64, (y + 8) as f64),
+            3,
+            color,
+        );
         canvas.text(lx + 30, y, &s.name, BLACK);
     }
 
@@ -287,9 +335,13 @@ pub fn render_png(chart: &Chart) -> Result<Vec<u8>> {
         let mut encoder = png::Encoder::new(&mut bytes, WIDTH as u32, HEIGHT as u32);
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
-        let encode_error = |e: png::EncodingError| invalid("plot", format!("'{}': PNG encoding: {e}", chart.title));
+        let encode_error = |e: png::EncodingError| {
+            invalid("plot", format!("'{}': PNG encoding: {e}", chart.title))
+        };
         let mut writer = encoder.write_header().map_err(encode_error)?;
-        writer.write_image_data(&canvas.pixels).map_err(encode_error)?;
+        writer
+            .write_image_data(&canvas.pixels)
+            .map_err(encode_error)?;
     }
     Ok(bytes)
 }
@@ -306,8 +358,14 @@ mod tests {
 
     #[test]
     fn ticks_are_round_and_inside_the_range() {
-        assert_eq!(nice_ticks(0.0, 10.0, 5), vec![0.0, 2.0, 4.0, 6.0, 8.0, 10.0]);
-        assert_eq!(nice_ticks(1.37, 1.92, 6), vec![1.4, 1.5, 1.6, 1.7, 1.8, 1.9]);
+        assert_eq!(
+            nice_ticks(0.0, 10.0, 5),
+            vec![0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+        );
+        assert_eq!(
+            nice_ticks(1.37, 1.92, 6),
+            vec![1.4, 1.5, 1.6, 1.7, 1.8, 1.9]
+        );
         assert_eq!(format_tick(0.30000000000000004), "0.3");
         assert_eq!(format_tick(2000.0), "2000");
     }

@@ -420,7 +420,6 @@ impl Trainer {
         let c = self.config.clone();
         let end = options.stop_after.unwrap_or(c.steps).min(c.steps);
         let schedule = c.schedule();
-        let vocab = self.model.config.vocab_size;
         let tokens_per_step = (c.batch_size * c.seq_len * c.grad_accum) as u64;
         let reporter = Reporter::new(options.progress, self.state.step, c.steps, c.log_every);
         let metrics_path = self.run_dir.join("metrics.jsonl");
@@ -449,39 +448,20 @@ impl Trainer {
             let step = self.state.step;
             let t_step = Instant::now();
             let lr = schedule.lr(step);
-            let mut grads = None;
-            let mut loss_sum = 0.0f64;
-            for _ in 0..c.grad_accum {
-                let ids = random_windows(&self.data.train, c.batch_size, c.seq_len, &mut rng)?;
-                let (logits, cache) = self.model.forward_train(&ids, c.batch_size, c.seq_len)?;
-                let (loss, mut d_logits) =
-                    next_token_cross_entropy(&logits, &ids, c.batch_size, c.seq_len, vocab)?;
-                drop(logits);
-                loss_sum += loss as f64;
-                if c.grad_accum > 1 {
-                    // The step's loss is the mean over its micro-batches.
-                    let scale = 1.0 / c.grad_accum as f32;
-                    d_logits.iter_mut().for_each(|g| *g *= scale);
-                }
-                let g = self.model.backward(&ids, &cache, &d_logits)?;
-                match grads.as_mut() {
-                    None => grads = Some(g),
-                    Some(acc) => add_into(&self.model.config, acc, &g),
-                }
-            }
-            let mut grads = grads.expect("grad_accum >= 1");
-            let loss = (loss_sum / c.grad_accum as f64) as f32;
-            let grad_norm = if c.grad_clip > 0.0 {
-                clip_global_norm(&self.model.config, &mut grads, c.grad_clip)
-            } else {
-                global_norm(&self.model.config, &grads)
-            };
-            if !loss.is_finite() || !grad_norm.is_finite() {
+            let outcome = training_step(
+                &mut self.model,
+                &mut self.optimizer,
+                c.grad_accum,
+                || random_windows(&self.data.train, c.batch_size, c.seq_len, &mut rng),
+                (c.batch_size, c.seq_len),
+                lr,
+                c.grad_clip,
+            )?;
+            let (loss, grad_norm) = (outcome.loss, outcome.grad_norm);
+            if !outcome.updated {
                 reporter.finish();
                 return Err(self.non_finite(step, loss, grad_norm));
             }
-            self.optimizer
-                .update(&self.model.config, &mut self.model.params, &grads, lr);
             self.state.step += 1;
             self.state.tokens_seen += tokens_per_step;
             self.state.data_rng_state = rng.state();
@@ -626,6 +606,71 @@ impl Trainer {
     }
 }
 
+/// The loss and gradient norm of one optimizer step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepOutcome {
+    /// Mean next-token cross-entropy over the step's micro-batches.
+    pub loss: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// False when the loss or the gradient norm was not finite: then the
+    /// parameters and optimizer are left as they were.
+    pub updated: bool,
+}
+
+/// One optimizer step: for each of `micro_batches` batches of ids
+/// ((batch, len) each, from `next_batch`) forward, cross-entropy, backward
+/// (the loss of the step is the mean over micro-batches, so each one's
+/// gradient is scaled by 1/micro_batches); then clipping by global norm
+/// (`grad_clip` > 0) and the AdamW update at learning rate `lr`.
+pub fn training_step(
+    model: &mut Mamba<f32>,
+    optimizer: &mut AdamW,
+    micro_batches: usize,
+    mut next_batch: impl FnMut() -> Result<Vec<u32>>,
+    (batch, len): (usize, usize),
+    lr: f64,
+    grad_clip: f64,
+) -> Result<StepOutcome> {
+    let vocab = model.config.vocab_size;
+    let mut grads = None;
+    let mut loss_sum = 0.0f64;
+    for _ in 0..micro_batches {
+        let ids = next_batch()?;
+        let (logits, cache) = model.forward_train(&ids, batch, len)?;
+        let (loss, mut d_logits) = next_token_cross_entropy(&logits, &ids, batch, len, vocab)?;
+        drop(logits);
+        loss_sum += loss as f64;
+        if micro_batches > 1 {
+            let scale = 1.0 / micro_batches as f32;
+            d_logits.iter_mut().for_each(|g| *g *= scale);
+        }
+        let g = model.backward(&ids, &cache, &d_logits)?;
+        drop(cache);
+        match grads.as_mut() {
+            None => grads = Some(g),
+            Some(acc) => add_into(&model.config, acc, &g),
+        }
+    }
+    let mut grads =
+        grads.ok_or_else(|| invalid("training_step", "micro_batches must be at least 1"))?;
+    let loss = (loss_sum / micro_batches as f64) as f32;
+    let grad_norm = if grad_clip > 0.0 {
+        clip_global_norm(&model.config, &mut grads, grad_clip)
+    } else {
+        global_norm(&model.config, &grads)
+    };
+    let updated = loss.is_finite() && grad_norm.is_finite();
+    if updated {
+        optimizer.update(&model.config, &mut model.params, &grads, lr);
+    }
+    Ok(StepOutcome {
+        loss,
+        grad_norm,
+        updated,
+    })
+}
+
 /// Draws the training loss of every step and the validation loss of every
 /// evaluation recorded in `metrics.jsonl` into a PNG.
 fn write_loss_plot(metrics_path: &Path, png_path: &Path) -> Result<()> {
@@ -636,7 +681,9 @@ fn write_loss_plot(metrics_path: &Path, png_path: &Path) -> Result<()> {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
-        let Some(step) = v["step"].as_f64() else { continue };
+        let Some(step) = v["step"].as_f64() else {
+            continue;
+        };
         if let Some(loss) = v["loss"].as_f64() {
             train.push((step, loss));
         }
@@ -645,12 +692,21 @@ fn write_loss_plot(metrics_path: &Path, png_path: &Path) -> Result<()> {
         }
     }
     let chart = Chart {
-        title: format!("{}", metrics_path.parent().unwrap_or(Path::new(".")).display()),
+        title: format!(
+            "{}",
+            metrics_path.parent().unwrap_or(Path::new(".")).display()
+        ),
         x_label: "step".into(),
         y_label: "cross-entropy (nats per token)".into(),
         series: vec![
-            Series { name: "train".into(), points: train },
-            Series { name: "validation".into(), points: val },
+            Series {
+                name: "train".into(),
+                points: train,
+            },
+            Series {
+                name: "validation".into(),
+                points: val,
+            },
         ],
         log_x: false,
     };
