@@ -12,6 +12,8 @@
 //!   around the model: text to ids and back, choosing the next token from
 //!   logits, and printing the text as it streams (with stop strings).
 //! - [`train`]: training from a text file (AdamW, schedule, checkpoints).
+//! - [`tasks`]: the paper's synthetic tasks (copying, selective copying,
+//!   induction heads) with S6 and S4D model variants.
 
 pub mod bench;
 pub mod error;
@@ -25,6 +27,7 @@ pub mod npy;
 pub mod plot;
 pub mod rng;
 pub mod sampling;
+pub mod tasks;
 pub mod text_stream;
 pub mod tokenizer;
 pub mod train;

@@ -94,6 +94,10 @@ enum Command {
     /// Train a language model on a text file (byte-level, or a
     /// tokenizer.json): AdamW, warm-up + cosine, checkpoints, --resume.
     Train(Box<TrainArgs>),
+    /// Train and evaluate on a synthetic task (copying, selective-copying,
+    /// induction-heads), S6 or S4D, gated or not; or --eval-only a saved
+    /// induction-heads model at many lengths.
+    Task(Box<selective::tasks::TaskArgs>),
     /// Generate text: parallel prefill of the prompt, then recurrent
     /// decoding, streaming the text to stdout as it is produced.
     Generate(GenerateArgs),
@@ -460,6 +464,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 .build()?;
             pool.install(|| train_command(*args))
         }
+        Command::Task(args) => Ok(selective::tasks::run_task_command(*args)?),
         Command::Bench(args) => {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(args.threads.unwrap_or(0))

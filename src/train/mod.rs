@@ -6,7 +6,7 @@
 pub mod bench;
 pub mod data;
 pub mod optimizer;
-mod progress;
+pub(crate) mod progress;
 pub mod schedule;
 pub mod trainer;
 

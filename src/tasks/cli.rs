@@ -1,0 +1,470 @@
+//! `selective task NAME ...`: train a task model and evaluate it, or
+//! evaluate a saved induction-heads model at many lengths; writes
+//! `results.json`, `results.md`, the accuracy curve(s) as PNG and the model.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use serde_json::json;
+
+use super::data::{TaskKind, TaskSpec};
+use super::model::{BlockArch, SsmLayer, TaskModel, TaskModelConfig};
+use super::train::{
+    evaluate, evaluate_induction_lengths, train_task, CurvePoint, EvalMode, LengthResult,
+    TrainSettings, TEST_SEED_OFFSET,
+};
+use crate::error::{invalid, Error, Result};
+use crate::generation_bench::peak_resident_bytes;
+use crate::model::checkpoint::write_atomically;
+use crate::train::ProgressMode;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LayerArg {
+    S6,
+    S4d,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ArchArg {
+    Mamba,
+    Nogate,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EvalModeArg {
+    Chunked,
+    Step,
+}
+
+/// Arguments of `selective task`.
+#[derive(Args, Debug, Clone)]
+pub struct TaskArgs {
+    /// copying, selective-copying or induction-heads
+    pub name: String,
+    /// The sequence layer: selective (s6) or time-invariant (s4d).
+    #[arg(long, value_enum, default_value_t = LayerArg::S6)]
+    pub layer: LayerArg,
+    /// The block: the gated Mamba block, or a single SSM without gate.
+    #[arg(long, value_enum, default_value_t = ArchArg::Mamba)]
+    pub arch: ArchArg,
+    #[arg(long, default_value_t = 32)]
+    pub d_model: usize,
+    #[arg(long, default_value_t = 2)]
+    pub n_layer: usize,
+    #[arg(long, default_value_t = 16)]
+    pub d_state: usize,
+    #[arg(long, default_value_t = 2)]
+    pub expand: usize,
+    /// Vocabulary of the task, special tokens included.
+    #[arg(long, default_value_t = 16)]
+    pub vocab: usize,
+    /// Copying tasks: blanks L (inputs are L + 2M). Induction heads: the
+    /// training length. Default 64 for copying tasks, 64 for induction heads.
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Copying tasks: M, the tokens to memorise.
+    #[arg(long, default_value_t = 8)]
+    pub memorize: usize,
+    #[arg(long, default_value_t = 2000)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f64,
+    /// Warm-up steps (default: 5% of the steps).
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 100)]
+    pub eval_every: usize,
+    /// Validation examples evaluated every --eval-every steps.
+    #[arg(long, default_value_t = 256)]
+    pub eval_examples: usize,
+    /// Test examples evaluated at the end (a separate seed).
+    #[arg(long, default_value_t = 1024)]
+    pub test_examples: usize,
+    /// Stop training once the validation accuracy reaches this fraction.
+    #[arg(long)]
+    pub stop_at_accuracy: Option<f64>,
+    /// Induction heads: test lengths, comma separated (e.g. 64,256,...,1048576).
+    #[arg(long, value_delimiter = ',')]
+    pub lengths: Vec<usize>,
+    /// Induction heads: sequences per test length.
+    #[arg(long, default_value_t = 64)]
+    pub eval_samples: usize,
+    /// Induction heads: sequences run together at a test length.
+    #[arg(long, default_value_t = 16)]
+    pub eval_batch: usize,
+    /// Induction heads: tokens per chunk in chunked mode.
+    #[arg(long, default_value_t = 1024)]
+    pub eval_chunk: usize,
+    /// Induction heads: chunks from a carried state, or one token at a time.
+    #[arg(long, value_enum, default_value_t = EvalModeArg::Chunked)]
+    pub eval_mode: EvalModeArg,
+    /// Evaluate the model of --model instead of training.
+    #[arg(long, requires = "model")]
+    pub eval_only: bool,
+    /// A saved task model directory (task-model.json + model.safetensors).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Train further from this saved model (its layer, arch and sizes are
+    /// used; the size flags must agree) instead of a fresh initialisation.
+    #[arg(long, conflicts_with = "eval_only")]
+    pub init: Option<PathBuf>,
+    /// Where to write results (and the trained model, under model/).
+    #[arg(long, default_value = "task-results")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// Runs `selective task` on a thread pool of --threads threads.
+pub fn run_task_command(args: TaskArgs) -> Result<()> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads.unwrap_or(0))
+        .build()
+        .map_err(|e| invalid("selective task", format!("thread pool: {e}")))?;
+    pool.install(|| run(args))
+}
+
+fn spec_of(args: &TaskArgs, kind: TaskKind) -> TaskSpec {
+    TaskSpec {
+        kind,
+        vocab: args.vocab,
+        seq_len: args.seq_len.unwrap_or(64),
+        memorize: args.memorize,
+    }
+}
+
+fn run(args: TaskArgs) -> Result<()> {
+    let kind = TaskKind::parse(&args.name)?;
+    let spec = spec_of(&args, kind);
+    spec.validate()?;
+    let out = args.out.clone();
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    let eval_mode = match args.eval_mode {
+        EvalModeArg::Chunked => EvalMode::Chunked,
+        EvalModeArg::Step => EvalMode::Step,
+    };
+    if !args.lengths.is_empty() && kind != TaskKind::InductionHeads {
+        return Err(invalid(
+            "selective task",
+            "--lengths applies to induction-heads only",
+        ));
+    }
+    if args.eval_only {
+        let dir = args.model.as_ref().expect("clap requires --model");
+        let model = TaskModel::<f32>::load(dir)?;
+        if kind != TaskKind::InductionHeads {
+            return Err(invalid(
+                "selective task",
+                "--eval-only evaluates length extrapolation: induction-heads only",
+            ));
+        }
+        let lengths = if args.lengths.is_empty() {
+            vec![spec.seq_len]
+        } else {
+            args.lengths.clone()
+        };
+        eprintln!(
+            "evaluating {} ({} parameters, layer {}, arch {}) at {} lengths, {} sequences each, {:?} mode",
+            dir.display(),
+            model.parameter_count(),
+            model.config.layer.name(),
+            model.config.arch.name(),
+            lengths.len(),
+            args.eval_samples,
+            eval_mode
+        );
+        let results = length_eval(&model, &args, &lengths, eval_mode)?;
+        let report = json!({
+            "task": kind.name(),
+            "mode": "eval-only",
+            "model_dir": dir.display().to_string(),
+            "model": model.config,
+            "parameters": model.parameter_count(),
+            "eval_mode": eval_mode,
+            "eval_batch": args.eval_batch,
+            "eval_chunk": args.eval_chunk,
+            "threads": rayon::current_num_threads(),
+            "lengths": results,
+            "peak_resident_bytes": peak_resident_bytes(),
+        });
+        write_json(&out.join("results.json"), &report)?;
+        let md = format!(
+            "# {} length extrapolation of {}\n\n{}\n{}",
+            kind.name(),
+            dir.display(),
+            model_line(&model.config, model.parameter_count()),
+            lengths_table(&results)
+        );
+        write_atomically(&out.join("results.md"), md.as_bytes())?;
+        write_length_png(&out.join("accuracy-by-length.png"), &model.config, &results)?;
+        println!("{md}");
+        return Ok(());
+    }
+    let layer = match args.layer {
+        LayerArg::S6 => SsmLayer::S6,
+        LayerArg::S4d => SsmLayer::S4d,
+    };
+    let arch = match args.arch {
+        ArchArg::Mamba => BlockArch::Mamba,
+        ArchArg::Nogate => BlockArch::Nogate,
+    };
+    let init = args
+        .init
+        .as_deref()
+        .map(TaskModel::<f32>::load)
+        .transpose()?;
+    let model_config = match &init {
+        Some(m) => m.config,
+        None => {
+            let mut c = TaskModelConfig::new(args.vocab, args.d_model, args.n_layer, layer, arch);
+            c.d_state = args.d_state;
+            c.expand = args.expand;
+            c
+        }
+    };
+    let (layer, arch) = (model_config.layer, model_config.arch);
+    if model_config.vocab_size != args.vocab {
+        return Err(invalid(
+            "selective task",
+            format!(
+                "the model's vocabulary is {}, the task's --vocab {}",
+                model_config.vocab_size, args.vocab
+            ),
+        ));
+    }
+    let settings = TrainSettings {
+        spec,
+        model: model_config,
+        steps: args.steps,
+        batch: args.batch,
+        lr: args.lr,
+        min_lr: args.lr / 10.0,
+        warmup_steps: args.warmup.unwrap_or(args.steps / 20),
+        weight_decay: args.weight_decay,
+        beta2: 0.999,
+        clip: args.clip,
+        seed: args.seed,
+        eval_every: args.eval_every,
+        eval_examples: args.eval_examples,
+        stop_at_accuracy: args.stop_at_accuracy,
+        init,
+        progress: ProgressMode::Auto,
+    };
+    eprintln!(
+        "task {} (vocab {}, L {}, M {}, input length {}), layer {}, arch {}",
+        kind.name(),
+        spec.vocab,
+        spec.seq_len,
+        spec.memorize,
+        spec.input_len(),
+        layer.name(),
+        arch.name()
+    );
+    let outcome = train_task(&settings)?;
+    let model = outcome.model;
+    let model_dir = out.join("model");
+    model.save(&model_dir)?;
+    let t_test = Instant::now();
+    let test = evaluate(
+        &model,
+        &spec,
+        args.test_examples,
+        64,
+        args.seed.wrapping_add(TEST_SEED_OFFSET),
+    )?;
+    let test_seconds = t_test.elapsed().as_secs_f64();
+    eprintln!(
+        "test accuracy {:.2}% (loss {:.4}) on {} examples; trained {} steps in {:.1}s",
+        100.0 * test.accuracy(),
+        test.mean_loss(),
+        args.test_examples,
+        outcome.steps_run,
+        outcome.wall_seconds
+    );
+    let lengths_results = if kind == TaskKind::InductionHeads && !args.lengths.is_empty() {
+        length_eval(&model, &args, &args.lengths, eval_mode)?
+    } else {
+        Vec::new()
+    };
+    let report = json!({
+        "task": kind.name(),
+        "init": args.init.as_ref().map(|p| p.display().to_string()),
+        "spec": spec,
+        "input_len": spec.input_len(),
+        "chance_accuracy": spec.chance_accuracy(),
+        "model": model.config,
+        "parameters": model.parameter_count(),
+        "settings": settings,
+        "steps_run": outcome.steps_run,
+        "train_seconds": outcome.wall_seconds,
+        "threads": rayon::current_num_threads(),
+        "test_examples": args.test_examples,
+        "test_accuracy": test.accuracy(),
+        "test_loss": test.mean_loss(),
+        "test_seconds": test_seconds,
+        "curve": outcome.curve,
+        "lengths": lengths_results,
+        "model_dir": model_dir.display().to_string(),
+    });
+    write_json(&out.join("results.json"), &report)?;
+    let mut md = format!(
+        "# {} with {} / {}\n\n{}\nTask: vocabulary {}, L {}, M {}, input length {}; chance accuracy {:.1}%.\n\
+         Training: {} steps of batch {} (lr {:e}, seed {}), {:.1} s on {} threads.\n\n\
+         | test examples | test accuracy | test loss |\n|---|---|---|\n| {} | {:.2}% | {:.4} |\n",
+        kind.name(),
+        arch.name(),
+        layer.name(),
+        model_line(&model.config, model.parameter_count()),
+        spec.vocab,
+        spec.seq_len,
+        spec.memorize,
+        spec.input_len(),
+        100.0 * spec.chance_accuracy(),
+        outcome.steps_run,
+        args.batch,
+        args.lr,
+        args.seed,
+        outcome.wall_seconds,
+        rayon::current_num_threads(),
+        args.test_examples,
+        100.0 * test.accuracy(),
+        test.mean_loss()
+    );
+    if !lengths_results.is_empty() {
+        md.push('\n');
+        md.push_str(&lengths_table(&lengths_results));
+        write_length_png(
+            &out.join("accuracy-by-length.png"),
+            &model.config,
+            &lengths_results,
+        )?;
+    }
+    write_atomically(&out.join("results.md"), md.as_bytes())?;
+    write_curve_png(
+        &out.join("accuracy.png"),
+        &format!("{} ({} / {})", kind.name(), arch.name(), layer.name()),
+        &outcome.curve,
+    )?;
+    println!("{md}");
+    Ok(())
+}
+
+fn length_eval(
+    model: &TaskModel<f32>,
+    args: &TaskArgs,
+    lengths: &[usize],
+    mode: EvalMode,
+) -> Result<Vec<LengthResult>> {
+    evaluate_induction_lengths(
+        model,
+        args.vocab,
+        lengths,
+        args.eval_samples,
+        args.eval_batch,
+        args.eval_chunk,
+        mode,
+        args.seed.wrapping_add(TEST_SEED_OFFSET),
+        |r| {
+            eprintln!(
+                "length {:>8}: accuracy {:6.2}% of {} ({:.1}s, {:.0} tok/s, peak RSS {})",
+                r.length,
+                100.0 * r.accuracy,
+                r.samples,
+                r.seconds,
+                r.tokens_per_second,
+                mib(r.peak_resident_bytes)
+            )
+        },
+    )
+}
+
+fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or("?".into(), |b| {
+        format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+    })
+}
+
+fn model_line(c: &TaskModelConfig, params: usize) -> String {
+    format!(
+        "Model: {} layers, d_model {}, d_state {}, expand {}, layer {}, arch {}: {} parameters.\n",
+        c.n_layer,
+        c.d_model,
+        c.d_state,
+        c.expand,
+        c.layer.name(),
+        c.arch.name(),
+        params
+    )
+}
+
+fn lengths_table(results: &[LengthResult]) -> String {
+    let mut s = String::from(
+        "| length | sequences | accuracy | seconds | tokens/s | peak RSS | state |\n|---|---|---|---|---|---|---|\n",
+    );
+    for r in results {
+        s.push_str(&format!(
+            "| {} | {} | {:.2}% | {:.1} | {:.0} | {} | {:.1} KiB |\n",
+            r.length,
+            r.samples,
+            100.0 * r.accuracy,
+            r.seconds,
+            r.tokens_per_second,
+            mib(r.peak_resident_bytes),
+            r.state_bytes as f64 / 1024.0
+        ));
+    }
+    s
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("JSON serialises");
+    write_atomically(path, text.as_bytes())
+}
+
+fn write_curve_png(path: &Path, title: &str, curve: &[CurvePoint]) -> Result<()> {
+    let chart = crate::plot::Chart {
+        title: title.to_string(),
+        x_label: "training step".into(),
+        y_label: "validation accuracy (%)".into(),
+        series: vec![crate::plot::Series {
+            name: "answer accuracy".into(),
+            points: curve
+                .iter()
+                .map(|p| (p.step as f64, 100.0 * p.val_accuracy))
+                .collect(),
+        }],
+        log_x: false,
+    };
+    crate::plot::write_png(&chart, path)
+}
+
+fn write_length_png(path: &Path, c: &TaskModelConfig, results: &[LengthResult]) -> Result<()> {
+    let chart = crate::plot::Chart {
+        title: format!(
+            "induction heads by test length ({} / {})",
+            c.arch.name(),
+            c.layer.name()
+        ),
+        x_label: "test sequence length".into(),
+        y_label: "accuracy (%)".into(),
+        series: vec![crate::plot::Series {
+            name: format!("{} / {}", c.arch.name(), c.layer.name()),
+            points: results
+                .iter()
+                .map(|r| (r.length as f64, 100.0 * r.accuracy))
+                .collect(),
+        }],
+        log_x: true,
+    };
+    crate::plot::write_png(&chart, path)
+}

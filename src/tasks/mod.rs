@@ -1,0 +1,22 @@
+//! The paper's synthetic tasks (SPEC.md section 7): seeded data generators
+//! ([`data`]), small models whose sequence layer (S6 or S4D) and block
+//! (gated Mamba or a single SSM) are switches ([`model`]), training and
+//! evaluation on the answer positions, with induction heads evaluated at
+//! lengths up to 2^20 in constant memory ([`train`]), and the `selective
+//! task` command ([`cli`]).
+
+pub mod cli;
+pub mod data;
+pub mod model;
+pub mod train;
+
+pub use cli::{run_task_command, TaskArgs};
+pub use data::{Answer, InductionSequence, TaskBatch, TaskKind, TaskSpec};
+pub use model::{
+    BlockArch, BlockParams, BlockState, S6Params, SsmLayer, SsmParams, TaskCache, TaskModel,
+    TaskModelConfig, TaskParams, TaskScalar, TaskState, TensorInfo,
+};
+pub use train::{
+    answer_loss_and_grads, answer_score, evaluate, evaluate_induction_lengths, train_task,
+    AnswerScore, CurvePoint, EvalMode, LengthResult, TaskAdamW, TrainOutcome, TrainSettings,
+};

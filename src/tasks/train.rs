@@ -1,0 +1,565 @@
+//! Training and evaluation on the synthetic tasks: cross-entropy and
+//! accuracy on the answer positions only, AdamW with warm-up and cosine
+//! decay, and the length-extrapolation evaluation of induction heads in
+//! constant memory.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::data::{Answer, InductionSequence, TaskBatch, TaskKind, TaskSpec};
+use super::model::{TaskModel, TaskModelConfig, TaskParams, TaskScalar};
+use crate::error::{invalid, Result};
+use crate::float::Float;
+use crate::generation_bench::peak_resident_bytes;
+use crate::rng::Rng;
+use crate::train::progress::{Reporter, StepLine};
+use crate::train::{AdamWConfig, LrSchedule, ProgressMode};
+
+/// Summed cross-entropy and the number of correct argmax predictions over
+/// some answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AnswerScore {
+    /// Σ over answers of -log softmax(logits)[answer]
+    pub loss_sum: f64,
+    pub correct: usize,
+    pub count: usize,
+}
+
+impl AnswerScore {
+    pub fn add(&mut self, other: AnswerScore) {
+        self.loss_sum += other.loss_sum;
+        self.correct += other.correct;
+        self.count += other.count;
+    }
+
+    pub fn mean_loss(&self) -> f64 {
+        self.loss_sum / self.count.max(1) as f64
+    }
+
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.count.max(1) as f64
+    }
+}
+
+/// Scores logits rows (A, V) against their answers; with `grad_scale`,
+/// also returns dL/dlogits of L = grad_scale · Σ CE.
+fn score_logits<T: TaskScalar>(
+    logits: &[T],
+    vocab: usize,
+    targets: &[u32],
+    grad_scale: Option<f64>,
+) -> (AnswerScore, Vec<T>) {
+    let mut score = AnswerScore::default();
+    let mut grad = if grad_scale.is_some() {
+        vec![T::ZERO; logits.len()]
+    } else {
+        Vec::new()
+    };
+    for (i, &target) in targets.iter().enumerate() {
+        let l = &logits[i * vocab..(i + 1) * vocab];
+        // argmax, first on ties
+        let best = (0..vocab).fold(0, |b, j| if l[j] > l[b] { j } else { b });
+        let max = l[best].to_f64();
+        let sum: f64 = l.iter().map(|&v| (v.to_f64() - max).exp()).sum();
+        let log_z = max + sum.ln();
+        score.loss_sum += log_z - l[target as usize].to_f64();
+        score.correct += usize::from(best == target as usize);
+        score.count += 1;
+        if let Some(s) = grad_scale {
+            let g = &mut grad[i * vocab..(i + 1) * vocab];
+            for (gv, &v) in g.iter_mut().zip(l) {
+                *gv = <T as Float>::from_f64((v.to_f64() - log_z).exp() * s);
+            }
+            g[target as usize] -= <T as Float>::from_f64(s);
+        }
+    }
+    (score, grad)
+}
+
+fn check_batch<T: TaskScalar>(model: &TaskModel<T>, batch: &TaskBatch) -> Result<()> {
+    const OP: &str = "answer loss";
+    if batch.answers.is_empty() {
+        return Err(invalid(OP, "the batch has no answer positions"));
+    }
+    for a in &batch.answers {
+        if a.row >= batch.batch || a.position >= batch.len {
+            return Err(invalid(
+                OP,
+                format!(
+                    "answer at row {} position {} is outside the batch ({} x {})",
+                    a.row, a.position, batch.batch, batch.len
+                ),
+            ));
+        }
+        if a.token as usize >= model.config.vocab_size {
+            return Err(invalid(
+                OP,
+                format!(
+                    "answer token {} is outside the vocabulary of {}",
+                    a.token, model.config.vocab_size
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The final hidden rows (answers, D) of the answer positions.
+fn gather_answer_rows<T: TaskScalar>(
+    hidden: &[T],
+    d: usize,
+    len: usize,
+    answers: &[Answer],
+) -> Vec<T> {
+    let mut rows = Vec::with_capacity(answers.len() * d);
+    for a in answers {
+        let r = a.row * len + a.position;
+        rows.extend_from_slice(&hidden[r * d..(r + 1) * d]);
+    }
+    rows
+}
+
+/// Mean cross-entropy over the answers of `batch` and its gradient with
+/// respect to every parameter (the head is tied: the embedding gets both
+/// its input and its output gradient).
+pub fn answer_loss_and_grads<T: TaskScalar>(
+    model: &TaskModel<T>,
+    batch: &TaskBatch,
+) -> Result<(AnswerScore, TaskParams<T>)> {
+    check_batch(model, batch)?;
+    let (d, v) = (model.config.d_model, model.config.vocab_size);
+    let cache = model.forward_train(&batch.ids, batch.batch, batch.len)?;
+    let rows = gather_answer_rows(cache.final_hidden(), d, batch.len, &batch.answers);
+    let logits = model.logits_from_hidden(&rows)?;
+    let targets: Vec<u32> = batch.answers.iter().map(|a| a.token).collect();
+    let scale = 1.0 / targets.len() as f64;
+    let (score, d_logits) = score_logits(&logits, v, &targets, Some(scale));
+    // logits = rows · Eᵀ: d rows = d_logits · E, dE += d_logitsᵀ · rows
+    let a = targets.len();
+    let mut d_rows = vec![T::ZERO; a * d];
+    crate::kernels::matmul_xw(
+        &d_logits,
+        &model.params.embedding,
+        a,
+        v,
+        d,
+        &mut d_rows,
+        false,
+    )?;
+    let mut d_hidden = vec![T::ZERO; batch.batch * batch.len * d];
+    for (i, ans) in batch.answers.iter().enumerate() {
+        let r = ans.row * batch.len + ans.position;
+        for (dst, &g) in d_hidden[r * d..(r + 1) * d]
+            .iter_mut()
+            .zip(&d_rows[i * d..(i + 1) * d])
+        {
+            *dst += g;
+        }
+    }
+    let mut grads = model.backward(&batch.ids, &cache, &d_hidden)?;
+    crate::kernels::matmul_xtw(&d_logits, &rows, a, v, d, &mut grads.embedding, true)?;
+    Ok((score, grads))
+}
+
+/// The score of `batch` by the plain forward (no cache kept).
+pub fn answer_score<T: TaskScalar>(model: &TaskModel<T>, batch: &TaskBatch) -> Result<AnswerScore> {
+    check_batch(model, batch)?;
+    // forward gives logits of every position; keep the answers'.
+    let all_logits = model.forward(&batch.ids, batch.batch, batch.len)?;
+    let v = model.config.vocab_size;
+    let mut logits = Vec::with_capacity(batch.answers.len() * v);
+    for a in &batch.answers {
+        let r = a.row * batch.len + a.position;
+        logits.extend_from_slice(&all_logits[r * v..(r + 1) * v]);
+    }
+    let targets: Vec<u32> = batch.answers.iter().map(|a| a.token).collect();
+    Ok(score_logits(&logits, v, &targets, None).0)
+}
+
+/// AdamW (PyTorch's update, as [`crate::train::AdamW`]) over a task
+/// model's parameter tree, with the official decay groups.
+pub struct TaskAdamW {
+    pub config: AdamWConfig,
+    pub step: u64,
+    m: TaskParams<f32>,
+    v: TaskParams<f32>,
+}
+
+impl TaskAdamW {
+    pub fn new(model_config: &TaskModelConfig, config: AdamWConfig) -> Self {
+        Self {
+            config,
+            step: 0,
+            m: TaskParams::zeros(model_config),
+            v: TaskParams::zeros(model_config),
+        }
+    }
+
+    /// ```text
+    /// p ← p − lr·λ·p   (decayed tensors only)
+    /// m ← β1 m + (1 − β1) g;   v ← β2 v + (1 − β2) g²
+    /// p ← p − lr · (m / (1 − β1ᵗ)) / (sqrt(v / (1 − β2ᵗ)) + ε)
+    /// ```
+    pub fn update(
+        &mut self,
+        model_config: &TaskModelConfig,
+        params: &mut TaskParams<f32>,
+        grads: &TaskParams<f32>,
+        lr: f64,
+    ) {
+        self.step += 1;
+        let c = self.config;
+        let t = self.step as i32;
+        let step_size = (lr / (1.0 - c.beta1.powi(t))) as f32;
+        let inv_sqrt_bias2 = (1.0 / (1.0 - c.beta2.powi(t)).sqrt()) as f32;
+        let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
+        let all = params
+            .tensors_mut(model_config)
+            .into_iter()
+            .zip(grads.tensors(model_config))
+            .zip(self.m.tensors_mut(model_config))
+            .zip(self.v.tensors_mut(model_config));
+        for ((((info, p), (_, g)), (_, m)), (_, v)) in all {
+            let keep = if info.decays {
+                (1.0 - lr * c.weight_decay) as f32
+            } else {
+                1.0
+            };
+            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                *p *= keep;
+                *m = b1 * *m + (1.0 - b1) * g;
+                *v = b2 * *v + (1.0 - b2) * g * g;
+                *p -= step_size * *m / (v.sqrt() * inv_sqrt_bias2 + eps);
+            }
+        }
+    }
+}
+
+/// Scales the gradients so that their global norm is at most `max_norm`;
+/// returns the norm before clipping.
+pub fn clip_global_norm(
+    config: &TaskModelConfig,
+    grads: &mut TaskParams<f32>,
+    max_norm: f64,
+) -> f64 {
+    let norm = grads
+        .tensors(config)
+        .iter()
+        .flat_map(|(_, g)| g.iter())
+        .map(|&g| (g as f64) * (g as f64))
+        .sum::<f64>()
+        .sqrt();
+    let factor = max_norm / (norm + 1e-6);
+    if norm.is_finite() && factor < 1.0 {
+        for (_, g) in grads.tensors_mut(config) {
+            g.iter_mut().for_each(|x| *x *= factor as f32);
+        }
+    }
+    norm
+}
+
+/// Everything a training run needs.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainSettings {
+    pub spec: TaskSpec,
+    pub model: TaskModelConfig,
+    pub steps: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub beta2: f64,
+    pub clip: f64,
+    pub seed: u64,
+    pub eval_every: usize,
+    /// Examples in the fixed validation set evaluated every `eval_every` steps.
+    pub eval_examples: usize,
+    /// Stop once the validation accuracy reaches this (None: run every step).
+    pub stop_at_accuracy: Option<f64>,
+    /// Start from this model's weights instead of a fresh initialisation
+    /// (its configuration must equal `model`): a curriculum, e.g. a model
+    /// trained on short sequences trained further on longer ones.
+    #[serde(skip)]
+    pub init: Option<TaskModel<f32>>,
+    #[serde(skip)]
+    pub progress: ProgressMode,
+}
+
+/// A point of the training curve.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct CurvePoint {
+    pub step: usize,
+    /// mean training loss since the previous point
+    pub train_loss: f64,
+    pub val_loss: f64,
+    pub val_accuracy: f64,
+}
+
+/// The result of [`train_task`].
+pub struct TrainOutcome {
+    pub model: TaskModel<f32>,
+    pub curve: Vec<CurvePoint>,
+    pub steps_run: usize,
+    pub wall_seconds: f64,
+}
+
+/// Scores `examples` examples from `seed` in batches of at most `batch`.
+pub fn evaluate<T: TaskScalar>(
+    model: &TaskModel<T>,
+    spec: &TaskSpec,
+    examples: usize,
+    batch: usize,
+    seed: u64,
+) -> Result<AnswerScore> {
+    let mut rng = Rng::new(seed);
+    let mut score = AnswerScore::default();
+    let mut left = examples;
+    while left > 0 {
+        let b = left.min(batch.max(1));
+        score.add(answer_score(model, &spec.sample(b, &mut rng)?)?);
+        left -= b;
+    }
+    Ok(score)
+}
+
+/// Seed offsets keep the training stream, the validation set and the test
+/// set apart for one `seed`.
+pub const VALIDATION_SEED_OFFSET: u64 = 0x5EED_0001;
+pub const TEST_SEED_OFFSET: u64 = 0x5EED_0002;
+
+/// Trains a fresh model on `settings.spec`.
+pub fn train_task(settings: &TrainSettings) -> Result<TrainOutcome> {
+    const OP: &str = "train_task";
+    settings.spec.validate()?;
+    if settings.model.vocab_size < settings.spec.vocab {
+        return Err(invalid(
+            OP,
+            format!(
+                "model vocabulary {} is smaller than the task's {}",
+                settings.model.vocab_size, settings.spec.vocab
+            ),
+        ));
+    }
+    if settings.steps == 0 || settings.batch == 0 || settings.eval_every == 0 {
+        return Err(invalid(
+            OP,
+            "steps, batch and eval_every must be at least 1",
+        ));
+    }
+    if !(settings.lr > 0.0) {
+        return Err(invalid(OP, "the learning rate must be positive"));
+    }
+    let t0 = Instant::now();
+    let mut model = match &settings.init {
+        Some(m) if m.config != settings.model => {
+            return Err(invalid(
+                OP,
+                format!(
+                    "the initial model's configuration {:?} differs from the run's {:?}",
+                    m.config, settings.model
+                ),
+            ))
+        }
+        Some(m) => m.clone(),
+        None => TaskModel::<f32>::init(settings.model, settings.seed)?,
+    };
+    let mut opt = TaskAdamW::new(
+        &settings.model,
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: settings.beta2,
+            eps: 1e-8,
+            weight_decay: settings.weight_decay,
+        },
+    );
+    let schedule = LrSchedule {
+        peak: settings.lr,
+        min: settings.min_lr.min(settings.lr),
+        warmup_steps: settings.warmup_steps.min(settings.steps),
+        total_steps: settings.steps,
+    };
+    let mut rng = Rng::new(settings.seed.wrapping_add(1));
+    let val_seed = settings.seed.wrapping_add(VALIDATION_SEED_OFFSET);
+    let reporter = Reporter::new(settings.progress, 0, settings.steps, 50);
+    let tokens_per_step = settings.batch * settings.spec.input_len();
+    let mut curve = Vec::new();
+    let mut since = AnswerScore::default();
+    let mut steps_run = 0;
+    for step in 0..settings.steps {
+        let batch = settings.spec.sample(settings.batch, &mut rng)?;
+        let (score, mut grads) = answer_loss_and_grads(&model, &batch)?;
+        if !score.loss_sum.is_finite() {
+            return Err(invalid(
+                OP,
+                format!("the loss is not finite at step {step}"),
+            ));
+        }
+        clip_global_norm(&settings.model, &mut grads, settings.clip);
+        let lr = schedule.lr(step);
+        opt.update(&settings.model, &mut model.params, &grads, lr);
+        since.add(score);
+        steps_run = step + 1;
+        let elapsed = t0.elapsed().as_secs_f64();
+        reporter.step(&StepLine {
+            step: steps_run,
+            total: settings.steps,
+            loss: score.mean_loss() as f32,
+            lr,
+            tokens_per_second: (steps_run * tokens_per_step) as f64 / elapsed,
+            seconds_left: elapsed / steps_run as f64 * (settings.steps - steps_run) as f64,
+        });
+        if steps_run % settings.eval_every == 0 || steps_run == settings.steps {
+            let val = evaluate(&model, &settings.spec, settings.eval_examples, 64, val_seed)?;
+            curve.push(CurvePoint {
+                step: steps_run,
+                train_loss: since.mean_loss(),
+                val_loss: val.mean_loss(),
+                val_accuracy: val.accuracy(),
+            });
+            reporter.line(&format!(
+                "step {steps_run}: train loss {:.4}, validation loss {:.4}, accuracy {:.2}%",
+                since.mean_loss(),
+                val.mean_loss(),
+                100.0 * val.accuracy()
+            ));
+            since = AnswerScore::default();
+            if settings
+                .stop_at_accuracy
+                .is_some_and(|a| val.accuracy() >= a)
+            {
+                reporter.line(&format!(
+                    "validation accuracy reached the target: stopping at step {steps_run}"
+                ));
+                break;
+            }
+        }
+    }
+    reporter.finish();
+    Ok(TrainOutcome {
+        model,
+        curve,
+        steps_run,
+        wall_seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Accuracy of induction heads at one test length.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct LengthResult {
+    pub length: usize,
+    pub samples: usize,
+    pub accuracy: f64,
+    pub seconds: f64,
+    pub tokens_per_second: f64,
+    /// The process's peak resident memory after this length (VmHWM).
+    pub peak_resident_bytes: Option<u64>,
+    /// The recurrent state of the batch evaluated together.
+    pub state_bytes: usize,
+}
+
+/// How the long sequences are run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalMode {
+    /// Chunks of `chunk` tokens continuing from the carried state.
+    Chunked,
+    /// One token at a time with the step kernels.
+    Step,
+}
+
+/// Induction-heads accuracy at every length of `lengths`, `samples`
+/// sequences each (run `batch` at a time), the sequences generated chunk
+/// by chunk and run from a carried state: memory does not grow with the
+/// length. Sequences of each length come from `seed` + length.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_induction_lengths<T: TaskScalar>(
+    model: &TaskModel<T>,
+    vocab: usize,
+    lengths: &[usize],
+    samples: usize,
+    batch: usize,
+    chunk: usize,
+    mode: EvalMode,
+    seed: u64,
+    mut on_result: impl FnMut(&LengthResult),
+) -> Result<Vec<LengthResult>> {
+    const OP: &str = "evaluate_induction_lengths";
+    if samples == 0 || batch == 0 || chunk == 0 {
+        return Err(invalid(OP, "samples, batch and chunk must be at least 1"));
+    }
+    if vocab > model.config.vocab_size {
+        return Err(invalid(
+            OP,
+            format!(
+                "task vocabulary {vocab} exceeds the model's {}",
+                model.config.vocab_size
+            ),
+        ));
+    }
+    let d = model.config.d_model;
+    let mut out = Vec::new();
+    for &length in lengths {
+        let t0 = Instant::now();
+        let mut rng = Rng::new(seed.wrapping_add(length as u64));
+        let mut score = AnswerScore::default();
+        let mut left = samples;
+        let mut state_bytes = 0;
+        while left > 0 {
+            let b = left.min(batch);
+            let mut seqs = (0..b)
+                .map(|_| InductionSequence::new(vocab, length, &mut rng))
+                .collect::<Result<Vec<_>>>()?;
+            let mut state = model.zero_state(b);
+            state_bytes = state
+                .blocks
+                .iter()
+                .map(|s| (s.conv.len() + s.ssm.len()) * std::mem::size_of::<T>())
+                .sum();
+            let mut last_hidden = Vec::new();
+            while seqs[0].remaining() > 0 {
+                let n = match mode {
+                    EvalMode::Chunked => chunk.min(seqs[0].remaining()),
+                    EvalMode::Step => 1,
+                };
+                let mut ids = Vec::with_capacity(b * n);
+                for s in seqs.iter_mut() {
+                    ids.extend(s.next_chunk(n));
+                }
+                let hidden = match mode {
+                    EvalMode::Chunked => model.forward_chunk(&mut state, &ids, b, n)?,
+                    EvalMode::Step => model.step(&mut state, &ids)?,
+                };
+                if seqs[0].remaining() == 0 {
+                    // the last position of every row
+                    last_hidden = (0..b)
+                        .flat_map(|r| hidden[(r * n + n - 1) * d..(r * n + n) * d].iter().copied())
+                        .collect();
+                }
+            }
+            let logits = model.logits_from_hidden(&last_hidden)?;
+            let targets: Vec<u32> = seqs.iter().map(|s| s.answer()).collect();
+            score.add(score_logits(&logits, model.config.vocab_size, &targets, None).0);
+            left -= b;
+        }
+        let seconds = t0.elapsed().as_secs_f64();
+        let result = LengthResult {
+            length,
+            samples,
+            accuracy: score.accuracy(),
+            seconds,
+            tokens_per_second: (samples * length) as f64 / seconds,
+            peak_resident_bytes: peak_resident_bytes(),
+            state_bytes,
+        };
+        on_result(&result);
+        out.push(result);
+    }
+    Ok(out)
+}
+
+/// Whether a task is induction heads (the one with length extrapolation).
+pub fn has_length_extrapolation(kind: TaskKind) -> bool {
+    kind == TaskKind::InductionHeads
+}
