@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod conv1d;
+pub mod embedding;
 pub mod linear;
 pub mod matmul;
 pub mod norm;
@@ -23,6 +24,7 @@ pub use conv1d::{
     causal_conv1d_backward, causal_conv1d_forward, causal_conv1d_forward_continuing,
     causal_conv1d_reference, causal_conv1d_state, causal_conv1d_step, ConvGrads, ConvShape,
 };
+pub use embedding::{embedding_backward, embedding_forward};
 pub use linear::{linear_reference, WeightFormat, Weights, Q8_BLOCK};
 pub use matmul::{matmul_xtw, matmul_xw, matmul_xwt, MatmulScalar};
 pub use norm::{

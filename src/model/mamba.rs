@@ -331,13 +331,7 @@ impl<T: MatmulScalar> Mamba<T> {
 
     /// h = E[ids]  (BL, D)
     fn embed(&self, ids: &[u32]) -> Vec<T> {
-        let d = self.config.d_model;
-        let mut h = Vec::with_capacity(ids.len() * d);
-        for &id in ids {
-            let row = id as usize * d;
-            h.extend_from_slice(&self.params.embedding[row..row + d]);
-        }
-        h
+        crate::kernels::embedding_forward(&self.params.embedding, ids, self.config.d_model)
     }
 
     fn head_weight(&self) -> &[T] {
@@ -580,12 +574,7 @@ impl<T: MatmulScalar> Mamba<T> {
             )?;
         }
         // h = E[ids]
-        for (row, &id) in ids.iter().enumerate() {
-            let dst = &mut g.embedding[id as usize * d..(id as usize + 1) * d];
-            for (a, &b) in dst.iter_mut().zip(&dh[row * d..(row + 1) * d]) {
-                *a += b;
-            }
-        }
+        crate::kernels::embedding_backward(ids, &dh, d, &mut g.embedding);
         Ok(g)
     }
 

@@ -103,13 +103,7 @@ impl Canvas {
     /// ASCII are drawn as '?'.
     fn text(&mut self, x: i64, y: i64, text: &str, color: Rgb) {
         for (k, ch) in text.chars().enumerate() {
-            let code = ch as u32;
-            let index = if (32..127).contains(&code) {
-                code - 32
-            } else {
-                '?' as u32 - 32
-            };
-            let glyph = &font::GLYPHS[index as usize];
+            let glyph = glyph(ch);
             let x0 = x + (k * font::GLYPH_WIDTH) as i64;
             for (row, bits) in glyph.iter().enumerate() {
                 for col in 0..font::GLYPH_WIDTH {
@@ -125,13 +119,7 @@ impl Canvas {
     fn text_vertical(&mut self, cx: i64, cy: i64, text: &str, color: Rgb) {
         let len = text.chars().count() * font::GLYPH_WIDTH;
         for (k, ch) in text.chars().enumerate() {
-            let code = ch as u32;
-            let index = if (32..127).contains(&code) {
-                code - 32
-            } else {
-                '?' as u32 - 32
-            };
-            let glyph = &font::GLYPHS[index as usize];
+            let glyph = glyph(ch);
             // glyph column c of character k goes to image row y0 - (k·W + c)
             let y0 = cy + len as i64 / 2;
             for (row, bits) in glyph.iter().enumerate() {
@@ -145,6 +133,17 @@ impl Canvas {
             }
         }
     }
+}
+
+/// The bitmap of a character; outside printable ASCII, that of '?'.
+fn glyph(ch: char) -> &'static [u16; font::GLYPH_HEIGHT] {
+    let code = ch as u32;
+    let index = if (32..127).contains(&code) {
+        code - 32
+    } else {
+        '?' as u32 - 32
+    };
+    &font::GLYPHS[index as usize]
 }
 
 fn text_width(text: &str) -> i64 {
