@@ -424,6 +424,7 @@ fn tiny_selective_copying_accuracy(layer: SsmLayer) -> f64 {
         eval_examples: 64,
         stop_at_accuracy: None,
         init: None,
+        save_dir: None,
         progress: selective::train::ProgressMode::Silent,
     };
     let outcome = train_task(&settings).unwrap();

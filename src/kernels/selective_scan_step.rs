@@ -89,45 +89,67 @@ pub fn selective_scan_step<T: Float>(
     for bi in 0..batch {
         let b_t = &inputs.b[bi * n..(bi + 1) * n];
         let c_t = &inputs.c[bi * n..(bi + 1) * n];
-        for ch in 0..channels {
-            let i = bi * channels + ch;
-            let u = inputs.u[i];
-            let raw = inputs.delta[i] + inputs.delta_bias.map_or(T::ZERO, |v| v[ch]);
-            let dt = if options.delta_softplus {
-                raw.softplus()
-            } else {
-                raw
-            };
-            let a_row = &inputs.a[ch * n..(ch + 1) * n];
-            let h = &mut state[i * n..(i + 1) * n];
-            let dtu = dt * u;
-            // Element-wise over the state index (vectorises, exp included),
-            // then C · h as a lane-wise dot product.
-            match options.discretization {
-                Discretization::Official => {
-                    for ((hs, &an), &bn) in h.iter_mut().zip(a_row).zip(b_t) {
-                        *hs = (dt * an).exp().mul_add(*hs, dtu * bn);
-                    }
-                }
-                Discretization::ZeroOrderHold => {
-                    for ((hs, &an), &bn) in h.iter_mut().zip(a_row).zip(b_t) {
-                        let x = dt * an;
-                        *hs = x.exp().mul_add(*hs, dtu * x.expm1_over_x() * bn);
-                    }
+        for ch0 in (0..channels).step_by(CHANNEL_BLOCK) {
+            let nb = CHANNEL_BLOCK.min(channels - ch0);
+            let first = bi * channels + ch0;
+            // Δ and the gate silu(z) of the block's channels, computed
+            // together so that their exp and ln vectorise over channels
+            // (lanes past nb compute on zeros and are not used).
+            let mut dt = [T::ZERO; CHANNEL_BLOCK];
+            dt[..nb].copy_from_slice(&inputs.delta[first..first + nb]);
+            if let Some(bias) = inputs.delta_bias {
+                for (v, &b) in dt.iter_mut().zip(&bias[ch0..ch0 + nb]) {
+                    *v += b;
                 }
             }
-            let mut y = dot(c_t, h);
-            if let Some(d) = inputs.d {
-                y = d[ch].mul_add(u, y);
+            if options.delta_softplus {
+                for v in dt.iter_mut() {
+                    *v = v.softplus();
+                }
             }
+            let mut gate = [T::ONE; CHANNEL_BLOCK];
             if let Some(z) = inputs.z {
-                y *= z[i].silu();
+                let mut zb = [T::ZERO; CHANNEL_BLOCK];
+                zb[..nb].copy_from_slice(&z[first..first + nb]);
+                for (g, &zv) in gate.iter_mut().zip(&zb) {
+                    *g = zv.silu();
+                }
             }
-            out[i] = y;
+            for j in 0..nb {
+                let (ch, i) = (ch0 + j, first + j);
+                let (u, dt) = (inputs.u[i], dt[j]);
+                let a_row = &inputs.a[ch * n..(ch + 1) * n];
+                let h = &mut state[i * n..(i + 1) * n];
+                let dtu = dt * u;
+                // Element-wise over the state index (vectorises, exp included),
+                // then C · h as a lane-wise dot product.
+                match options.discretization {
+                    Discretization::Official => {
+                        for ((hs, &an), &bn) in h.iter_mut().zip(a_row).zip(b_t) {
+                            *hs = (dt * an).exp().mul_add(*hs, dtu * bn);
+                        }
+                    }
+                    Discretization::ZeroOrderHold => {
+                        for ((hs, &an), &bn) in h.iter_mut().zip(a_row).zip(b_t) {
+                            let x = dt * an;
+                            *hs = x.exp().mul_add(*hs, dtu * x.expm1_over_x() * bn);
+                        }
+                    }
+                }
+                let mut y = dot(c_t, h);
+                if let Some(d) = inputs.d {
+                    y = d[ch].mul_add(u, y);
+                }
+                // × 1 when there is no gate: exact
+                out[i] = y * gate[j];
+            }
         }
     }
     Ok(())
 }
+
+/// Channels whose Δ and gate are computed together.
+const CHANNEL_BLOCK: usize = 16;
 
 /// Σ a[i] b[i] with 16 independent partial sums, so that it vectorises.
 #[inline(always)]
@@ -147,5 +169,14 @@ fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     for (&x, &y) in a[split..].iter().zip(&b[split..]) {
         sum = x.mul_add(y, sum);
     }
-    lanes.iter().fold(sum, |acc, &v| acc + v)
+    // Halving the lanes (16 → 8 → 4 → 2 → 1): four dependent adds instead
+    // of a chain of sixteen, which the decoding step waited on per channel.
+    let mut width = LANES / 2;
+    while width > 0 {
+        for w in 0..width {
+            lanes[w] = lanes[w] + lanes[w + width];
+        }
+        width /= 2;
+    }
+    sum + lanes[0]
 }

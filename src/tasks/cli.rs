@@ -73,6 +73,10 @@ pub struct TaskArgs {
     /// Peak learning rate.
     #[arg(long, default_value_t = 2e-3)]
     pub lr: f64,
+    /// Learning rate at the end of the cosine decay (default: --lr / 10);
+    /// equal to --lr for a constant rate after the warm-up.
+    #[arg(long)]
+    pub min_lr: Option<f64>,
     /// Warm-up steps (default: 5% of the steps).
     #[arg(long)]
     pub warmup: Option<usize>,
@@ -248,7 +252,7 @@ fn run(args: TaskArgs) -> Result<()> {
         steps: args.steps,
         batch: args.batch,
         lr: args.lr,
-        min_lr: args.lr / 10.0,
+        min_lr: args.min_lr.unwrap_or(args.lr / 10.0),
         warmup_steps: args.warmup.unwrap_or(args.steps / 20),
         weight_decay: args.weight_decay,
         beta2: 0.999,
@@ -258,6 +262,7 @@ fn run(args: TaskArgs) -> Result<()> {
         eval_examples: args.eval_examples,
         stop_at_accuracy: args.stop_at_accuracy,
         init,
+        save_dir: Some(args.out.join("model")),
         progress: ProgressMode::Auto,
     };
     eprintln!(

@@ -15,6 +15,7 @@ use crate::generation_bench::peak_resident_bytes;
 use crate::rng::Rng;
 use crate::train::progress::{Reporter, StepLine};
 use crate::train::{AdamWConfig, LrSchedule, ProgressMode};
+use std::path::PathBuf;
 
 /// Summed cross-entropy and the number of correct argmax predictions over
 /// some answers.
@@ -283,6 +284,10 @@ pub struct TrainSettings {
     /// trained on short sequences trained further on longer ones.
     #[serde(skip)]
     pub init: Option<TaskModel<f32>>,
+    /// Where the weights are saved (atomically) at every evaluation, so
+    /// that a long run stopped midway can be continued with `--init`.
+    #[serde(skip)]
+    pub save_dir: Option<PathBuf>,
     #[serde(skip)]
     pub progress: ProgressMode,
 }
@@ -425,6 +430,9 @@ pub fn train_task(settings: &TrainSettings) -> Result<TrainOutcome> {
                 100.0 * val.accuracy()
             ));
             since = AnswerScore::default();
+            if let Some(dir) = &settings.save_dir {
+                model.save(dir)?;
+            }
             if settings
                 .stop_at_accuracy
                 .is_some_and(|a| val.accuracy() >= a)
