@@ -418,6 +418,7 @@ fn tiny_selective_copying_accuracy(layer: SsmLayer) -> f64 {
         warmup_steps: TINY_STEPS / 20,
         weight_decay: 0.0,
         beta2: 0.999,
+        adam_eps: 1e-8,
         clip: 1.0,
         seed: 0,
         eval_every: TINY_STEPS,

@@ -82,6 +82,9 @@ pub struct TaskArgs {
     pub warmup: Option<usize>,
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
+    /// AdamW's ε.
+    #[arg(long, default_value_t = 1e-8)]
+    pub adam_eps: f64,
     #[arg(long, default_value_t = 1.0)]
     pub clip: f64,
     #[arg(long, default_value_t = 0)]
@@ -256,6 +259,7 @@ fn run(args: TaskArgs) -> Result<()> {
         warmup_steps: args.warmup.unwrap_or(args.steps / 20),
         weight_decay: args.weight_decay,
         beta2: 0.999,
+        adam_eps: args.adam_eps,
         clip: args.clip,
         seed: args.seed,
         eval_every: args.eval_every,

@@ -272,6 +272,10 @@ pub struct TrainSettings {
     pub warmup_steps: usize,
     pub weight_decay: f64,
     pub beta2: f64,
+    /// AdamW's ε (PyTorch's default 1e-8). Once the loss is near 0 the
+    /// gradients fall towards ε and the updates fade with them; a smaller ε
+    /// keeps the steps normalised.
+    pub adam_eps: f64,
     pub clip: f64,
     pub seed: u64,
     pub eval_every: usize,
@@ -356,6 +360,9 @@ pub fn train_task(settings: &TrainSettings) -> Result<TrainOutcome> {
     if !(settings.lr > 0.0) {
         return Err(invalid(OP, "the learning rate must be positive"));
     }
+    if !(settings.adam_eps > 0.0) {
+        return Err(invalid(OP, "AdamW's ε must be positive"));
+    }
     let t0 = Instant::now();
     let mut model = match &settings.init {
         Some(m) if m.config != settings.model => {
@@ -375,7 +382,7 @@ pub fn train_task(settings: &TrainSettings) -> Result<TrainOutcome> {
         AdamWConfig {
             beta1: 0.9,
             beta2: settings.beta2,
-            eps: 1e-8,
+            eps: settings.adam_eps,
             weight_decay: settings.weight_decay,
         },
     );
