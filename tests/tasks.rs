@@ -455,3 +455,34 @@ fn s6_learns_tiny_selective_copying_and_s4d_does_not() {
     assert!(s4d <= s6 - 0.1, "S4D reached {s4d:.3}, S6 {s6:.3}");
     assert!(s4d > 2.0 * chance, "S4D learned nothing: {s4d:.3}");
 }
+
+/// The shipped induction-heads models (docs/RESULTS.md): the selective one,
+/// trained at length 256, recalls every token at 4096 = 16× its training
+/// length, while the time-invariant one is near chance (1/15) there. 32
+/// sequences of 4096 tokens each, in chunks from the carried state
+/// (about a second).
+#[test]
+fn shipped_induction_heads_models_extrapolate_only_when_selective() {
+    use selective::tasks::{evaluate_induction_lengths, EvalMode};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    let accuracy_at_4096 = |name: &str| {
+        let model = TaskModel::<f32>::load(&dir.join(name)).unwrap();
+        let results = evaluate_induction_lengths(
+            &model,
+            16,
+            &[4096],
+            32,
+            16,
+            1024,
+            EvalMode::Chunked,
+            2024,
+            |_| {},
+        )
+        .unwrap();
+        results[0].accuracy
+    };
+    let s6 = accuracy_at_4096("induction-heads");
+    assert_eq!(s6, 1.0, "S6 accuracy at 4096: {s6}");
+    let s4d = accuracy_at_4096("induction-heads-s4d");
+    assert!(s4d < 0.3, "S4D accuracy at 4096: {s4d}");
+}
