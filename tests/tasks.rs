@@ -8,7 +8,7 @@ use std::process::Command;
 use selective::rng::Rng;
 use selective::tasks::{
     answer_loss_and_grads, answer_score, Answer, BlockArch, SsmLayer, TaskBatch, TaskModel,
-    TaskModelConfig,
+    TaskModelConfig, TaskScalar,
 };
 
 const VARIANTS: [(SsmLayer, BlockArch); 4] = [
@@ -113,16 +113,16 @@ fn gradients_match_finite_differences_for_every_variant() {
 }
 
 /// The final hidden rows of `ids` run as chunks of the given sizes.
-fn chunked_hidden(
-    model: &TaskModel<f64>,
+fn chunked_hidden<T: TaskScalar>(
+    model: &TaskModel<T>,
     ids: &[u32],
     batch: usize,
     len: usize,
     sizes: &[usize],
-) -> Vec<f64> {
+) -> Vec<T> {
     let d = model.config.d_model;
     let mut state = model.zero_state(batch);
-    let mut out = vec![0.0; batch * len * d];
+    let mut out = vec![T::ZERO; batch * len * d];
     let mut start = 0;
     for &n in sizes {
         let chunk: Vec<u32> = (0..batch)
@@ -211,38 +211,15 @@ fn f32_model_tracks_f64_over_a_long_chunked_run() {
     let len = 3000;
     let data = random_batch(16, 2, len, 0, 9);
     let h64 = m64.forward_train(&data.ids, 2, len).unwrap();
-    let h32 = chunked_hidden_f32(&m32, &data.ids, 2, len, 700);
+    // chunks of 700 and the remainder
+    let sizes: Vec<usize> = (0..len)
+        .step_by(700)
+        .map(|start| 700.min(len - start))
+        .collect();
+    let h32 = chunked_hidden(&m32, &data.ids, 2, len, &sizes);
     for (i, (a, b)) in h32.iter().zip(h64.final_hidden()).enumerate() {
         assert!((*a as f64 - b).abs() < 2e-3, "[{i}] {a} vs {b}");
     }
-}
-
-fn chunked_hidden_f32(
-    model: &TaskModel<f32>,
-    ids: &[u32],
-    batch: usize,
-    len: usize,
-    chunk: usize,
-) -> Vec<f32> {
-    let d = model.config.d_model;
-    let mut state = model.zero_state(batch);
-    let mut out = vec![0.0; batch * len * d];
-    let mut start = 0;
-    while start < len {
-        let n = chunk.min(len - start);
-        let ids_c: Vec<u32> = (0..batch)
-            .flat_map(|b| ids[b * len + start..b * len + start + n].iter().copied())
-            .collect();
-        let h = model.forward_chunk(&mut state, &ids_c, batch, n).unwrap();
-        for b in 0..batch {
-            for t in 0..n {
-                let dst = (b * len + start + t) * d;
-                out[dst..dst + d].copy_from_slice(&h[(b * n + t) * d..(b * n + t + 1) * d]);
-            }
-        }
-        start += n;
-    }
-    out
 }
 
 #[test]

@@ -14,7 +14,7 @@ use crate::float::Float;
 use crate::generation_bench::peak_resident_bytes;
 use crate::rng::Rng;
 use crate::train::progress::{Reporter, StepLine};
-use crate::train::{AdamWConfig, LrSchedule, ProgressMode};
+use crate::train::{clip_tensors_global_norm, AdamWConfig, AdamWStep, LrSchedule, ProgressMode};
 use std::path::PathBuf;
 
 /// Summed cross-entropy and the number of correct argmax predictions over
@@ -197,11 +197,7 @@ impl TaskAdamW {
         }
     }
 
-    /// ```text
-    /// p ← p − lr·λ·p   (decayed tensors only)
-    /// m ← β1 m + (1 − β1) g;   v ← β2 v + (1 − β2) g²
-    /// p ← p − lr · (m / (1 − β1ᵗ)) / (sqrt(v / (1 − β2ᵗ)) + ε)
-    /// ```
+    /// One update with learning rate `lr` ([`AdamWStep`] on each tensor).
     pub fn update(
         &mut self,
         model_config: &TaskModelConfig,
@@ -210,11 +206,7 @@ impl TaskAdamW {
         lr: f64,
     ) {
         self.step += 1;
-        let c = self.config;
-        let t = self.step as i32;
-        let step_size = (lr / (1.0 - c.beta1.powi(t))) as f32;
-        let inv_sqrt_bias2 = (1.0 / (1.0 - c.beta2.powi(t)).sqrt()) as f32;
-        let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
+        let step = AdamWStep::new(&self.config, self.step, lr);
         let all = params
             .tensors_mut(model_config)
             .into_iter()
@@ -222,17 +214,7 @@ impl TaskAdamW {
             .zip(self.m.tensors_mut(model_config))
             .zip(self.v.tensors_mut(model_config));
         for ((((info, p), (_, g)), (_, m)), (_, v)) in all {
-            let keep = if info.decays {
-                (1.0 - lr * c.weight_decay) as f32
-            } else {
-                1.0
-            };
-            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                *p *= keep;
-                *m = b1 * *m + (1.0 - b1) * g;
-                *v = b2 * *v + (1.0 - b2) * g * g;
-                *p -= step_size * *m / (v.sqrt() * inv_sqrt_bias2 + eps);
-            }
+            step.apply(info.decays, p, g, m, v);
         }
     }
 }
@@ -244,20 +226,12 @@ pub fn clip_global_norm(
     grads: &mut TaskParams<f32>,
     max_norm: f64,
 ) -> f64 {
-    let norm = grads
-        .tensors(config)
-        .iter()
-        .flat_map(|(_, g)| g.iter())
-        .map(|&g| (g as f64) * (g as f64))
-        .sum::<f64>()
-        .sqrt();
-    let factor = max_norm / (norm + 1e-6);
-    if norm.is_finite() && factor < 1.0 {
-        for (_, g) in grads.tensors_mut(config) {
-            g.iter_mut().for_each(|x| *x *= factor as f32);
-        }
-    }
-    norm
+    let tensors = grads
+        .tensors_mut(config)
+        .into_iter()
+        .map(|(_, g)| g.as_mut_slice())
+        .collect();
+    clip_tensors_global_norm(tensors, max_norm)
 }
 
 /// Everything a training run needs.

@@ -12,7 +12,10 @@ pub mod trainer;
 
 pub use bench::{bench_training, TrainingBench};
 pub use data::{random_windows, TextData};
-pub use optimizer::{add_into, clip_global_norm, decays, global_norm, AdamW, AdamWConfig};
+pub use optimizer::{
+    add_into, clip_global_norm, clip_tensors_global_norm, decays, global_norm, AdamW, AdamWConfig,
+    AdamWStep,
+};
 pub use progress::ProgressMode;
 pub use schedule::LrSchedule;
 pub use trainer::{
