@@ -58,6 +58,10 @@ enum Command {
         /// the inference path; without it, the f32 training forward.
         #[arg(long, value_enum)]
         dtype: Option<WeightType>,
+        /// With --dtype: score one token at a time through the decoding
+        /// step, the path generation takes, instead of chunked prefill.
+        #[arg(long, requires = "dtype")]
+        stepwise: bool,
     },
     /// Convert a model directory (original `pytorch_model.bin` or
     /// safetensors, either config dialect) into a Hugging Face-layout
@@ -446,11 +450,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             logits_out,
             threads,
             dtype,
+            stepwise,
         } => {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads.unwrap_or(0))
                 .build()?;
-            pool.install(|| score(&model, text_file, ids, json, logits_out, dtype))
+            pool.install(|| score(&model, text_file, ids, json, logits_out, dtype, stepwise))
         }
         Command::Generate(args) => {
             let pool = rayon::ThreadPoolBuilder::new()
@@ -552,6 +557,7 @@ fn score(
     json: bool,
     logits_out: Option<PathBuf>,
     dtype: Option<WeightType>,
+    stepwise: bool,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     if dtype.is_some() && logits_out.is_some() {
         return Err("--logits-out works with the f32 training forward only; drop --dtype".into());
@@ -594,6 +600,7 @@ fn score(
     };
     let t1 = Instant::now();
     let result = match &inference {
+        Some(m) if stepwise => m.perplexity_stepwise(&ids)?,
         Some(m) => m.perplexity(&ids)?,
         None => perplexity(&model, &ids, |block| match writer.as_mut() {
             Some(w) => w.write(block.iter().copied()),
@@ -608,6 +615,11 @@ fn score(
         let v = serde_json::json!({
             "model": dir.display().to_string(),
             "dtype": inference.as_ref().map_or("f32 (training forward)", |m| m.format().name()),
+            "path": match (&inference, stepwise) {
+                (None, _) => "training forward",
+                (Some(_), false) => "chunked prefill",
+                (Some(_), true) => "decoding step",
+            },
             "tokens": ids.len(),
             "predicted_tokens": result.predicted_tokens,
             "mean_nll": result.mean_nll,

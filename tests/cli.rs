@@ -90,6 +90,26 @@ fn score_ids_reports_the_reference_perplexity() {
             logits[i]
         );
     }
+    // Through the decoding step, one token at a time, the same number.
+    let out = selective()
+        .args(["score", "--dtype", "f32", "--stepwise", "--json", "--model"])
+        .arg(&dir)
+        .arg("--ids")
+        .arg(&ids_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["path"], "decoding step");
+    let nll = v["mean_nll"].as_f64().unwrap();
+    assert!(
+        (nll - want).abs() < 1e-5,
+        "stepwise mean NLL {nll} vs reference {want}"
+    );
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 

@@ -2,8 +2,13 @@
 //! path of `matmul_xwt` (the GEMV in AVX-512 and plain Rust, expand + GEMM,
 //! the automatic choice) against plain f64 loops over the dequantised
 //! weights, on awkward sizes; the decoding of rows; the quantisation error.
+//! The q8 GEMV multiplies by x quantised to 8 bits per block of 32 (as
+//! llama.cpp's q8_0 does): its reference quantises x the same way, written
+//! out here, and its distance from the f32-x result is bounded separately.
 
-use selective::kernels::linear::{bf16_bits_to_f32, f32_to_bf16_bits, Kernel};
+use selective::kernels::linear::{
+    bf16_bits_to_f32, f32_to_bf16_bits, Kernel, QuantizedRows, GEMM_ROWS,
+};
 use selective::kernels::{linear_reference, WeightFormat, Weights, Q8_BLOCK};
 use selective::rng::Rng;
 
@@ -72,24 +77,81 @@ fn abs_sums(w: &Weights, x: &[f32], m: usize) -> Vec<f64> {
     s
 }
 
+/// x (m, k) quantised as the q8 GEMV does, written out and dequantised in
+/// f64: per row, blocks of Q8_BLOCK, s = max|x| / 127 (f32), q = x · 127 /
+/// max|x| rounded to the nearest integer, ties to even; x' = s · q.
+fn x_quantised_by_hand(x: &[f32], m: usize, k: usize) -> Vec<f64> {
+    let mut out = vec![0.0; m * k];
+    for i in 0..m {
+        for b0 in (0..k).step_by(Q8_BLOCK) {
+            let idx = i * k + b0..i * k + (b0 + Q8_BLOCK).min(k);
+            let amax = x[idx.clone()].iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let s = amax / 127.0;
+            for l in idx {
+                let q = if amax > 0.0 {
+                    (x[l] * (127.0 / amax)).round_ties_even()
+                } else {
+                    0.0
+                };
+                out[l] = s as f64 * q as f64;
+            }
+        }
+    }
+    out
+}
+
+/// The q8 GEMV's result in f64: the dequantised weights times x'.
+/// Returns (y, Σ|w x'|).
+fn q8_gemv_reference(w: &Weights, x: &[f32], m: usize) -> (Vec<f32>, Vec<f64>) {
+    let wf = w.to_f32();
+    let (n, k) = (w.rows(), w.cols());
+    let xq = x_quantised_by_hand(x, m, k);
+    let mut y = vec![0.0f32; m * n];
+    let mut abs = vec![0.0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let terms = (0..k).map(|l| xq[i * k + l] * wf[j * k + l] as f64);
+            y[i * n + j] = terms.clone().sum::<f64>() as f32;
+            abs[i * n + j] = terms.map(f64::abs).sum();
+        }
+    }
+    (y, abs)
+}
+
+/// Whether `kernel` at m rows multiplies q8 weights by quantised x.
+fn multiplies_quantised_x(w: &Weights, kernel: Kernel, m: usize) -> bool {
+    w.format() == WeightFormat::Q8
+        && match kernel {
+            Kernel::Auto => m <= GEMM_ROWS,
+            Kernel::Gemm => false,
+            Kernel::Gemv | Kernel::GemvNoPrefetch | Kernel::Portable => true,
+        }
+}
+
 fn check_all_paths(w: &Weights, m: usize, seed: u64) {
     let (n, k) = (w.rows(), w.cols());
     let x = random(m * k, seed);
-    let want = linear_reference(w, &x, m);
-    let abs_sum = abs_sums(w, &x, m);
+    let want_f32_x = linear_reference(w, &x, m);
+    let abs_sum_f32_x = abs_sums(w, &x, m);
+    let (want_q8_x, abs_sum_q8_x) = q8_gemv_reference(w, &x, m);
     let y0 = random(m * n, seed + 1);
     for kernel in KERNELS {
+        let (want, abs_sum) = if multiplies_quantised_x(w, kernel, m) {
+            (&want_q8_x, &abs_sum_q8_x)
+        } else {
+            (&want_f32_x, &abs_sum_f32_x)
+        };
         let what = format!("{} {n}x{k} m={m} {kernel:?}", w.format().name());
         let mut y = vec![f32::NAN; m * n];
         w.matmul_xwt_with(&x, m, &mut y, false, kernel).unwrap();
-        check(&what, &y, &want, &abs_sum, None, k);
+        check(&what, &y, want, abs_sum, None, k);
         let mut y = y0.clone();
         w.matmul_xwt_with(&x, m, &mut y, true, kernel).unwrap();
         check(
             &format!("{what} accumulate"),
             &y,
-            &want,
-            &abs_sum,
+            want,
+            abs_sum,
             Some(&y0),
             k,
         );
@@ -319,12 +381,120 @@ fn q8_zero_blocks_and_outliers() {
     for i in 32..64 {
         assert!((deq[i] - values[i]).abs() <= s / 2.0 + 3.0e4 * 2f32.powi(-11));
     }
-    let x = random(3 * cols, 6);
+    let mut x = random(3 * cols, 6);
+    x[cols..cols + 32].fill(0.0); // row 1 of x, block 0: all zero
+    x[2 * cols + 70] = -5.0e3; // row 2 of x, block 2: an outlier
     let want = linear_reference(&w, &x, 3);
     let abs_sum = abs_sums(&w, &x, 3);
+    let (want_q, abs_sum_q) = q8_gemv_reference(&w, &x, 3);
     for kernel in KERNELS {
         let mut y = vec![0.0; 6];
         w.matmul_xwt_with(&x, 3, &mut y, false, kernel).unwrap();
-        check(&format!("{kernel:?}"), &y, &want, &abs_sum, None, cols);
+        if multiplies_quantised_x(&w, kernel, 3) {
+            check(&format!("{kernel:?}"), &y, &want_q, &abs_sum_q, None, cols);
+        } else {
+            check(&format!("{kernel:?}"), &y, &want, &abs_sum, None, cols);
+        }
+    }
+}
+
+#[test]
+fn q8_activation_quantisation_written_out() {
+    let (m, k) = (3, 100); // blocks 32, 32, 32, 4
+    let mut x = random(m * k, 8);
+    x[32..64].fill(0.0); // row 0, block 1: zero
+    x[k + 99] = 40.0; // row 1, short last block: outlier
+    x[2 * k + 5] = -1e-30; // tiny
+    let xq = QuantizedRows::new(&x, m, k);
+    let want = x_quantised_by_hand(&x, m, k);
+    for i in 0..m {
+        let (q, s) = (xq.row(i), xq.scales(i));
+        assert_eq!(q.len(), 128, "padded to 64 columns");
+        assert_eq!(s.len(), 16, "padded to 16 blocks");
+        assert!(q[k..].iter().all(|&v| v == 0) && s[4..].iter().all(|&v| v == 0.0));
+        for l in 0..k {
+            let got = s[l / Q8_BLOCK] as f64 * q[l] as f64;
+            assert_eq!(got, want[i * k + l], "row {i} column {l}");
+            // the error of a value is at most half a step of its block
+            let err = (got - x[i * k + l] as f64).abs();
+            assert!(
+                err <= s[l / Q8_BLOCK] as f64 / 2.0 * (1.0 + 1e-6),
+                "row {i} col {l}: {err}"
+            );
+        }
+    }
+    assert!(xq.row(0)[32..64].iter().all(|&v| v == 0) && xq.scales(0)[1] == 0.0);
+    assert_eq!(xq.row(1)[99], 127);
+}
+
+/// The q8 GEMV's distance from the f32-x product is the activations'
+/// quantisation error and no more: |Δy| <= Σ_l |w_l| s_x(l) / 2, plus
+/// rounding.
+#[test]
+fn q8_gemv_stays_within_the_activation_quantisation_bound() {
+    for (rows, cols) in [(64, 768), (33, 48), (5, 1536), (9, 100)] {
+        let w = Weights::from_f32(
+            WeightFormat::Q8,
+            rows,
+            cols,
+            &random_weights(rows, cols, 21),
+        )
+        .unwrap();
+        let wf = w.to_f32();
+        for m in [1, 2, 8] {
+            let x = random(m * cols, 22 + m as u64);
+            let exact = linear_reference(&w, &x, m);
+            let xq = QuantizedRows::new(&x, m, cols);
+            let abs = abs_sums(&w, &x, m);
+            for kernel in [Kernel::Gemv, Kernel::Portable] {
+                let mut y = vec![0.0; m * rows];
+                w.matmul_xwt_with(&x, m, &mut y, false, kernel).unwrap();
+                let mut worst = 0.0f64;
+                for i in 0..m {
+                    for j in 0..rows {
+                        let bound: f64 = (0..cols)
+                            .map(|l| {
+                                wf[j * cols + l].abs() as f64 * xq.scales(i)[l / Q8_BLOCK] as f64
+                                    / 2.0
+                            })
+                            .sum();
+                        let err = (y[i * rows + j] as f64 - exact[i * rows + j] as f64).abs();
+                        let tol = bound + 1e-5 * abs[i * rows + j];
+                        assert!(
+                            err <= tol,
+                            "{rows}x{cols} m={m} {kernel:?} ({i},{j}): {err} > {tol}"
+                        );
+                        worst = worst.max(err / abs[i * rows + j]);
+                    }
+                }
+                // and it does quantise: the result is not the f32-x one
+                assert!(worst > 1e-5, "{rows}x{cols} m={m} {kernel:?}: {worst}");
+            }
+        }
+    }
+}
+
+/// A NaN or an infinity in x makes the q8 GEMV's outputs NaN (in f32 they
+/// would be NaN or infinite), never a finite number that hides it.
+#[test]
+fn q8_gemv_does_not_hide_non_finite_activations() {
+    let (rows, cols) = (9, 100);
+    let w =
+        Weights::from_f32(WeightFormat::Q8, rows, cols, &random_weights(rows, cols, 3)).unwrap();
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        for at in [0, 40, 99] {
+            let mut x = random(2 * cols, 4);
+            x[cols + at] = bad;
+            for kernel in [Kernel::Auto, Kernel::Gemv, Kernel::Portable] {
+                let mut y = vec![0.0; 2 * rows];
+                w.matmul_xwt_with(&x, 2, &mut y, false, kernel).unwrap();
+                assert!(y[..rows].iter().all(|v| v.is_finite()), "{kernel:?} row 0");
+                assert!(
+                    y[rows..].iter().all(|v| v.is_nan()),
+                    "{bad} at {at} {kernel:?}: {:?}",
+                    &y[rows..]
+                );
+            }
+        }
     }
 }

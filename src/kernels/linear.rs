@@ -1,5 +1,7 @@
 //! Weight matrices for inference in four storage formats, and the linear
-//! layer y = x Wᵀ over them with f32 arithmetic.
+//! layer y = x Wᵀ over them: f32 arithmetic, except that the q8 GEMV
+//! (decoding) multiplies 8-bit weights by 8-bit activations as llama.cpp's
+//! q8_0 does (see [`QuantizedRows`]).
 //!
 //! ```text
 //! W: (rows = out_features, cols = in_features), row-major, as nn.Linear
@@ -375,15 +377,52 @@ impl Weights {
         if out.is_empty() {
             return;
         }
+        let xq = self.quantize_for_q8(x, 1);
+        self.gemv_rows(x, xq.as_ref(), 1, j0, out, accumulate, false, true);
+    }
+
+    /// Q8: the rows of x quantised for the integer GEMV; other formats: None.
+    fn quantize_for_q8(&self, x: &[f32], m: usize) -> Option<QuantizedRows> {
+        match self.storage {
+            Storage::Q8 { .. } => Some(QuantizedRows::new(x, m, self.cols)),
+            _ => None,
+        }
+    }
+
+    /// out (rows, m) [+]= rows j0.. of W times x (m, cols)ᵀ on the calling
+    /// thread; `xq` is x quantised when W is Q8.
+    #[allow(clippy::too_many_arguments)]
+    fn gemv_rows(
+        &self,
+        x: &[f32],
+        xq: Option<&QuantizedRows>,
+        m: usize,
+        j0: usize,
+        out: &mut [f32],
+        accumulate: bool,
+        portable: bool,
+        prefetch: bool,
+    ) {
+        let rows = out.len() / m;
         #[cfg(target_arch = "x86_64")]
-        if avx512::available() {
+        if !portable && avx512::available() {
             let (fmt, raw) = self.raw();
-            // SAFETY: rows j0..j0 + out.len() exist (checked above), x holds
-            // one row of cols, out one value per row; features detected.
-            unsafe { avx512::gemv(fmt, true, raw, x, 1, j0, out.len(), out, accumulate) };
+            // SAFETY: rows j0..j0 + rows exist (the callers split 0..self.rows),
+            // x holds m rows of cols and xq their quantisation, out holds
+            // (rows, m); the features were detected at run time.
+            unsafe {
+                match xq {
+                    Some(xq) => avx512::gemv_q8(prefetch, raw, xq, m, j0, rows, out, accumulate),
+                    None => avx512::gemv(fmt, prefetch, raw, x, m, j0, rows, out, accumulate),
+                }
+            }
             return;
         }
-        self.gemv_portable(x, 1, j0, out.len(), out, accumulate);
+        let _ = (portable, prefetch);
+        match xq {
+            Some(xq) => self.gemv_q8_portable(xq, m, j0, rows, out, accumulate),
+            None => self.gemv_portable(x, m, j0, rows, out, accumulate),
+        }
     }
 
     /// out (rows, m) [+]= W · x (m ≤ GEMV_MAX_M rows of cols)ᵀ, each weight
@@ -409,18 +448,10 @@ impl Weights {
                 .next_multiple_of(4)
         }
         .max(1);
+        // once per call, shared by the tasks
+        let xq = self.quantize_for_q8(x, m);
         let run = |j0: usize, o: &mut [f32]| {
-            let rows = o.len() / m;
-            #[cfg(target_arch = "x86_64")]
-            if !portable && avx512::available() {
-                let (fmt, raw) = self.raw();
-                // SAFETY: rows j0..j0 + rows exist, x holds m rows of cols,
-                // o holds (rows, m); the features were detected at run time.
-                unsafe { avx512::gemv(fmt, prefetch, raw, x, m, j0, rows, o, accumulate) };
-                return;
-            }
-            let _ = portable;
-            self.gemv_portable(x, m, j0, rows, o, accumulate);
+            self.gemv_rows(x, xq.as_ref(), m, j0, o, accumulate, portable, prefetch)
         };
         if chunk_rows >= n {
             run(0, out);
@@ -472,6 +503,42 @@ impl Weights {
                 let d: f32 = a.iter().sum();
                 let o = &mut out[r * m + i];
                 *o = if accumulate { *o + d } else { d };
+            }
+        }
+    }
+
+    /// The q8 GEMV in plain Rust: per block, the exact integer dot of the
+    /// weights' and x's 8-bit values, scaled by s_w · s_x.
+    fn gemv_q8_portable(
+        &self,
+        xq: &QuantizedRows,
+        m: usize,
+        j0: usize,
+        rows: usize,
+        out: &mut [f32],
+        accumulate: bool,
+    ) {
+        let Storage::Q8 { quants, scales } = &self.storage else {
+            unreachable!("gemv_q8_portable on {:?} weights", self.format());
+        };
+        let k = self.cols;
+        let blocks = k.div_ceil(Q8_BLOCK);
+        for r in 0..rows {
+            let j = j0 + r;
+            for i in 0..m {
+                let mut acc = 0.0f32;
+                for b in 0..blocks {
+                    let (c0, c1) = (b * Q8_BLOCK, ((b + 1) * Q8_BLOCK).min(k));
+                    let dot: i32 = quants[j * k + c0..j * k + c1]
+                        .iter()
+                        .zip(&xq.row(i)[c0..c1])
+                        .map(|(&w, &v)| w as i32 * v as i32)
+                        .sum();
+                    let s = f16::from_bits(scales[j * blocks + b]).to_f32() * xq.scales(i)[b];
+                    acc += s * dot as f32;
+                }
+                let o = &mut out[r * m + i];
+                *o = if accumulate { *o + acc } else { acc };
             }
         }
     }
@@ -535,6 +602,75 @@ impl Weights {
     }
 }
 
+/// Rows of x quantised for the q8 GEMV, as llama.cpp quantises the
+/// activations for its q8_0 dot: per row, blocks of [`Q8_BLOCK`] values
+/// x ≈ s_x · q with s_x = max|x| / 127 (f32) and q (i8) = x · 127 / max|x|
+/// rounded to the nearest integer, ties to even. A weight block then costs
+/// one exact integer dot Σ q_w q_x, scaled once by s_w · s_x, instead of
+/// converting every weight to f32: converting took more time than reading
+/// the weights (docs/LINEAR.md).
+/// The error is at most s_x / 2 per value of x, i.e. 0.4 % of the block's
+/// largest |x|. A block holding a NaN or an infinity gets a NaN scale, so
+/// that it poisons the result as in f32 instead of vanishing.
+pub struct QuantizedRows {
+    /// (m, padded_cols): cols rounded up to 64 with zeros, so that the
+    /// SIMD kernel reads 64 values at a time without masks
+    q: Vec<i8>,
+    /// (m, padded_blocks): blocks rounded up to 16 with zeros
+    scales: Vec<f32>,
+    padded_cols: usize,
+    padded_blocks: usize,
+}
+
+impl QuantizedRows {
+    /// x (m, cols) quantised row by row.
+    pub fn new(x: &[f32], m: usize, cols: usize) -> Self {
+        assert_eq!(x.len(), m * cols, "QuantizedRows: x is not (m, cols)");
+        let padded_cols = cols.next_multiple_of(64);
+        let padded_blocks = cols.div_ceil(Q8_BLOCK).next_multiple_of(16);
+        let mut q = vec![0i8; m * padded_cols];
+        let mut scales = vec![0.0f32; m * padded_blocks];
+        for i in 0..m {
+            let row = &x[i * cols..(i + 1) * cols];
+            let qr = &mut q[i * padded_cols..i * padded_cols + cols];
+            let sr = &mut scales[i * padded_blocks..(i + 1) * padded_blocks];
+            for ((xb, qb), s) in row
+                .chunks(Q8_BLOCK)
+                .zip(qr.chunks_mut(Q8_BLOCK))
+                .zip(sr.iter_mut())
+            {
+                let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                let finite = xb.iter().all(|v| v.is_finite());
+                *s = if finite { amax / 127.0 } else { f32::NAN };
+                let inv = if finite && amax > 0.0 {
+                    127.0 / amax
+                } else {
+                    0.0
+                };
+                for (o, &v) in qb.iter_mut().zip(xb) {
+                    *o = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+                }
+            }
+        }
+        Self {
+            q,
+            scales,
+            padded_cols,
+            padded_blocks,
+        }
+    }
+
+    /// Row i's 8-bit values (padded_cols, zeros past cols).
+    pub fn row(&self, i: usize) -> &[i8] {
+        &self.q[i * self.padded_cols..(i + 1) * self.padded_cols]
+    }
+
+    /// Row i's block scales (padded_blocks, zeros past the last block).
+    pub fn scales(&self, i: usize) -> &[f32] {
+        &self.scales[i * self.padded_blocks..(i + 1) * self.padded_blocks]
+    }
+}
+
 /// Which path [`Weights::matmul_xwt_with`] takes (tests and benchmarks).
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -578,13 +714,18 @@ mod avx512 {
     //! step, converted to f32 in registers; R rows of W at once against M
     //! rows of x, R·M accumulators.
 
-    use super::{Raw, FMT_BF16, FMT_F16, FMT_F32, FMT_Q8, Q8_BLOCK};
+    use super::{QuantizedRows, Raw, FMT_BF16, FMT_F16, FMT_F32, FMT_Q8, Q8_BLOCK};
     use std::arch::x86_64::*;
 
     /// Software prefetch distance in blocks of R rows. 1, 2 and 4 measured
     /// the same on mamba-130m's token (docs/LINEAR.md); 1 keeps the
     /// prefetched lines closest to their use.
     const PF_BLOCKS: usize = 1;
+
+    /// `vpdpbusd` for the q8 GEMV (AVX-512 VNNI).
+    fn vnni_available() -> bool {
+        is_x86_feature_detected!("avx512vnni")
+    }
 
     pub(super) fn available() -> bool {
         is_x86_feature_detected!("avx512f")
@@ -667,40 +808,31 @@ mod avx512 {
         }
     }
 
-    /// Q8: the scales of blocks b0..b0 + 16 of row j (fewer at the row's
-    /// end) in f32 into `out`, converted 16 at a time so that each block
-    /// then costs one broadcast load instead of a scalar f16 conversion.
+    /// Q8: the scales of blocks b0..b0 + 16 of row j in f32 (0 past the
+    /// row's end), converted 16 at a time.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn scales16(raw: Raw, j: usize, b0: usize, out: &mut [f32; 16]) {
+    unsafe fn scales16(raw: Raw, j: usize, b0: usize) -> __m512 {
         let nb = (raw.blocks - b0).min(16);
         let h = _mm256_maskz_loadu_epi16(
             ((1u32 << nb) - 1) as u16,
             raw.scales.add(j * raw.blocks + b0) as *const i16,
         );
-        _mm512_storeu_ps(out.as_mut_ptr(), _mm512_cvtph_ps(h));
+        _mm512_cvtph_ps(h)
     }
 
-    /// acc[i] += (w0, w1) · x[i] for each row i of x. Q8: w is unscaled
-    /// (the block's integers) and the block's dot is scaled once, s · (w ·
-    /// x), which takes one multiply fewer per block than scaling w.
+    /// acc[i] += (w0, w1) · x[i] for each row i of x.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn dot32<const FMT: u8, const M: usize>(
+    unsafe fn dot32<const M: usize>(
         acc: &mut [__m512; M],
         w0: __m512,
         w1: __m512,
         xv: &[[__m512; 2]; M],
-        s: __m512,
     ) {
         for (ai, xi) in acc.iter_mut().zip(xv) {
-            if FMT == FMT_Q8 {
-                let t = _mm512_fmadd_ps(w1, xi[1], _mm512_mul_ps(w0, xi[0]));
-                *ai = _mm512_fmadd_ps(t, s, *ai);
-            } else {
-                *ai = _mm512_fmadd_ps(w0, xi[0], *ai);
-                *ai = _mm512_fmadd_ps(w1, xi[1], *ai);
-            }
+            *ai = _mm512_fmadd_ps(w0, xi[0], *ai);
+            *ai = _mm512_fmadd_ps(w1, xi[1], *ai);
         }
     }
 
@@ -709,13 +841,13 @@ mod avx512 {
         (mask as u16, (mask >> 16) as u16)
     }
 
-    /// out[r·M + i] [+]= row j + r of W · row i of x, for r < R, i < M.
+    /// out[r·M + i] [+]= row j + r of W · row i of x, for r < R, i < M
+    /// (f32, bf16, f16; q8 has [`block_q8`]).
     ///
     /// PF: prefetch the next R rows at the column being read in these,
-    /// R rows ahead (R · cols weights, 3 KiB for q8 on 768 columns), and
-    /// for q8 their scales (a separate array) at the block's start: the
-    /// R short row streams read together defeat the hardware prefetcher
-    /// on rows of a few cache lines (measured in docs/LINEAR.md).
+    /// R rows ahead (R · cols weights): the R short row streams read
+    /// together defeat the hardware prefetcher on rows of a few cache
+    /// lines (measured in docs/LINEAR.md).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
     unsafe fn block<const FMT: u8, const M: usize, const R: usize, const PF: bool>(
@@ -727,41 +859,13 @@ mod avx512 {
         pf_blocks: usize,
     ) {
         let k = raw.cols;
-        let esize = match FMT {
-            FMT_F32 => 4,
-            FMT_BF16 | FMT_F16 => 2,
-            _ => 1,
-        };
+        let esize = if FMT == FMT_F32 { 4 } else { 2 };
         let mut acc = [[_mm512_setzero_ps(); M]; R];
         let s0 = _mm512_setzero_ps();
-        // Q8: f32 scales of the 16 blocks (512 columns) under way, per row
-        let mut sbuf = [[0.0f32; 16]; R];
-        let scale = |sbuf: &[[f32; 16]; R], r: usize, c: usize| {
-            if FMT == FMT_Q8 {
-                _mm512_set1_ps(sbuf[r][(c / Q8_BLOCK) % 16])
-            } else {
-                _mm512_setzero_ps()
-            }
-        };
         let mut c = 0;
         while c + 32 <= k {
-            if FMT == FMT_Q8 && c % (16 * Q8_BLOCK) == 0 {
-                for (r, sb) in sbuf.iter_mut().enumerate() {
-                    scales16(raw, j + r, c / Q8_BLOCK, sb);
-                }
-            }
             if PF {
                 let ahead = j + pf_blocks * R;
-                if FMT == FMT_Q8 && c == 0 {
-                    // the scales of the rows prefetched below
-                    let p = raw.scales.wrapping_add(ahead * raw.blocks) as *const u8;
-                    let bytes = R * raw.blocks * 2;
-                    let mut off = 0;
-                    while off < bytes + 64 {
-                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8);
-                        off += 64;
-                    }
-                }
                 // one prefetch per 64-byte line of the 32 · esize bytes;
                 // past the last row the address leaves the matrix (a
                 // prefetch never faults, and wrapping_add makes no claim)
@@ -779,16 +883,11 @@ mod avx512 {
             }
             for (r, a) in acc.iter_mut().enumerate() {
                 let (w0, w1) = load32::<FMT, false, false>(raw, j + r, c, !0, !0, s0);
-                dot32::<FMT, M>(a, w0, w1, &xv, scale(&sbuf, r, c));
+                dot32::<M>(a, w0, w1, &xv);
             }
             c += 32;
         }
         if c < k {
-            if FMT == FMT_Q8 && c % (16 * Q8_BLOCK) == 0 {
-                for (r, sb) in sbuf.iter_mut().enumerate() {
-                    scales16(raw, j + r, c / Q8_BLOCK, sb);
-                }
-            }
             let (lo, hi) = tail_masks(k - c);
             let mut xv = [[_mm512_setzero_ps(); 2]; M];
             for (i, v) in xv.iter_mut().enumerate() {
@@ -800,15 +899,213 @@ mod avx512 {
             }
             for (r, a) in acc.iter_mut().enumerate() {
                 let (w0, w1) = load32::<FMT, true, false>(raw, j + r, c, lo, hi, s0);
-                dot32::<FMT, M>(a, w0, w1, &xv, scale(&sbuf, r, c));
+                dot32::<M>(a, w0, w1, &xv);
             }
         }
+        store(&acc, out, accumulate);
+    }
+
+    /// out[r·M + i] [+]= the horizontal sum of acc[r][i].
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn store<const M: usize, const R: usize>(
+        acc: &[[__m512; M]; R],
+        out: *mut f32,
+        accumulate: bool,
+    ) {
         for (r, a) in acc.iter().enumerate() {
             for (i, ai) in a.iter().enumerate() {
                 let d = _mm512_reduce_add_ps(*ai);
                 let o = out.add(r * M + i);
                 *o = if accumulate { *o + d } else { d };
             }
+        }
+    }
+
+    /// The q8 GEMV's block of R rows against M quantised rows of x: 64
+    /// columns (two q8 blocks) per step. Σ q_w q_x is exact in 32-bit
+    /// lanes, each over 4 columns (`vpdpbusd` with AVX-512 VNNI; without it
+    /// `vpmaddubsw` + `vpmaddwd`, which cannot saturate here since
+    /// |q| <= 127). Both take an unsigned and a signed operand, so x's sign
+    /// moves onto the weight: |q_x| · (sign(q_x) q_w). Lanes 0-7 belong to
+    /// the first block and 8-15 to the second, so the lanes' sums are
+    /// scaled by s_w · s_x of their block (a permute of the 16 blocks'
+    /// products, formed once per 512 columns) into f32 accumulators.
+    ///
+    /// PF: as in [`block`]: the next R rows at this column (one line each),
+    /// and their scales when the rows start.
+    #[inline(always)]
+    unsafe fn block_q8<const M: usize, const R: usize, const PF: bool, const VNNI: bool>(
+        raw: Raw,
+        xq: &QuantizedRows,
+        j: usize,
+        out: *mut f32,
+        accumulate: bool,
+    ) {
+        let k = raw.cols;
+        let w = raw.data as *const i8;
+        let mut acc = [[_mm512_setzero_ps(); M]; R];
+        // s_w · s_x of the 16 blocks (512 columns) under way
+        let mut sws = [[_mm512_setzero_ps(); M]; R];
+        // lanes 0-7 take the pair's first block, 8-15 its second
+        let pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        let zero = _mm512_setzero_si512();
+        let ones = _mm512_set1_epi16(1);
+        if PF {
+            let ahead = j + R;
+            let p = raw.scales.wrapping_add(ahead * raw.blocks) as *const u8;
+            let mut off = 0;
+            while off < R * raw.blocks * 2 + 64 {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8);
+                off += 64;
+            }
+        }
+        let xrow: [*const i8; M] = std::array::from_fn(|i| xq.row(i).as_ptr());
+        let xscale: [*const f32; M] = std::array::from_fn(|i| xq.scales(i).as_ptr());
+        let mut c = 0;
+        while c < k {
+            let b = c / Q8_BLOCK;
+            if b % 16 == 0 {
+                for (r, sr) in sws.iter_mut().enumerate() {
+                    let sw = scales16(raw, j + r, b);
+                    for (i, si) in sr.iter_mut().enumerate() {
+                        *si = _mm512_mul_ps(sw, _mm512_loadu_ps(xscale[i].add(b)));
+                    }
+                }
+            }
+            if PF {
+                for r in 0..R {
+                    let p = w.wrapping_add((j + R + r) * k + c);
+                    _mm_prefetch::<_MM_HINT_T0>(p);
+                }
+            }
+            let lanes = _mm512_add_epi32(pair, _mm512_set1_epi32((b % 16) as i32));
+            let mut xa = [zero; M];
+            let mut xneg = [0u64; M];
+            for i in 0..M {
+                let xv = _mm512_loadu_si512(xrow[i].add(c) as *const _);
+                xa[i] = _mm512_abs_epi8(xv);
+                xneg[i] = _mm512_movepi8_mask(xv);
+            }
+            let tail = k - c < 64;
+            let wmask = if tail { (1u64 << (k - c)) - 1 } else { !0 };
+            for r in 0..R {
+                let p = w.add((j + r) * k + c);
+                let wv = if tail {
+                    _mm512_maskz_loadu_epi8(wmask, p)
+                } else {
+                    _mm512_loadu_si512(p as *const _)
+                };
+                for i in 0..M {
+                    let ws = _mm512_mask_sub_epi8(wv, xneg[i], zero, wv);
+                    let d = if VNNI {
+                        _mm512_dpbusd_epi32(zero, xa[i], ws)
+                    } else {
+                        _mm512_madd_epi16(_mm512_maddubs_epi16(xa[i], ws), ones)
+                    };
+                    let s = _mm512_permutexvar_ps(lanes, sws[r][i]);
+                    acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[r][i]);
+                }
+            }
+            c += 64;
+        }
+        store(&acc, out, accumulate);
+    }
+
+    #[inline(always)]
+    unsafe fn rows_q8<const M: usize, const R: usize, const PF: bool, const VNNI: bool>(
+        raw: Raw,
+        xq: &QuantizedRows,
+        j0: usize,
+        n: usize,
+        out: *mut f32,
+        accumulate: bool,
+    ) {
+        let mut r = 0;
+        while r + R <= n {
+            block_q8::<M, R, PF, VNNI>(raw, xq, j0 + r, out.add(r * M), accumulate);
+            r += R;
+        }
+        while r < n {
+            block_q8::<M, 1, false, VNNI>(raw, xq, j0 + r, out.add(r * M), accumulate);
+            r += 1;
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn gemv_q8_m<const PF: bool, const VNNI: bool>(
+        raw: Raw,
+        xq: &QuantizedRows,
+        m: usize,
+        j0: usize,
+        n: usize,
+        out: *mut f32,
+        accumulate: bool,
+    ) {
+        // R·M accumulators and as many scale vectors, M of x
+        match m {
+            1 => rows_q8::<1, 4, PF, VNNI>(raw, xq, j0, n, out, accumulate),
+            2 => rows_q8::<2, 4, PF, VNNI>(raw, xq, j0, n, out, accumulate),
+            3 => rows_q8::<3, 2, PF, VNNI>(raw, xq, j0, n, out, accumulate),
+            4 => rows_q8::<4, 2, PF, VNNI>(raw, xq, j0, n, out, accumulate),
+            5 => rows_q8::<5, 1, PF, VNNI>(raw, xq, j0, n, out, accumulate),
+            6 => rows_q8::<6, 1, PF, VNNI>(raw, xq, j0, n, out, accumulate),
+            7 => rows_q8::<7, 1, PF, VNNI>(raw, xq, j0, n, out, accumulate),
+            8 => rows_q8::<8, 1, PF, VNNI>(raw, xq, j0, n, out, accumulate),
+            _ => unreachable!("the GEMV takes 1..=8 rows of x"),
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,avx512vnni")]
+    unsafe fn gemv_q8_vnni<const PF: bool>(
+        raw: Raw,
+        xq: &QuantizedRows,
+        m: usize,
+        j0: usize,
+        n: usize,
+        out: *mut f32,
+        accumulate: bool,
+    ) {
+        gemv_q8_m::<PF, true>(raw, xq, m, j0, n, out, accumulate)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn gemv_q8_bw<const PF: bool>(
+        raw: Raw,
+        xq: &QuantizedRows,
+        m: usize,
+        j0: usize,
+        n: usize,
+        out: *mut f32,
+        accumulate: bool,
+    ) {
+        gemv_q8_m::<PF, false>(raw, xq, m, j0, n, out, accumulate)
+    }
+
+    /// out (n, m) [+]= rows j0..j0 + n of the q8 matrix W times the
+    /// quantised x (m rows)ᵀ.
+    ///
+    /// # Safety
+    /// The CPU has the features of [`available`]; W is Q8; rows j0..j0 + n
+    /// exist; xq holds m rows of W's cols and out n · m values; 1 <= m <= 8.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemv_q8(
+        prefetch: bool,
+        raw: Raw,
+        xq: &QuantizedRows,
+        m: usize,
+        j0: usize,
+        n: usize,
+        out: &mut [f32],
+        accumulate: bool,
+    ) {
+        debug_assert!(out.len() == n * m && xq.row(m - 1).len() >= raw.cols);
+        let out = out.as_mut_ptr();
+        match (vnni_available(), prefetch) {
+            (true, true) => gemv_q8_vnni::<true>(raw, xq, m, j0, n, out, accumulate),
+            (true, false) => gemv_q8_vnni::<false>(raw, xq, m, j0, n, out, accumulate),
+            (false, true) => gemv_q8_bw::<true>(raw, xq, m, j0, n, out, accumulate),
+            (false, false) => gemv_q8_bw::<false>(raw, xq, m, j0, n, out, accumulate),
         }
     }
 
@@ -880,11 +1177,11 @@ mod avx512 {
             (FMT_F32, true) => gemv_fmt::<FMT_F32, true>(raw, x, m, j0, n, out, accumulate),
             (FMT_BF16, true) => gemv_fmt::<FMT_BF16, true>(raw, x, m, j0, n, out, accumulate),
             (FMT_F16, true) => gemv_fmt::<FMT_F16, true>(raw, x, m, j0, n, out, accumulate),
-            (_, true) => gemv_fmt::<FMT_Q8, true>(raw, x, m, j0, n, out, accumulate),
+            (FMT_Q8, _) => unreachable!("q8 multiplies quantised x: gemv_q8"),
             (FMT_F32, false) => gemv_fmt::<FMT_F32, false>(raw, x, m, j0, n, out, accumulate),
             (FMT_BF16, false) => gemv_fmt::<FMT_BF16, false>(raw, x, m, j0, n, out, accumulate),
             (FMT_F16, false) => gemv_fmt::<FMT_F16, false>(raw, x, m, j0, n, out, accumulate),
-            (_, false) => gemv_fmt::<FMT_Q8, false>(raw, x, m, j0, n, out, accumulate),
+            _ => unreachable!("unknown weight format code {fmt}"),
         }
     }
 
@@ -896,7 +1193,7 @@ mod avx512 {
         let scale = |sbuf: &mut [f32; 16], c: usize| {
             if FMT == FMT_Q8 {
                 if c % (16 * Q8_BLOCK) == 0 {
-                    scales16(raw, j, c / Q8_BLOCK, sbuf);
+                    _mm512_storeu_ps(sbuf.as_mut_ptr(), scales16(raw, j, c / Q8_BLOCK));
                 }
                 _mm512_set1_ps(sbuf[(c / Q8_BLOCK) % 16])
             } else {

@@ -743,6 +743,28 @@ impl InferenceModel {
     }
 
     /// Mean negative log-likelihood of `ids` (one sequence) under the model
+    /// in this weight format, computed one token at a time through the
+    /// decoding step: the path that generation takes, which for q8 differs
+    /// from prefill's (8-bit activations in the GEMV).
+    pub fn perplexity_stepwise(&self, ids: &[u32]) -> Result<Perplexity> {
+        if ids.len() < 2 {
+            return Err(invalid(
+                "InferenceModel::perplexity_stepwise",
+                format!("needs at least 2 tokens, got {}", ids.len()),
+            ));
+        }
+        let mut seq = Sequence::new(&self.config);
+        self.prefill(&mut seq, &ids[..1])?;
+        let mut buffers = DecodeBuffers::new(&self.config, 1);
+        let mut nll = token_nll(&seq.logits, ids[1]);
+        for t in 1..ids.len() - 1 {
+            self.decode_step(&mut [&mut seq], &[ids[t]], &mut buffers)?;
+            nll += token_nll(&seq.logits, ids[t + 1]);
+        }
+        Ok(Perplexity::from_total_nll(nll, ids.len() - 1))
+    }
+
+    /// Mean negative log-likelihood of `ids` (one sequence) under the model
     /// in this weight format, computed through prefill in chunks.
     pub fn perplexity(&self, ids: &[u32]) -> Result<Perplexity> {
         if ids.len() < 2 {
