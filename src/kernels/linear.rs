@@ -639,8 +639,14 @@ impl QuantizedRows {
                 .zip(qr.chunks_mut(Q8_BLOCK))
                 .zip(sr.iter_mut())
             {
-                let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-                let finite = xb.iter().all(|v| v.is_finite());
+                // max |x| on the bit patterns without the sign: an integer
+                // max, which vectorises; a NaN or an infinity has the largest
+                // patterns, at or above the infinity's
+                let amax_bits = xb
+                    .iter()
+                    .fold(0u32, |a, v| a.max(v.to_bits() & 0x7fff_ffff));
+                let finite = amax_bits < f32::INFINITY.to_bits();
+                let amax = f32::from_bits(amax_bits);
                 *s = if finite { amax / 127.0 } else { f32::NAN };
                 let inv = if finite && amax > 0.0 {
                     127.0 / amax
