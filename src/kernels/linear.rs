@@ -728,6 +728,25 @@ mod avx512 {
     /// prefetched lines closest to their use.
     const PF_BLOCKS: usize = 1;
 
+    /// `$f::<pre.. M, R, post..>(args)` for m = M rows of x, with the rows
+    /// of W per block R that the register file allows: M = 1, 2: R = 4;
+    /// M = 3, 4: R = 2; M = 5..8: R = 1. One table for every GEMV kernel.
+    macro_rules! by_rows_of_x {
+        ($m:expr, $f:ident, [$($pre:tt)*], [$($post:tt)*], ($($arg:expr),*)) => {
+            match $m {
+                1 => $f::<$($pre)* 1, 4, $($post)*>($($arg),*),
+                2 => $f::<$($pre)* 2, 4, $($post)*>($($arg),*),
+                3 => $f::<$($pre)* 3, 2, $($post)*>($($arg),*),
+                4 => $f::<$($pre)* 4, 2, $($post)*>($($arg),*),
+                5 => $f::<$($pre)* 5, 1, $($post)*>($($arg),*),
+                6 => $f::<$($pre)* 6, 1, $($post)*>($($arg),*),
+                7 => $f::<$($pre)* 7, 1, $($post)*>($($arg),*),
+                8 => $f::<$($pre)* 8, 1, $($post)*>($($arg),*),
+                _ => unreachable!("the GEMV takes 1..=8 rows of x"),
+            }
+        };
+    }
+
     /// `vpdpbusd` for the q8 GEMV (AVX-512 VNNI).
     fn vnni_available() -> bool {
         is_x86_feature_detected!("avx512vnni")
@@ -1049,17 +1068,13 @@ mod avx512 {
         accumulate: bool,
     ) {
         // R·M accumulators and as many scale vectors, M of x
-        match m {
-            1 => rows_q8::<1, 4, PF, VNNI>(raw, xq, j0, n, out, accumulate),
-            2 => rows_q8::<2, 4, PF, VNNI>(raw, xq, j0, n, out, accumulate),
-            3 => rows_q8::<3, 2, PF, VNNI>(raw, xq, j0, n, out, accumulate),
-            4 => rows_q8::<4, 2, PF, VNNI>(raw, xq, j0, n, out, accumulate),
-            5 => rows_q8::<5, 1, PF, VNNI>(raw, xq, j0, n, out, accumulate),
-            6 => rows_q8::<6, 1, PF, VNNI>(raw, xq, j0, n, out, accumulate),
-            7 => rows_q8::<7, 1, PF, VNNI>(raw, xq, j0, n, out, accumulate),
-            8 => rows_q8::<8, 1, PF, VNNI>(raw, xq, j0, n, out, accumulate),
-            _ => unreachable!("the GEMV takes 1..=8 rows of x"),
-        }
+        by_rows_of_x!(
+            m,
+            rows_q8,
+            [],
+            [PF, VNNI],
+            (raw, xq, j0, n, out, accumulate)
+        )
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,avx512vnni")]
@@ -1147,17 +1162,7 @@ mod avx512 {
     ) {
         // R·M accumulators + 2·M vectors of x + 2 of W stay within the 32
         // registers; R > 1 shares each load of x between rows of W.
-        match m {
-            1 => rows::<FMT, 1, 4, PF>(raw, x, j0, n, out, accumulate),
-            2 => rows::<FMT, 2, 4, PF>(raw, x, j0, n, out, accumulate),
-            3 => rows::<FMT, 3, 2, PF>(raw, x, j0, n, out, accumulate),
-            4 => rows::<FMT, 4, 2, PF>(raw, x, j0, n, out, accumulate),
-            5 => rows::<FMT, 5, 1, PF>(raw, x, j0, n, out, accumulate),
-            6 => rows::<FMT, 6, 1, PF>(raw, x, j0, n, out, accumulate),
-            7 => rows::<FMT, 7, 1, PF>(raw, x, j0, n, out, accumulate),
-            8 => rows::<FMT, 8, 1, PF>(raw, x, j0, n, out, accumulate),
-            _ => unreachable!("the GEMV takes 1..=8 rows of x"),
-        }
+        by_rows_of_x!(m, rows, [FMT,], [PF], (raw, x, j0, n, out, accumulate))
     }
 
     /// out (n, m) [+]= rows j0..j0 + n of W times x (m, cols)ᵀ.
