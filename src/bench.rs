@@ -5,6 +5,7 @@
 use std::time::Instant;
 
 use crate::error::Result;
+use crate::kernels::huge_pages::HugePageBuffer;
 use crate::kernels::{
     selective_scan_backward, selective_scan_forward, ScanInputs, ScanOptions, ScanParallelism,
     ScanShape,
@@ -138,8 +139,13 @@ pub fn read_bandwidth(bytes: usize, threads: usize) -> f64 {
     // 64 lanes: 4 independent vector adds, so the sum keeps up with memory.
     const LANES: usize = 64;
     let len = (bytes / 4).max(LANES);
-    // Written once so that every page is really mapped.
-    let data: Vec<f32> = (0..len).map(|i| (i % 7) as f32).collect();
+    // Written once so that every page is really mapped; held as weights
+    // are (2 MiB pages where Linux gives them), so that the bound and the
+    // GEMV read memory the same way.
+    let mut data = HugePageBuffer::<f32>::zeroed(len);
+    for (i, v) in data.iter_mut().enumerate() {
+        *v = (i % 7) as f32;
+    }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .build()

@@ -6,6 +6,7 @@
 //! llama.cpp's q8_0 does): its reference quantises x the same way, written
 //! out here, and its distance from the f32-x result is bounded separately.
 
+use selective::kernels::huge_pages::{HugePageBuffer, HUGE_PAGE};
 use selective::kernels::linear::{
     bf16_bits_to_f32, f32_to_bf16_bits, Kernel, QuantizedRows, GEMM_ROWS,
 };
@@ -194,6 +195,61 @@ fn matmul_matches_reference_on_other_pools() {
                 }
             }
         });
+    }
+}
+
+/// Buffers of 2 MiB and more are anonymous mappings on a 2 MiB boundary
+/// (Linux): zeroed, writable to the last element, copied exactly.
+#[test]
+fn huge_page_buffers_hold_what_is_written() {
+    for len in [
+        0,
+        1,
+        1000,
+        HUGE_PAGE / 4 - 1,
+        HUGE_PAGE / 4,
+        HUGE_PAGE / 4 * 3 + 17,
+    ] {
+        let mut b = HugePageBuffer::<f32>::zeroed(len);
+        assert_eq!(b.len(), len);
+        assert!(b.iter().all(|&v| v == 0.0), "len {len}: not zeroed");
+        if cfg!(target_os = "linux") && len * 4 >= HUGE_PAGE {
+            assert_eq!(
+                b.as_ptr() as usize % HUGE_PAGE,
+                0,
+                "len {len}: not 2 MiB-aligned"
+            );
+        }
+        for (i, v) in b.iter_mut().enumerate() {
+            *v = i as f32;
+        }
+        let c = b.clone();
+        assert_eq!(c.len(), len);
+        assert!(len == 0 || c.as_ptr() != b.as_ptr());
+        assert!(
+            c.iter().enumerate().all(|(i, &v)| v == i as f32),
+            "len {len}: clone differs"
+        );
+        drop(b);
+        // the clone owns its memory: still readable after the original is gone
+        assert!(c.iter().enumerate().all(|(i, &v)| v == i as f32));
+    }
+    let bits: Vec<u16> = (0..HUGE_PAGE as u16 / 2).chain(0..7).collect();
+    assert_eq!(&HugePageBuffer::from_slice(&bits)[..], &bits[..]);
+}
+
+/// Matrices above 2 MiB (huge-page buffers) in f32 and bf16 through the
+/// GEMV, against the reference.
+#[test]
+fn matmul_matches_reference_on_matrices_over_2_mib() {
+    let (rows, cols) = (1031, 1029); // 4.2 MB in f32, 2.1 MB in bf16
+    let values = random_weights(rows, cols, 77);
+    for format in [WeightFormat::F32, WeightFormat::Bf16] {
+        let w = Weights::from_f32(format, rows, cols, &values).unwrap();
+        assert!(w.bytes() >= HUGE_PAGE);
+        for m in [1, 3] {
+            check_all_paths(&w, m, 78 + m as u64);
+        }
     }
 }
 

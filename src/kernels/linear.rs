@@ -22,6 +22,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::error::{check_len, invalid, Result};
+use crate::kernels::huge_pages::HugePageBuffer;
 use crate::kernels::matmul::matmul_xwt;
 
 /// Weights per scale in the Q8 format.
@@ -84,14 +85,14 @@ impl WeightFormat {
 
 #[derive(Clone, Debug)]
 enum Storage {
-    F32(Vec<f32>),
+    F32(HugePageBuffer<f32>),
     /// bf16 bit patterns
-    Bf16(Vec<u16>),
+    Bf16(HugePageBuffer<u16>),
     /// f16 bit patterns
-    F16(Vec<u16>),
+    F16(HugePageBuffer<u16>),
     Q8 {
         /// (rows, cols)
-        quants: Vec<i8>,
+        quants: HugePageBuffer<i8>,
         /// (rows, blocks_per_row) f16 bit patterns
         scales: Vec<u16>,
     },
@@ -103,6 +104,15 @@ pub struct Weights {
     rows: usize,
     cols: usize,
     storage: Storage,
+}
+
+/// `values` converted one by one into a weight buffer.
+fn convert(values: &[f32], f: impl Fn(f32) -> u16) -> HugePageBuffer<u16> {
+    let mut out = HugePageBuffer::zeroed(values.len());
+    for (o, &v) in out.iter_mut().zip(values) {
+        *o = f(v);
+    }
+    out
 }
 
 /// bf16 bits → f32: the bf16 is the high half of the f32.
@@ -132,16 +142,12 @@ impl Weights {
             &[("rows", rows), ("cols", cols)],
         )?;
         let storage = match format {
-            WeightFormat::F32 => Storage::F32(values.to_vec()),
-            WeightFormat::Bf16 => {
-                Storage::Bf16(values.iter().map(|&v| f32_to_bf16_bits(v)).collect())
-            }
-            WeightFormat::F16 => {
-                Storage::F16(values.iter().map(|&v| f16::from_f32(v).to_bits()).collect())
-            }
+            WeightFormat::F32 => Storage::F32(HugePageBuffer::from_slice(values)),
+            WeightFormat::Bf16 => Storage::Bf16(convert(values, f32_to_bf16_bits)),
+            WeightFormat::F16 => Storage::F16(convert(values, |v| f16::from_f32(v).to_bits())),
             WeightFormat::Q8 => {
                 let blocks = cols.div_ceil(Q8_BLOCK);
-                let mut quants = vec![0i8; rows * cols];
+                let mut quants = HugePageBuffer::<i8>::zeroed(rows * cols);
                 let mut scales = vec![0u16; rows * blocks];
                 for r in 0..rows {
                     for blk in 0..blocks {

@@ -4,6 +4,7 @@
 pub mod activation;
 pub mod conv1d;
 pub mod embedding;
+pub mod huge_pages;
 pub mod linear;
 pub mod matmul;
 pub mod norm;
