@@ -105,6 +105,20 @@ pub trait Float:
         }
     }
 
+    /// Σ p over 16 lanes by halving (16 → 8 → 4 → 2 → 1): four dependent
+    /// adds. f32 with AVX-512 reduces one register instead.
+    #[inline(always)]
+    fn sum_16(mut p: [Self; 16]) -> Self {
+        let mut width = 8;
+        while width > 0 {
+            for w in 0..width {
+                p[w] = p[w] + p[w + width];
+            }
+            width /= 2;
+        }
+        p[0]
+    }
+
     /// d softplus / dx = σ(x), and 1 above the threshold 20.
     #[inline(always)]
     fn softplus_grad(self) -> Self {
@@ -180,6 +194,26 @@ impl Float for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const NAME: &'static str = "f32";
+    /// The same halving order as the default (the sum's bits do not depend
+    /// on the CPU): LLVM turned the default into 2-lane pieces read back
+    /// from memory.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    #[inline(always)]
+    fn sum_16(p: [Self; 16]) -> Self {
+        use std::arch::x86_64::*;
+        // SAFETY: avx512f is enabled at compile time (cfg above); p holds 16
+        // f32.
+        unsafe {
+            let v = _mm512_loadu_ps(p.as_ptr());
+            // lanes w + 8 onto w, then w + 4, w + 2, w + 1: the default's order
+            let hi8 = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+            let s8 = _mm256_add_ps(_mm512_castps512_ps256(v), hi8);
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            let s1 = _mm_add_ss(s2, _mm_movehdup_ps(s2));
+            _mm_cvtss_f32(s1)
+        }
+    }
     const EXP_ZERO_BELOW: f64 = -87.336_55;
     #[inline(always)]
     fn from_f64(x: f64) -> Self {
@@ -394,6 +428,37 @@ mod tests {
         }
         assert!(worst < 3e-7, "worst error {worst}");
         assert!(ln_f32(-1.0).is_nan());
+    }
+
+    /// sum_16 adds in the halving order on every CPU (f32 with AVX-512 has
+    /// its own code): bit for bit, on values whose sum depends on the order.
+    #[test]
+    fn sum_16_adds_by_halving() {
+        let mut seed = 1u64;
+        for _ in 0..1000 {
+            let p: [f32; 16] = std::array::from_fn(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let mantissa = ((seed >> 40) as f32) / (1u64 << 24) as f32 - 0.5;
+                mantissa * 2f32.powi(((seed >> 20) % 40) as i32 - 20)
+            });
+            let mut q = p;
+            for width in [8, 4, 2, 1] {
+                for w in 0..width {
+                    q[w] += q[w + width];
+                }
+            }
+            assert_eq!(f32::sum_16(p).to_bits(), q[0].to_bits(), "{p:?}");
+            let p64 = p.map(|v| v as f64);
+            let mut q64 = p64;
+            for width in [8, 4, 2, 1] {
+                for w in 0..width {
+                    q64[w] += q64[w + width];
+                }
+            }
+            assert_eq!(f64::sum_16(p64).to_bits(), q64[0].to_bits());
+        }
     }
 
     #[test]

@@ -120,23 +120,23 @@ pub fn selective_scan_step<T: Float>(
                 let (u, dt) = (inputs.u[i], dt[j]);
                 let a_row = &inputs.a[ch * n..(ch + 1) * n];
                 let h = &mut state[i * n..(i + 1) * n];
-                let dtu = dt * u;
-                // Element-wise over the state index (vectorises, exp included),
-                // then C · h as a lane-wise dot product.
-                match options.discretization {
-                    Discretization::Official => {
-                        for ((hs, &an), &bn) in h.iter_mut().zip(a_row).zip(b_t) {
-                            *hs = (dt * an).exp().mul_add(*hs, dtu * bn);
-                        }
-                    }
-                    Discretization::ZeroOrderHold => {
-                        for ((hs, &an), &bn) in h.iter_mut().zip(a_row).zip(b_t) {
-                            let x = dt * an;
-                            *hs = x.exp().mul_add(*hs, dtu * x.expm1_over_x() * bn);
-                        }
-                    }
-                }
-                let mut y = dot(c_t, h);
+                let disc = options.discretization;
+                // The released models have 16 states: with the length known
+                // at compile time the update and the dot product are whole
+                // vectors, with no loop or remainder.
+                let mut y = if n == STATE_16 {
+                    update_state(
+                        &mut h[..STATE_16],
+                        &a_row[..STATE_16],
+                        &b_t[..STATE_16],
+                        &c_t[..STATE_16],
+                        dt,
+                        u,
+                        disc,
+                    )
+                } else {
+                    update_state(h, a_row, b_t, c_t, dt, u, disc)
+                };
                 if let Some(d) = inputs.d {
                     y = d[ch].mul_add(u, y);
                 }
@@ -150,6 +150,48 @@ pub fn selective_scan_step<T: Float>(
 
 /// Channels whose Δ and gate are computed together.
 const CHANNEL_BLOCK: usize = 16;
+
+/// The state size of the released models (d_state = 16).
+const STATE_16: usize = 16;
+
+/// One channel: h = exp(Δ A) ⊙ h + B̄ u element-wise over the state index
+/// (vectorises, exp included), then C · h.
+#[inline(always)]
+fn update_state<T: Float>(
+    h: &mut [T],
+    a_row: &[T],
+    b: &[T],
+    c: &[T],
+    dt: T,
+    u: T,
+    discretization: Discretization,
+) -> T {
+    let dtu = dt * u;
+    match discretization {
+        Discretization::Official => {
+            for ((hs, &an), &bn) in h.iter_mut().zip(a_row).zip(b) {
+                *hs = (dt * an).exp().mul_add(*hs, dtu * bn);
+            }
+        }
+        Discretization::ZeroOrderHold => {
+            for ((hs, &an), &bn) in h.iter_mut().zip(a_row).zip(b) {
+                let x = dt * an;
+                *hs = x.exp().mul_add(*hs, dtu * x.expm1_over_x() * bn);
+            }
+        }
+    }
+    if h.len() == STATE_16 {
+        // C · h from a copy held in registers: read back from `h` in
+        // pieces just after its whole-vector store, the dot product
+        // waited on store forwarding.
+        let mut p = [T::ZERO; STATE_16];
+        for ((pw, &cw), &hw) in p.iter_mut().zip(c).zip(h.iter()) {
+            *pw = cw * hw;
+        }
+        return T::sum_16(p);
+    }
+    dot(c, h)
+}
 
 /// Σ a[i] b[i] with 16 independent partial sums, so that it vectorises.
 #[inline(always)]
