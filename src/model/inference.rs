@@ -244,6 +244,10 @@ impl InferenceModel {
                 out_proj: Weights::from_f32(format, d, e, &m.out_proj_weight)?,
                 out_proj_bias: m.out_proj_bias,
             });
+            // the layer's f32 projections are freed here; hand their memory
+            // back before the next layer maps its own, so that the peak stays
+            // near the f32 model
+            crate::kernels::huge_pages::release_free_heap_memory();
         }
         let embedding = Weights::from_f32(format, v, d, &params.embedding)?;
         drop(params.embedding);
@@ -251,6 +255,7 @@ impl InferenceModel {
             .lm_head
             .map(|w| Weights::from_f32(format, v, d, &w))
             .transpose()?;
+        crate::kernels::huge_pages::release_free_heap_memory();
         Ok(Self {
             config,
             format,
