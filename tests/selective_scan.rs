@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use selective::kernels::*;
 use selective::Error;
+use selective::Float;
 
 fn shape(batch: usize, len: usize, channels: usize, state: usize) -> ScanShape {
     ScanShape {
@@ -608,19 +609,28 @@ fn matches_official_selective_scan_ref_with_autograd() {
 }
 
 /// Stepping position by position with `selective_scan_step` equals the
-/// literal reference over the whole sequence (outputs and final state).
+/// literal reference over the whole sequence (outputs and final state), in
+/// f64 and in f32 (whose 16-state channels sum C·h with their own code),
+/// against the f64 reference.
 #[test]
 fn single_steps_equal_the_reference_scan() {
+    steps_equal_reference::<f64>(1e-12, 1e-10);
+    steps_equal_reference::<f32>(2e-5, 2e-5);
+}
+
+fn steps_equal_reference<T: Float>(atol: f64, rtol: f64) {
     for (i, &(b, l, ch, n)) in SHAPES.iter().enumerate() {
         for softplus in [true, false] {
             for zoh in [false, true] {
-                let case =
-                    ScanCase::<f64>::random_for(shape(b, l, ch, n), ALL, 900 + i as u64, softplus);
+                let seed = 900 + i as u64;
+                let case = ScanCase::<f64>::random_for(shape(b, l, ch, n), ALL, seed, softplus);
+                let case_t = ScanCase::<T>::random_for(shape(b, l, ch, n), ALL, seed, softplus);
                 let o = options(softplus, zoh, 256, ScanParallelism::Auto);
                 let want = selective_scan_reference(&case.shape, &case.inputs(), &o).unwrap();
+                let case = case_t;
                 let mut state = case.initial_state.clone().unwrap();
-                let mut out = vec![0.0f64; b * l * ch];
-                let row = |x: &[f64], t: usize, w: usize| -> Vec<f64> {
+                let mut out = vec![T::ZERO; b * l * ch];
+                let row = |x: &[T], t: usize, w: usize| -> Vec<T> {
                     (0..b)
                         .flat_map(|bb| x[(bb * l + t) * w..(bb * l + t + 1) * w].to_vec())
                         .collect()
@@ -642,21 +652,21 @@ fn single_steps_equal_the_reference_scan() {
                         z: Some(&z),
                         delta_bias: case.delta_bias.as_deref(),
                     };
-                    let mut y = vec![0.0f64; b * ch];
+                    let mut y = vec![T::ZERO; b * ch];
                     selective_scan_step(b, ch, n, &inputs, &o, &mut state, &mut y).unwrap();
                     for bb in 0..b {
                         out[(bb * l + t) * ch..(bb * l + t + 1) * ch]
                             .copy_from_slice(&y[bb * ch..(bb + 1) * ch]);
                     }
                 }
-                let tag = format!("{b}x{l}x{ch}x{n} softplus {softplus} zoh {zoh}");
-                assert_close(&format!("step out {tag}"), &out, &want.out, 1e-12, 1e-10);
+                let tag = format!("{} {b}x{l}x{ch}x{n} softplus {softplus} zoh {zoh}", T::NAME);
+                assert_close(&format!("step out {tag}"), &out, &want.out, atol, rtol);
                 assert_close(
                     &format!("step state {tag}"),
                     &state,
                     &want.final_state,
-                    1e-12,
-                    1e-10,
+                    atol,
+                    rtol,
                 );
             }
         }

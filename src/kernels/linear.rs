@@ -660,8 +660,7 @@ impl QuantizedRows {
                     0.0
                 };
                 for (o, &v) in qb.iter_mut().zip(xb) {
-                    // through i32: a float-to-i8 cast does not vectorise
-                    *o = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i32 as i8;
+                    *o = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
                 }
             }
         }
