@@ -636,6 +636,8 @@ impl QuantizedRows {
         let padded_blocks = cols.div_ceil(Q8_BLOCK).next_multiple_of(16);
         let mut q = vec![0i8; m * padded_cols];
         let mut scales = vec![0.0f32; m * padded_blocks];
+        #[cfg(target_arch = "x86_64")]
+        let simd = avx512::available();
         for i in 0..m {
             let row = &x[i * cols..(i + 1) * cols];
             let qr = &mut q[i * padded_cols..i * padded_cols + cols];
@@ -659,6 +661,13 @@ impl QuantizedRows {
                 } else {
                     0.0
                 };
+                #[cfg(target_arch = "x86_64")]
+                if simd && finite && xb.len() == Q8_BLOCK {
+                    // SAFETY: the features were detected; both blocks hold 32.
+                    unsafe { avx512::quantize_block(xb, inv, qb) };
+                    continue;
+                }
+                // a non-finite block stays 0 (its scale is NaN)
                 for (o, &v) in qb.iter_mut().zip(xb) {
                     *o = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
                 }
@@ -751,6 +760,23 @@ mod avx512 {
                 _ => unreachable!("the GEMV takes 1..=8 rows of x"),
             }
         };
+    }
+
+    /// q = round_ties_even(x · inv) for a whole block of 32 finite x, as
+    /// the scalar loop in [`QuantizedRows::new`] (the conversion rounds to
+    /// nearest even, the MXCSR default; |x · inv| <= 127 by construction,
+    /// so the saturation never acts). The scalar loop's float-to-i8 casts
+    /// were 4 % of a q8 decoding profile.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    pub(super) unsafe fn quantize_block(x: &[f32], inv: f32, q: &mut [i8]) {
+        debug_assert!(x.len() == 32 && q.len() == 32);
+        let s = _mm512_set1_ps(inv);
+        for h in 0..2 {
+            let v = _mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(16 * h)), s);
+            let i = _mm512_cvtps_epi32(v);
+            let p = q.as_mut_ptr().add(16 * h) as *mut __m128i;
+            _mm_storeu_si128(p, _mm512_cvtsepi32_epi8(i));
+        }
     }
 
     /// `vpdpbusd` for the q8 GEMV (AVX-512 VNNI).
