@@ -183,7 +183,8 @@ fn update_state<T: Float>(
     if h.len() == STATE_16 {
         // C · h from a copy held in registers: read back from `h` in
         // pieces just after its whole-vector store, the dot product
-        // waited on store forwarding.
+        // waited on store forwarding (8 % of q8 decoding samples through
+        // `dot`, 5.6 % this way).
         let mut p = [T::ZERO; STATE_16];
         for ((pw, &cw), &hw) in p.iter_mut().zip(c).zip(h.iter()) {
             *pw = cw * hw;
@@ -213,12 +214,5 @@ fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     }
     // Halving the lanes (16 → 8 → 4 → 2 → 1): four dependent adds instead
     // of a chain of sixteen, which the decoding step waited on per channel.
-    let mut width = LANES / 2;
-    while width > 0 {
-        for w in 0..width {
-            lanes[w] = lanes[w] + lanes[w + width];
-        }
-        width /= 2;
-    }
-    sum + lanes[0]
+    sum + T::sum_16(lanes)
 }
