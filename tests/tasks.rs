@@ -80,7 +80,7 @@ fn gradients_match_finite_differences_for_every_variant() {
         for &(batch, len) in &[(1usize, 1usize), (3, 6), (2, 11)] {
             let model = random_model(layer, arch, 10 + vi as u64);
             let data = random_batch(7, batch, len, 2, 100 + len as u64);
-            let (score, grads) = answer_loss_and_grads(&model, &data).unwrap();
+            let (score, grads) = answer_loss_and_grads(&model, &data, 0.0).unwrap();
             // the plain forward gives the same loss as the training forward
             let plain = answer_score(&model, &data).unwrap();
             assert!((plain.loss_sum - score.loss_sum).abs() < 1e-10);
@@ -109,6 +109,74 @@ fn gradients_match_finite_differences_for_every_variant() {
             }
             assert_eq!(checked, model.parameter_count());
         }
+    }
+}
+
+/// Mean over the answers of the cross-entropy against smoothed labels
+/// (1 - ε)·onehot + ε/V, written out from the logits of the plain forward.
+fn smoothed_loss(model: &TaskModel<f64>, data: &TaskBatch, eps: f64) -> f64 {
+    let v = model.config.vocab_size;
+    let logits = model.forward(&data.ids, data.batch, data.len).unwrap();
+    let mut total = 0.0;
+    for a in &data.answers {
+        let r = a.row * data.len + a.position;
+        let l = &logits[r * v..(r + 1) * v];
+        let log_z = l.iter().map(|x| x.exp()).sum::<f64>().ln();
+        let mean_log_p = l.iter().map(|x| x - log_z).sum::<f64>() / v as f64;
+        total += -(1.0 - eps) * (l[a.token as usize] - log_z) - eps * mean_log_p;
+    }
+    total / data.answers.len() as f64
+}
+
+#[test]
+fn label_smoothed_gradients_match_finite_differences() {
+    let eps = 0.3;
+    for (vi, &(layer, arch)) in VARIANTS.iter().enumerate().take(3) {
+        let model = random_model(layer, arch, 40 + vi as u64);
+        let data = random_batch(7, 2, 9, 2, 77);
+        let (score, grads) = answer_loss_and_grads(&model, &data, eps).unwrap();
+        // the returned score stays the plain cross-entropy
+        let plain = answer_score(&model, &data).unwrap();
+        assert!((plain.loss_sum - score.loss_sum).abs() < 1e-10);
+        let config = model.config;
+        let grad_tensors = grads.tensors(&config);
+        let mut differs_from_plain = false;
+        let (_, plain_grads) = answer_loss_and_grads(&model, &data, 0.0).unwrap();
+        for (ti, ((info, g), (_, g0))) in grad_tensors
+            .iter()
+            .zip(plain_grads.tensors(&config).iter())
+            .enumerate()
+        {
+            for (i, &analytic) in g.iter().enumerate() {
+                let h = 1e-5;
+                let mut plus = model.clone();
+                plus.params.tensors_mut(&config)[ti].1[i] += h;
+                let mut minus = model.clone();
+                minus.params.tensors_mut(&config)[ti].1[i] -= h;
+                let numeric = (smoothed_loss(&plus, &data, eps)
+                    - smoothed_loss(&minus, &data, eps))
+                    / (2.0 * h);
+                let tol = 1e-6 + 1e-5 * numeric.abs();
+                assert!(
+                    (numeric - analytic).abs() <= tol,
+                    "{}/{}: d smoothed loss / d {}[{i}] = {analytic}, finite difference {numeric}",
+                    arch.name(),
+                    layer.name(),
+                    info.name
+                );
+                differs_from_plain |= (analytic - g0[i]).abs() > 1e-4;
+            }
+        }
+        assert!(
+            differs_from_plain,
+            "ε = {eps} left every gradient as it was"
+        );
+    }
+    let model = random_model(SsmLayer::S6, BlockArch::Mamba, 1);
+    let data = random_batch(7, 1, 3, 1, 2);
+    for bad in [-0.1, 1.0, f64::NAN] {
+        let err = answer_loss_and_grads(&model, &data, bad).unwrap_err();
+        assert!(err.to_string().contains("label smoothing"), "{err}");
     }
 }
 
@@ -397,6 +465,7 @@ fn tiny_selective_copying_accuracy(layer: SsmLayer) -> f64 {
         beta2: 0.999,
         adam_eps: 1e-8,
         clip: 1.0,
+        label_smoothing: 0.0,
         seed: 0,
         eval_every: TINY_STEPS,
         eval_examples: 64,

@@ -87,6 +87,10 @@ pub struct TaskArgs {
     pub adam_eps: f64,
     #[arg(long, default_value_t = 1.0)]
     pub clip: f64,
+    /// ε of label smoothing in the training loss (targets (1-ε)·onehot + ε/V);
+    /// the reported losses stay plain cross-entropy.
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long, default_value_t = 100)]
@@ -261,6 +265,7 @@ fn run(args: TaskArgs) -> Result<()> {
         beta2: 0.999,
         adam_eps: args.adam_eps,
         clip: args.clip,
+        label_smoothing: args.label_smoothing,
         seed: args.seed,
         eval_every: args.eval_every,
         eval_examples: args.eval_examples,

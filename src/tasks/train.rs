@@ -43,16 +43,27 @@ impl AnswerScore {
     }
 }
 
-/// Scores logits rows (A, V) against their answers; with `grad_scale`,
-/// also returns dL/dlogits of L = grad_scale · Σ CE.
+/// What the training loss's gradient is taken of: L = scale · Σ over
+/// answers of the cross-entropy against the target distribution
+/// q = (1 - ε)·onehot(answer) + ε/V (label smoothing; ε = 0 is plain
+/// cross-entropy).
+#[derive(Clone, Copy, Debug)]
+struct LossGradient {
+    scale: f64,
+    label_smoothing: f64,
+}
+
+/// Scores logits rows (A, V) against their answers (plain cross-entropy
+/// and argmax accuracy); with `gradient`, also returns dL/dlogits =
+/// scale · (softmax(logits) - q).
 fn score_logits<T: TaskScalar>(
     logits: &[T],
     vocab: usize,
     targets: &[u32],
-    grad_scale: Option<f64>,
+    gradient: Option<LossGradient>,
 ) -> (AnswerScore, Vec<T>) {
     let mut score = AnswerScore::default();
-    let mut grad = if grad_scale.is_some() {
+    let mut grad = if gradient.is_some() {
         vec![T::ZERO; logits.len()]
     } else {
         Vec::new()
@@ -67,12 +78,17 @@ fn score_logits<T: TaskScalar>(
         score.loss_sum += log_z - l[target as usize].to_f64();
         score.correct += usize::from(best == target as usize);
         score.count += 1;
-        if let Some(s) = grad_scale {
+        if let Some(LossGradient {
+            scale,
+            label_smoothing: eps,
+        }) = gradient
+        {
+            let uniform = eps / vocab as f64;
             let g = &mut grad[i * vocab..(i + 1) * vocab];
             for (gv, &v) in g.iter_mut().zip(l) {
-                *gv = <T as Float>::from_f64((v.to_f64() - log_z).exp() * s);
+                *gv = <T as Float>::from_f64(((v.to_f64() - log_z).exp() - uniform) * scale);
             }
-            g[target as usize] -= <T as Float>::from_f64(s);
+            g[target as usize] -= <T as Float>::from_f64((1.0 - eps) * scale);
         }
     }
     (score, grad)
@@ -121,21 +137,33 @@ fn gather_answer_rows<T: TaskScalar>(
     rows
 }
 
-/// Mean cross-entropy over the answers of `batch` and its gradient with
+/// Mean cross-entropy over the answers of `batch` and the gradient with
 /// respect to every parameter (the head is tied: the embedding gets both
-/// its input and its output gradient).
+/// its input and its output gradient) of the mean cross-entropy against
+/// labels smoothed by `label_smoothing` (0: the plain cross-entropy whose
+/// value is returned).
 pub fn answer_loss_and_grads<T: TaskScalar>(
     model: &TaskModel<T>,
     batch: &TaskBatch,
+    label_smoothing: f64,
 ) -> Result<(AnswerScore, TaskParams<T>)> {
     check_batch(model, batch)?;
+    if !(0.0..1.0).contains(&label_smoothing) {
+        return Err(invalid(
+            "answer loss",
+            format!("label smoothing must be in [0, 1); got {label_smoothing}"),
+        ));
+    }
     let (d, v) = (model.config.d_model, model.config.vocab_size);
     let cache = model.forward_train(&batch.ids, batch.batch, batch.len)?;
     let rows = gather_answer_rows(cache.final_hidden(), d, batch.len, &batch.answers);
     let logits = model.logits_from_hidden(&rows)?;
     let targets: Vec<u32> = batch.answers.iter().map(|a| a.token).collect();
-    let scale = 1.0 / targets.len() as f64;
-    let (score, d_logits) = score_logits(&logits, v, &targets, Some(scale));
+    let gradient = LossGradient {
+        scale: 1.0 / targets.len() as f64,
+        label_smoothing,
+    };
+    let (score, d_logits) = score_logits(&logits, v, &targets, Some(gradient));
     // logits = rows · Eᵀ: d rows = d_logits · E, dE += d_logitsᵀ · rows
     let a = targets.len();
     let mut d_rows = vec![T::ZERO; a * d];
@@ -251,6 +279,12 @@ pub struct TrainSettings {
     /// keeps the steps normalised.
     pub adam_eps: f64,
     pub clip: f64,
+    /// ε of the label smoothing in the training loss (0: plain
+    /// cross-entropy). Plain cross-entropy stops pulling once every answer
+    /// is right with a wide margin; smoothed labels ask for the same finite
+    /// margin at every gap length, so a memory that fades over the gap
+    /// still has a gradient.
+    pub label_smoothing: f64,
     pub seed: u64,
     pub eval_every: usize,
     /// Examples in the fixed validation set evaluated every `eval_every` steps.
@@ -375,7 +409,7 @@ pub fn train_task(settings: &TrainSettings) -> Result<TrainOutcome> {
     let mut steps_run = 0;
     for step in 0..settings.steps {
         let batch = settings.spec.sample(settings.batch, &mut rng)?;
-        let (score, mut grads) = answer_loss_and_grads(&model, &batch)?;
+        let (score, mut grads) = answer_loss_and_grads(&model, &batch, settings.label_smoothing)?;
         if !score.loss_sum.is_finite() {
             return Err(invalid(
                 OP,
