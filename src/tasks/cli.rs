@@ -333,7 +333,7 @@ fn run(args: TaskArgs) -> Result<()> {
     write_json(&out.join("results.json"), &report)?;
     let mut md = format!(
         "# {} with {} / {}\n\n{}\nTask: vocabulary {}, L {}, M {}, input length {}; chance accuracy {:.1}%.\n\
-         Training: {} steps of batch {} (lr {:e}, seed {}), {:.1} s on {} threads.\n\n\
+         Training: {} steps of batch {} (lr {:e}, label smoothing {}, seed {}), {:.1} s on {} threads.\n\n\
          | test examples | test accuracy | test loss |\n|---|---|---|\n| {} | {:.2}% | {:.4} |\n",
         kind.name(),
         arch.name(),
@@ -347,6 +347,7 @@ fn run(args: TaskArgs) -> Result<()> {
         outcome.steps_run,
         args.batch,
         args.lr,
+        args.label_smoothing,
         args.seed,
         outcome.wall_seconds,
         rayon::current_num_threads(),
