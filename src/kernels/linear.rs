@@ -738,10 +738,23 @@ mod avx512 {
     use super::{QuantizedRows, Raw, FMT_BF16, FMT_F16, FMT_F32, FMT_Q8, Q8_BLOCK};
     use std::arch::x86_64::*;
 
-    /// Software prefetch distance in blocks of R rows. 1, 2 and 4 measured
-    /// the same on mamba-130m's token (docs/LINEAR.md); 1 keeps the
-    /// prefetched lines closest to their use.
+    /// Software prefetch distance in blocks of R rows: each of a block's R
+    /// row streams prefetches its row this many blocks on (its next row),
+    /// at the column being read. 1, 2 and 4 measured the same on
+    /// mamba-130m's token (docs/LINEAR.md); 1 keeps the prefetched lines
+    /// closest to their use.
     const PF_BLOCKS: usize = 1;
+
+    /// The blocks of R rows that n rows of W are read in: block g takes
+    /// rows g, g + G, g + 2G, ... (G = n / R blocks, the stride), so that
+    /// the R rows read side by side are R streams, each running on into
+    /// the next block's row: the hardware prefetcher follows R long
+    /// streams instead of R rows of 12-48 cache lines that restart every
+    /// block (docs/LINEAR.md, round 4). Rows G·R.. are read one at a time.
+    #[inline(always)]
+    fn row_blocks<const R: usize>(n: usize) -> usize {
+        n / R
+    }
 
     /// `$f::<pre.. M, R, post..>(args)` for m = M rows of x, with the rows
     /// of W per block R that the register file allows: M = 1, 2: R = 4;
@@ -898,22 +911,22 @@ mod avx512 {
         (mask as u16, (mask >> 16) as u16)
     }
 
-    /// out[r·M + i] [+]= row j + r of W · row i of x, for r < R, i < M
-    /// (f32, bf16, f16; q8 has [`block_q8`]).
+    /// out[r·stride·M + i] [+]= row j + r·stride of W · row i of x, for
+    /// r < R, i < M (f32, bf16, f16; q8 has [`block_q8`]); the rows are
+    /// strided as [`row_blocks`] says.
     ///
-    /// PF: prefetch the next R rows at the column being read in these,
-    /// R rows ahead (R · cols weights): the R short row streams read
-    /// together defeat the hardware prefetcher on rows of a few cache
-    /// lines (measured in docs/LINEAR.md).
+    /// PF: prefetch the next block's rows at the column being read in
+    /// these: on rows of a few cache lines the hardware prefetcher alone
+    /// falls behind (measured in docs/LINEAR.md).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
     unsafe fn block<const FMT: u8, const M: usize, const R: usize, const PF: bool>(
         raw: Raw,
         x: *const f32,
         j: usize,
+        stride: usize,
         out: *mut f32,
         accumulate: bool,
-        pf_blocks: usize,
     ) {
         let k = raw.cols;
         let esize = if FMT == FMT_F32 { 4 } else { 2 };
@@ -922,12 +935,14 @@ mod avx512 {
         let mut c = 0;
         while c + 32 <= k {
             if PF {
-                let ahead = j + pf_blocks * R;
+                let ahead = j + PF_BLOCKS;
                 // one prefetch per 64-byte line of the 32 · esize bytes;
                 // past the last row the address leaves the matrix (a
                 // prefetch never faults, and wrapping_add makes no claim)
                 for r in 0..R {
-                    let p = raw.data.wrapping_add(((ahead + r) * k + c) * esize);
+                    let p = raw
+                        .data
+                        .wrapping_add(((ahead + r * stride) * k + c) * esize);
                     for line in 0..(32 * esize).div_ceil(64) {
                         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line * 64) as *const i8);
                     }
@@ -939,7 +954,7 @@ mod avx512 {
                 *v = [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))];
             }
             for (r, a) in acc.iter_mut().enumerate() {
-                let (w0, w1) = load32::<FMT, false, false>(raw, j + r, c, !0, !0, s0);
+                let (w0, w1) = load32::<FMT, false, false>(raw, j + r * stride, c, !0, !0, s0);
                 dot32::<M>(a, w0, w1, &xv);
             }
             c += 32;
@@ -955,25 +970,26 @@ mod avx512 {
                 ];
             }
             for (r, a) in acc.iter_mut().enumerate() {
-                let (w0, w1) = load32::<FMT, true, false>(raw, j + r, c, lo, hi, s0);
+                let (w0, w1) = load32::<FMT, true, false>(raw, j + r * stride, c, lo, hi, s0);
                 dot32::<M>(a, w0, w1, &xv);
             }
         }
-        store(&acc, out, accumulate);
+        store(&acc, stride, out, accumulate);
     }
 
-    /// out[r·M + i] [+]= the horizontal sum of acc[r][i].
+    /// out[r·stride·M + i] [+]= the horizontal sum of acc[r][i].
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
     unsafe fn store<const M: usize, const R: usize>(
         acc: &[[__m512; M]; R],
+        stride: usize,
         out: *mut f32,
         accumulate: bool,
     ) {
         for (r, a) in acc.iter().enumerate() {
             for (i, ai) in a.iter().enumerate() {
                 let d = _mm512_reduce_add_ps(*ai);
-                let o = out.add(r * M + i);
+                let o = out.add((r * stride) * M + i);
                 *o = if accumulate { *o + d } else { d };
             }
         }
@@ -989,18 +1005,20 @@ mod avx512 {
     /// scaled by s_w · s_x of their block (a permute of the 16 blocks'
     /// products, formed once per 512 columns) into f32 accumulators.
     ///
-    /// PF: as in [`block`]: the next R rows at this column (one line each),
-    /// and their scales when the rows start.
+    /// Rows and PF as in [`block`]: the next block's rows at this column
+    /// (one line each), and their scales when the rows start.
     #[inline(always)]
     unsafe fn block_q8<const M: usize, const R: usize, const PF: bool, const VNNI: bool>(
         raw: Raw,
         xq: &QuantizedRows,
         j: usize,
+        stride: usize,
         out: *mut f32,
         accumulate: bool,
     ) {
         let k = raw.cols;
         let w = raw.data as *const i8;
+        let ahead = j + PF_BLOCKS;
         let mut acc = [[_mm512_setzero_ps(); M]; R];
         // s_w · s_x of the 16 blocks (512 columns) under way
         let mut sws = [[_mm512_setzero_ps(); M]; R];
@@ -1009,12 +1027,13 @@ mod avx512 {
         let zero = _mm512_setzero_si512();
         let ones = _mm512_set1_epi16(1);
         if PF {
-            let ahead = j + R;
-            let p = raw.scales.wrapping_add(ahead * raw.blocks) as *const u8;
-            let mut off = 0;
-            while off < R * raw.blocks * 2 + 64 {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8);
-                off += 64;
+            for r in 0..R {
+                let p = raw.scales.wrapping_add((ahead + r * stride) * raw.blocks) as *const u8;
+                let mut off = 0;
+                while off < raw.blocks * 2 + 64 {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8);
+                    off += 64;
+                }
             }
         }
         let xrow: [*const i8; M] = std::array::from_fn(|i| xq.row(i).as_ptr());
@@ -1024,7 +1043,7 @@ mod avx512 {
             let b = c / Q8_BLOCK;
             if b % 16 == 0 {
                 for (r, sr) in sws.iter_mut().enumerate() {
-                    let sw = scales16(raw, j + r, b);
+                    let sw = scales16(raw, j + r * stride, b);
                     for (i, si) in sr.iter_mut().enumerate() {
                         *si = _mm512_mul_ps(sw, _mm512_loadu_ps(xscale[i].add(b)));
                     }
@@ -1032,7 +1051,7 @@ mod avx512 {
             }
             if PF {
                 for r in 0..R {
-                    let p = w.wrapping_add((j + R + r) * k + c);
+                    let p = w.wrapping_add((ahead + r * stride) * k + c);
                     _mm_prefetch::<_MM_HINT_T0>(p);
                 }
             }
@@ -1047,7 +1066,7 @@ mod avx512 {
             let tail = k - c < 64;
             let wmask = if tail { (1u64 << (k - c)) - 1 } else { !0 };
             for r in 0..R {
-                let p = w.add((j + r) * k + c);
+                let p = w.add((j + r * stride) * k + c);
                 let wv = if tail {
                     _mm512_maskz_loadu_epi8(wmask, p)
                 } else {
@@ -1066,7 +1085,7 @@ mod avx512 {
             }
             c += 64;
         }
-        store(&acc, out, accumulate);
+        store(&acc, stride, out, accumulate);
     }
 
     #[inline(always)]
@@ -1078,14 +1097,12 @@ mod avx512 {
         out: *mut f32,
         accumulate: bool,
     ) {
-        let mut r = 0;
-        while r + R <= n {
-            block_q8::<M, R, PF, VNNI>(raw, xq, j0 + r, out.add(r * M), accumulate);
-            r += R;
+        let blocks = row_blocks::<R>(n);
+        for g in 0..blocks {
+            block_q8::<M, R, PF, VNNI>(raw, xq, j0 + g, blocks, out.add(g * M), accumulate);
         }
-        while r < n {
-            block_q8::<M, 1, false, VNNI>(raw, xq, j0 + r, out.add(r * M), accumulate);
-            r += 1;
+        for r in blocks * R..n {
+            block_q8::<M, 1, false, VNNI>(raw, xq, j0 + r, 1, out.add(r * M), accumulate);
         }
     }
 
@@ -1171,14 +1188,12 @@ mod avx512 {
         out: *mut f32,
         accumulate: bool,
     ) {
-        let mut r = 0;
-        while r + R <= n {
-            block::<FMT, M, R, PF>(raw, x, j0 + r, out.add(r * M), accumulate, PF_BLOCKS);
-            r += R;
+        let blocks = row_blocks::<R>(n);
+        for g in 0..blocks {
+            block::<FMT, M, R, PF>(raw, x, j0 + g, blocks, out.add(g * M), accumulate);
         }
-        while r < n {
-            block::<FMT, M, 1, false>(raw, x, j0 + r, out.add(r * M), accumulate, 0);
-            r += 1;
+        for r in blocks * R..n {
+            block::<FMT, M, 1, false>(raw, x, j0 + r, 1, out.add(r * M), accumulate);
         }
     }
 
