@@ -18,7 +18,7 @@ layer's filler Δ to 0 in a set of channels and reports the answer again.
 Usage:
 
     python3 scripts/induction_heads_memory.py models/induction-heads [--len 4096]
-    python3 scripts/induction_heads_memory.py models/induction-heads --len 65536 --seed 4 --hold below:1e5
+    python3 scripts/induction_heads_memory.py models/induction-heads-stage6 --len 65536 --seed 4 --hold below:1e5
 """
 import argparse
 import json
