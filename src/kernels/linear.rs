@@ -741,8 +741,10 @@ mod avx512 {
     /// Software prefetch distance in blocks of R rows: each of a block's R
     /// row streams prefetches its row this many blocks on (its next row),
     /// at the column being read. 1, 2 and 4 measured the same on
-    /// mamba-130m's token (docs/LINEAR.md); 1 keeps the prefetched lines
-    /// closest to their use.
+    /// mamba-130m's token with the earlier neighbouring-row blocks
+    /// (docs/LINEAR.md); 1 keeps the prefetched lines closest to their use.
+    /// The last block's streams prefetch the next stream's first row, which
+    /// was already read: one row per stream, left as it is.
     const PF_BLOCKS: usize = 1;
 
     /// The blocks of R rows that n rows of W are read in: block g takes
