@@ -8,7 +8,7 @@ use std::process::Command;
 use selective::rng::Rng;
 use selective::tasks::{
     answer_loss_and_grads, answer_score, Answer, BlockArch, SsmLayer, TaskBatch, TaskModel,
-    TaskModelConfig, TaskScalar,
+    TaskModelConfig, TaskParams, TaskScalar,
 };
 
 const VARIANTS: [(SsmLayer, BlockArch); 4] = [
@@ -74,6 +74,37 @@ fn random_batch(
     }
 }
 
+/// Checks every entry of `grads` against a central finite difference
+/// (h = 1e-5) of `loss_of`, tolerance 1e-6 + 1e-5·|numeric|; returns how
+/// many entries were checked.
+fn assert_gradients_match_finite_differences(
+    model: &TaskModel<f64>,
+    grads: &TaskParams<f64>,
+    loss_of: impl Fn(&TaskModel<f64>) -> f64,
+    what: &str,
+) -> usize {
+    let config = model.config;
+    let mut checked = 0;
+    for (ti, (info, g)) in grads.tensors(&config).iter().enumerate() {
+        for (i, &analytic) in g.iter().enumerate() {
+            let h = 1e-5;
+            let mut plus = model.clone();
+            plus.params.tensors_mut(&config)[ti].1[i] += h;
+            let mut minus = model.clone();
+            minus.params.tensors_mut(&config)[ti].1[i] -= h;
+            let numeric = (loss_of(&plus) - loss_of(&minus)) / (2.0 * h);
+            let tol = 1e-6 + 1e-5 * numeric.abs();
+            assert!(
+                (numeric - analytic).abs() <= tol,
+                "{what}: d loss / d {}[{i}] = {analytic}, finite difference {numeric}",
+                info.name
+            );
+            checked += 1;
+        }
+    }
+    checked
+}
+
 #[test]
 fn gradients_match_finite_differences_for_every_variant() {
     for (vi, &(layer, arch)) in VARIANTS.iter().enumerate() {
@@ -85,28 +116,8 @@ fn gradients_match_finite_differences_for_every_variant() {
             let plain = answer_score(&model, &data).unwrap();
             assert!((plain.loss_sum - score.loss_sum).abs() < 1e-10);
             let loss_of = |m: &TaskModel<f64>| answer_score(m, &data).unwrap().mean_loss();
-            let config = model.config;
-            let grad_tensors = grads.tensors(&config);
-            let mut checked = 0;
-            for (ti, (info, g)) in grad_tensors.iter().enumerate() {
-                for (i, &analytic) in g.iter().enumerate() {
-                    let h = 1e-5;
-                    let mut plus = model.clone();
-                    plus.params.tensors_mut(&config)[ti].1[i] += h;
-                    let mut minus = model.clone();
-                    minus.params.tensors_mut(&config)[ti].1[i] -= h;
-                    let numeric = (loss_of(&plus) - loss_of(&minus)) / (2.0 * h);
-                    let tol = 1e-6 + 1e-5 * numeric.abs();
-                    assert!(
-                        (numeric - analytic).abs() <= tol,
-                        "{}/{} batch {batch} len {len}: d loss / d {}[{i}] = {analytic}, finite difference {numeric}",
-                        arch.name(),
-                        layer.name(),
-                        info.name
-                    );
-                    checked += 1;
-                }
-            }
+            let what = format!("{}/{} batch {batch} len {len}", arch.name(), layer.name());
+            let checked = assert_gradients_match_finite_differences(&model, &grads, loss_of, &what);
             assert_eq!(checked, model.parameter_count());
         }
     }
@@ -138,35 +149,20 @@ fn label_smoothed_gradients_match_finite_differences() {
         // the returned score stays the plain cross-entropy
         let plain = answer_score(&model, &data).unwrap();
         assert!((plain.loss_sum - score.loss_sum).abs() < 1e-10);
+        let what = format!("{}/{} smoothed", arch.name(), layer.name());
+        assert_gradients_match_finite_differences(
+            &model,
+            &grads,
+            |m| smoothed_loss(m, &data, eps),
+            &what,
+        );
         let config = model.config;
-        let grad_tensors = grads.tensors(&config);
-        let mut differs_from_plain = false;
         let (_, plain_grads) = answer_loss_and_grads(&model, &data, 0.0).unwrap();
-        for (ti, ((info, g), (_, g0))) in grad_tensors
+        let differs_from_plain = grads
+            .tensors(&config)
             .iter()
             .zip(plain_grads.tensors(&config).iter())
-            .enumerate()
-        {
-            for (i, &analytic) in g.iter().enumerate() {
-                let h = 1e-5;
-                let mut plus = model.clone();
-                plus.params.tensors_mut(&config)[ti].1[i] += h;
-                let mut minus = model.clone();
-                minus.params.tensors_mut(&config)[ti].1[i] -= h;
-                let numeric = (smoothed_loss(&plus, &data, eps)
-                    - smoothed_loss(&minus, &data, eps))
-                    / (2.0 * h);
-                let tol = 1e-6 + 1e-5 * numeric.abs();
-                assert!(
-                    (numeric - analytic).abs() <= tol,
-                    "{}/{}: d smoothed loss / d {}[{i}] = {analytic}, finite difference {numeric}",
-                    arch.name(),
-                    layer.name(),
-                    info.name
-                );
-                differs_from_plain |= (analytic - g0[i]).abs() > 1e-4;
-            }
-        }
+            .any(|((_, g), (_, g0))| g.iter().zip(g0.iter()).any(|(a, b)| (a - b).abs() > 1e-4));
         assert!(
             differs_from_plain,
             "ε = {eps} left every gradient as it was"
