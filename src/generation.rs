@@ -12,7 +12,7 @@
 //! let model = InferenceModel::from_mamba(Mamba::<f32>::from_dir(dir)?, WeightFormat::F32)?;
 //! let mut seq = Sequence::new(&model.config);
 //! model.prefill(&mut seq, &[3, 1, 4, 1, 5])?;
-//! let options = GenerateOptions { max_new_tokens: 8, eos: None, sampling: SamplingConfig::greedy() };
+//! let options = GenerateOptions { max_new_tokens: 8, eos: None, sampling: SamplingConfig::greedy(), vocab_size: None };
 //! let out = generate(&model, std::slice::from_mut(&mut seq), &options, |_, _| Ok(true))?;
 //! assert_eq!(out.tokens[0].len(), 8);
 //! # Ok::<(), selective::Error>(())
@@ -32,6 +32,9 @@ pub struct GenerateOptions {
     pub eos: Option<u32>,
     /// Sequence i samples with seed `sampling.seed + i`.
     pub sampling: SamplingConfig,
+    /// The tokenizer's vocabulary size: ids at or above it are padding rows
+    /// of the embedding and are never sampled. None: every row is a token.
+    pub vocab_size: Option<usize>,
 }
 
 /// Why a sequence stopped.
@@ -105,7 +108,10 @@ pub fn generate(
         for &i in &active {
             let seq = &mut seqs[i];
             let logits = std::mem::take(&mut seq.logits);
-            let token = samplers[i].sample(&logits, seq.recent_tokens());
+            let token = match options.vocab_size {
+                Some(vocab) => samplers[i].sample_within(&logits, seq.recent_tokens(), vocab),
+                None => samplers[i].sample(&logits, seq.recent_tokens()),
+            };
             seq.logits = logits;
             let token = token?;
             tokens[i].push(token);

@@ -594,6 +594,19 @@ fn score(
         (None, None) => return Err("give --text-file or --ids".into()),
     };
     let vocab = model.config.vocab_size;
+    // Padding rows of the embedding are not tokens: scoring one is an error,
+    // not a count (the text path cannot produce them).
+    if let Some(tokenizer) = Tokenizer::for_model_dir(dir)? {
+        let real = tokenizer.vocab_size().min(vocab);
+        if let Some(pos) = ids.iter().position(|&id| id as usize >= real) {
+            return Err(format!(
+                "token {pos} is id {}, a padding id: the tokenizer has {} tokens (the embedding {vocab} rows)",
+                ids[pos],
+                tokenizer.vocab_size()
+            )
+            .into());
+        }
+    }
     let mut writer = match &logits_out {
         Some(path) => Some(NpyWriter::create(path, &[ids.len(), vocab])?),
         None => None,
@@ -747,10 +760,24 @@ fn generate_command(args: GenerateArgs) -> CliResult {
     } else {
         tokenizer.as_ref().and_then(|t| t.eos_token_id())
     };
+    let vocab_size = match &tokenizer {
+        Some(t) if t.vocab_size() > model.config.vocab_size => {
+            return Err(format!(
+                "{}: the tokenizer has {} tokens but the embedding only {} rows",
+                model_dir.display(),
+                t.vocab_size(),
+                model.config.vocab_size
+            )
+            .into())
+        }
+        Some(t) => Some(t.vocab_size()),
+        None => None,
+    };
     let options = GenerateOptions {
         max_new_tokens: args.max_tokens,
         eos,
         sampling,
+        vocab_size,
     };
     let text_mode = tokenizer.is_some() && !args.print_ids;
     if !args.stop.is_empty() && !text_mode {

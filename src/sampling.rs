@@ -26,6 +26,17 @@
 //! Non-finite logits: NaN counts as -inf (that token is never chosen);
 //! +inf is an error, as is a row with no finite logit.
 //!
+//! Padding ids: a model's embedding is often padded past its tokenizer's
+//! vocabulary (50277 tokens in 50280 rows for GPT-NeoX; to a multiple of 8
+//! in `train`), and those rows have logits like any other. With a vocabulary
+//! size given ([`Sampler::sample_within`]) the draw is made over the whole
+//! row first; if it lands on a padding id it is made again over the real ids
+//! alone (`logits[..vocab]`). A token the first draw chooses is kept, so the
+//! output is the same as without the limit wherever no padding id is drawn;
+//! with temperature alone the result is exactly the distribution with the
+//! padding masked (p(x) + p(pad) p(x) / (1 - p(pad)) = p(x) / (1 - p(pad))).
+//! Greedy takes the argmax of the real ids.
+//!
 //! Cost for a vocabulary of n, all O(n) and allocation-free once the
 //! [`Sampler`]'s scratch buffers have grown: one copy, one vectorised pass of
 //! a polynomial exp (the library `exp` is a call per element) unless top-k
@@ -211,6 +222,43 @@ impl Sampler {
     /// (`recent`, oldest first; only the last `repetition_window` matter).
     /// Greedy configurations draw no random number.
     pub fn sample(&mut self, logits: &[f32], recent: &[u32]) -> Result<u32> {
+        self.sample_all(logits, recent)
+    }
+
+    /// As [`Sampler::sample`], never choosing an id at or above `vocab`
+    /// (padding rows of the embedding; see the module notes).
+    pub fn sample_within(&mut self, logits: &[f32], recent: &[u32], vocab: usize) -> Result<u32> {
+        check_vocab(logits, vocab)?;
+        let token = self.sample_all(logits, recent)?;
+        if (token as usize) < vocab {
+            return Ok(token);
+        }
+        self.sample_all(&logits[..vocab], recent)
+    }
+
+    /// The probabilities (vocab,) that [`Sampler::sample_within`] draws
+    /// from: the first draw's, with the padding ids' mass spread by the
+    /// second draw's distribution over the real ids. Padding ids get 0.
+    pub fn distribution_within(
+        &self,
+        logits: &[f32],
+        recent: &[u32],
+        vocab: usize,
+    ) -> Result<Vec<f32>> {
+        check_vocab(logits, vocab)?;
+        let mut probs = self.distribution(logits, recent)?;
+        let padding_mass: f64 = probs[vocab..].iter().map(|&p| p as f64).sum();
+        if padding_mass > 0.0 {
+            let second = self.distribution(&logits[..vocab], recent)?;
+            for (p, q) in probs.iter_mut().zip(second) {
+                *p = (*p as f64 + padding_mass * q as f64) as f32;
+            }
+        }
+        probs[vocab..].fill(0.0);
+        Ok(probs)
+    }
+
+    fn sample_all(&mut self, logits: &[f32], recent: &[u32]) -> Result<u32> {
         let filtered = filter(&self.config, logits, recent, &mut self.scratch)?;
         Ok(match filtered {
             Filtered::Greedy(id) => id,
@@ -246,6 +294,19 @@ impl Sampler {
         }
         Ok(probs)
     }
+}
+
+fn check_vocab(logits: &[f32], vocab: usize) -> Result<()> {
+    if vocab == 0 || vocab > logits.len() {
+        return Err(invalid(
+            "Sampler::sample_within",
+            format!(
+                "vocabulary size {vocab} must be in 1..={} (the logits row)",
+                logits.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Inverse CDF over the candidates in their order.

@@ -5,7 +5,7 @@ mod common;
 
 use common::{ids_of, models_dir, read_reference};
 use selective::kernels::WeightFormat;
-use selective::model::{DecodeBuffers, InferenceModel, Mamba, Sequence};
+use selective::model::{DecodeBuffers, InferenceModel, Mamba, MambaConfig, Sequence};
 use selective::rng::Rng;
 
 fn load(dir: &str) -> Mamba<f32> {
@@ -326,7 +326,78 @@ mod generation {
                 seed,
                 ..SamplingConfig::default()
             },
+            vocab_size: None,
         }
+    }
+
+    /// An untrained model whose embedding has 64 rows for a 61-token
+    /// vocabulary draws padding ids about 5% of the time; with the
+    /// vocabulary given, no seed may produce one, and every seed whose
+    /// unlimited run drew no padding gives the same tokens.
+    #[test]
+    fn padding_ids_are_never_sampled_from_an_untrained_padded_model() {
+        let config = MambaConfig::new(32, 2, 64, 8);
+        let model =
+            InferenceModel::from_mamba(Mamba::init(config, 7).unwrap(), WeightFormat::F32).unwrap();
+        let vocab = 61;
+        let (mut padding_drawn, mut unchanged) = (0, 0);
+        for seed in 0..60 {
+            for sampling in [
+                SamplingConfig {
+                    temperature: 1.0,
+                    seed,
+                    ..SamplingConfig::default()
+                },
+                SamplingConfig {
+                    temperature: 1.5,
+                    top_k: 40,
+                    top_p: 0.95,
+                    seed,
+                    ..SamplingConfig::default()
+                },
+            ] {
+                let plain = GenerateOptions {
+                    max_new_tokens: 12,
+                    eos: None,
+                    sampling,
+                    vocab_size: None,
+                };
+                let limited = GenerateOptions {
+                    vocab_size: Some(vocab),
+                    ..plain.clone()
+                };
+                let mut seq = [prefilled(&model, &[1, 2, 3])];
+                let free = generate(&model, &mut seq, &plain, |_, _| Ok(true)).unwrap();
+                let mut seq = [prefilled(&model, &[1, 2, 3])];
+                let out = generate(&model, &mut seq, &limited, |_, _| Ok(true)).unwrap();
+                assert!(
+                    out.tokens[0].iter().all(|&t| (t as usize) < vocab),
+                    "seed {seed}: {:?}",
+                    out.tokens[0]
+                );
+                if free.tokens[0].iter().any(|&t| t as usize >= vocab) {
+                    padding_drawn += 1;
+                } else {
+                    assert_eq!(out.tokens[0], free.tokens[0], "seed {seed}");
+                    unchanged += 1;
+                }
+            }
+        }
+        // Both cases occurred, so the test can fail either way.
+        assert!(
+            padding_drawn > 10 && unchanged > 10,
+            "{padding_drawn} {unchanged}"
+        );
+        // Greedy as well.
+        let greedy = GenerateOptions {
+            max_new_tokens: 30,
+            eos: None,
+            sampling: SamplingConfig::greedy(),
+            vocab_size: Some(vocab),
+        };
+        let mut seq = [prefilled(&model, &[5])];
+        let out = generate(&model, &mut seq, &greedy, |_, _| Ok(true)).unwrap();
+        assert!(out.tokens[0].iter().all(|&t| (t as usize) < vocab));
     }
 
     #[test]

@@ -602,3 +602,81 @@ fn sample_time_on_a_real_vocabulary() {
         }
     }
 }
+
+/// Padding ids (at or above the tokenizer's vocabulary) carry most of the
+/// mass here; `sample_within` must never return one, must draw from the
+/// distribution `distribution_within` states, and that distribution is the
+/// plain softmax over the real ids when no filter runs.
+#[test]
+fn padding_ids_are_never_drawn_and_the_rest_follow_the_masked_softmax() {
+    // ids 4 and 5 are padding and hold 70% of the probability
+    let logits = logits_of(&[0.1, 0.1, 0.05, 0.05, 0.4, 0.3]);
+    let vocab = 4;
+    let mut sampler = Sampler::new(SamplingConfig {
+        seed: 3,
+        ..SamplingConfig::default()
+    })
+    .unwrap();
+    let probs = sampler.distribution_within(&logits, &[], vocab).unwrap();
+    assert_close(
+        &probs,
+        &[1.0 / 3.0, 1.0 / 3.0, 1.0 / 6.0, 1.0 / 6.0, 0.0, 0.0],
+    );
+    let n = 20_000;
+    let mut counts = [0usize; 6];
+    for _ in 0..n {
+        counts[sampler.sample_within(&logits, &[], vocab).unwrap() as usize] += 1;
+    }
+    assert_eq!(counts[4] + counts[5], 0, "padding drawn: {counts:?}");
+    for i in 0..vocab {
+        let p = probs[i] as f64;
+        let sigma = (n as f64 * p * (1.0 - p)).sqrt();
+        assert!(
+            (counts[i] as f64 - n as f64 * p).abs() <= 5.0 * sigma,
+            "token {i}: {counts:?} vs {probs:?}"
+        );
+    }
+    // With filters the distribution is still a distribution over real ids.
+    let filtered = Sampler::new(SamplingConfig {
+        top_k: 3,
+        top_p: 0.9,
+        ..SamplingConfig::default()
+    })
+    .unwrap();
+    let probs = filtered.distribution_within(&logits, &[], vocab).unwrap();
+    let total: f64 = probs.iter().map(|&p| p as f64).sum();
+    assert!((total - 1.0).abs() < 1e-6, "{probs:?}");
+    assert_eq!(&probs[vocab..], &[0.0, 0.0]);
+    // Greedy: the argmax of the real ids, not the padding id 4.
+    let mut greedy = Sampler::new(SamplingConfig::greedy()).unwrap();
+    assert_eq!(greedy.sample_within(&logits, &[], vocab).unwrap(), 0);
+    assert_eq!(greedy.sample(&logits, &[]).unwrap(), 4);
+    // A vocabulary the row cannot hold is an error, not a panic.
+    assert!(greedy.sample_within(&logits, &[], 7).is_err());
+    assert!(greedy.sample_within(&logits, &[], 0).is_err());
+}
+
+/// Where the first draw is a real token, the limit changes nothing: the
+/// same seed gives the same token as an unlimited sampler.
+#[test]
+fn a_vocabulary_limit_keeps_every_draw_that_was_not_padding() {
+    let logits = logits_of(&[0.3, 0.2, 0.2, 0.1, 0.2]);
+    let config = SamplingConfig {
+        seed: 9,
+        ..SamplingConfig::default()
+    };
+    let (mut plain, mut limited) = (
+        Sampler::new(config.clone()).unwrap(),
+        Sampler::new(config).unwrap(),
+    );
+    let mut compared = 0;
+    for _ in 0..2000 {
+        let a = plain.sample(&logits, &[]).unwrap();
+        if a == 4 {
+            break; // the limited sampler now draws again: streams part
+        }
+        assert_eq!(limited.sample_within(&logits, &[], 4).unwrap(), a);
+        compared += 1;
+    }
+    assert!(compared > 0);
+}
