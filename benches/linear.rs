@@ -25,7 +25,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
-use selective::bench::read_bandwidth;
+use selective::bench::scan::read_bandwidth;
 use selective::kernels::linear::Kernel;
 use selective::kernels::{WeightFormat, Weights};
 use selective::rng::Rng;

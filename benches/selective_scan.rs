@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput};
 use rayon::{ThreadPool, ThreadPoolBuilder};
-use selective::bench::ScanBenchInputs;
+use selective::bench::scan::ScanBenchInputs;
 use selective::kernels::{
     selective_scan_backward, selective_scan_forward, selective_scan_reference, ScanOptions,
     ScanParallelism, ScanShape,
@@ -55,7 +55,7 @@ enum DeltaRegime {
     FastDecay,
 }
 
-/// Inputs of one benchmark case (`selective::bench::ScanBenchInputs`) and
+/// Inputs of one benchmark case (`selective::bench::scan::ScanBenchInputs`) and
 /// the upstream gradient for the backward.
 struct Case {
     data: ScanBenchInputs,

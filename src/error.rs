@@ -36,7 +36,7 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+    pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.as_ref().display().to_string(),
             source,
@@ -73,7 +73,7 @@ pub(crate) fn check_len<T>(
     Ok(())
 }
 
-pub(crate) fn invalid(op: &'static str, message: impl Into<String>) -> Error {
+pub fn invalid(op: &'static str, message: impl Into<String>) -> Error {
     Error::Invalid {
         op,
         message: message.into(),

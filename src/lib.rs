@@ -17,19 +17,15 @@
 
 pub mod bench;
 pub mod error;
-pub mod eval;
 pub mod float;
-pub mod generation;
-pub mod generation_bench;
+pub mod generate;
+pub mod io;
 pub mod kernels;
-pub mod model;
-pub mod npy;
+pub mod memory;
+pub mod nn;
 pub mod plot;
 pub mod rng;
-pub mod sampling;
 pub mod tasks;
-pub mod text_stream;
-pub mod tokenizer;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -197,9 +197,10 @@ fn score_errors_are_clear() {
 
 #[test]
 fn tokenizer_encodes_like_gpt_neox() {
-    let tok =
-        selective::tokenizer::Tokenizer::from_file(root().join("data/gpt-neox-20b-tokenizer.json"))
-            .unwrap();
+    let tok = selective::generate::tokenizer::Tokenizer::from_file(
+        root().join("data/gpt-neox-20b-tokenizer.json"),
+    )
+    .unwrap();
     let ids = tok.encode("Hello world").unwrap();
     assert_eq!(ids, [12092, 1533]);
     assert_eq!(tok.decode(&ids).unwrap(), "Hello world");
@@ -221,8 +222,8 @@ fn convert_turns_an_original_checkpoint_into_transformers_layout() {
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["hidden_size"], 16);
     assert_eq!(v["vocab_size"], 40, "37 padded to a multiple of 8");
-    let a = selective::model::Mamba::<f32>::from_dir(&src).unwrap();
-    let b = selective::model::Mamba::<f32>::from_dir(&out).unwrap();
+    let a = selective::nn::Mamba::<f32>::from_dir(&src).unwrap();
+    let b = selective::nn::Mamba::<f32>::from_dir(&out).unwrap();
     assert_eq!(a, b);
     std::fs::remove_dir_all(&out).unwrap();
 }
@@ -626,11 +627,11 @@ fn a_freshly_trained_padded_char_model_generates_for_every_seed() {
     ]);
     let model = out.join("model");
     let model = model.to_str().unwrap();
-    let tok = selective::tokenizer::Tokenizer::for_model_dir(Path::new(model))
+    let tok = selective::generate::tokenizer::Tokenizer::for_model_dir(Path::new(model))
         .unwrap()
         .unwrap();
     let vocab = tok.vocab_size();
-    let rows = selective::model::Mamba::<f32>::from_dir(model)
+    let rows = selective::nn::Mamba::<f32>::from_dir(model)
         .unwrap()
         .config
         .vocab_size;

@@ -5,7 +5,7 @@ mod common;
 
 use common::{ids_of, models_dir, read_reference};
 use selective::kernels::WeightFormat;
-use selective::model::{DecodeBuffers, InferenceModel, Mamba, MambaConfig, Sequence};
+use selective::nn::{DecodeBuffers, InferenceModel, Mamba, MambaConfig, Sequence};
 use selective::rng::Rng;
 
 fn load(dir: &str) -> Mamba<f32> {
@@ -267,7 +267,7 @@ fn temp_path(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn saved_state_continues_the_sequence_and_has_a_fixed_size() {
-    use selective::model::{load_sequence, save_sequence};
+    use selective::io::{load_sequence, save_sequence};
     let model = InferenceModel::from_mamba(load("small-hf"), WeightFormat::F32).unwrap();
     let v = model.config.vocab_size;
     let ids = random_ids(300, v, 21);
@@ -308,8 +308,8 @@ fn saved_state_continues_the_sequence_and_has_a_fixed_size() {
 
 mod generation {
     use super::*;
-    use selective::generation::{generate, FinishReason, GenerateOptions};
-    use selective::sampling::SamplingConfig;
+    use selective::generate::sampling::SamplingConfig;
+    use selective::generate::{generate, FinishReason, GenerateOptions};
 
     fn prefilled(model: &InferenceModel, prompt: &[u32]) -> Sequence {
         let mut seq = Sequence::new(&model.config);

@@ -6,9 +6,8 @@
 mod common;
 
 use common::{assert_close, ids_of, models_dir, read_reference};
-use selective::model::{
-    next_token_cross_entropy, DType, Mamba, MambaConfig, ParamKind, SafetensorsFile, TensorSource,
-};
+use selective::io::{DType, SafetensorsFile, TensorSource};
+use selective::nn::{next_token_cross_entropy, Mamba, MambaConfig, ParamKind};
 use selective::Error;
 
 /// Greedy continuation by re-running the whole forward (the recurrent
@@ -291,7 +290,7 @@ fn bad_checkpoints_are_errors_that_name_file_and_tensor() {
             config.to_hugging_face_json().to_string(),
         )
         .unwrap();
-        selective::model::checkpoint::write_safetensors(
+        selective::io::safetensors::write_safetensors(
             &dir.join("model.safetensors"),
             &tensors,
             None,
@@ -307,7 +306,7 @@ fn bad_checkpoints_are_errors_that_name_file_and_tensor() {
                 i.name,
                 DType::F32,
                 i.shape,
-                selective::model::checkpoint::encode(t, DType::F32),
+                selective::io::safetensors::encode(t, DType::F32),
             )
         })
         .collect();

@@ -2,8 +2,8 @@
 //! with a plain full-sort reference on a real-sized vocabulary, seeded draws
 //! whose frequencies match the distribution, and greedy drawing nothing.
 
+use selective::generate::sampling::{Sampler, SamplingConfig};
 use selective::rng::Rng;
-use selective::sampling::{Sampler, SamplingConfig};
 
 /// Logits whose softmax is `probs`.
 fn logits_of(probs: &[f64]) -> Vec<f32> {

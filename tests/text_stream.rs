@@ -4,9 +4,9 @@
 
 use std::cell::Cell;
 
+use selective::generate::text_stream::{DecodeFn, Released, StopStrings, TextStream};
+use selective::generate::tokenizer::Tokenizer;
 use selective::rng::Rng;
-use selective::text_stream::{DecodeFn, Released, StopStrings, TextStream};
-use selective::tokenizer::Tokenizer;
 
 fn gpt_neox() -> Tokenizer {
     Tokenizer::from_file(concat!(

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use selective::tokenizer::Tokenizer;
+use selective::generate::tokenizer::Tokenizer;
 
 fn gpt_neox_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data/gpt-neox-20b-tokenizer.json")
@@ -126,7 +126,7 @@ fn model_directory_rule() {
 
 #[test]
 fn char_vocabularies_round_trip_and_read_from_config() {
-    use selective::tokenizer::CharVocab;
+    use selective::generate::tokenizer::CharVocab;
     let vocab = CharVocab::from_text("hello, world\n").unwrap();
     assert_eq!(vocab.as_string(), "\n ,dehlorw");
     let tok = Tokenizer::Chars(vocab);

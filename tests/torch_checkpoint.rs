@@ -6,8 +6,8 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use selective::model::torch_checkpoint::TorchCheckpoint;
-use selective::model::{DType, TensorSource};
+use selective::io::torch::TorchCheckpoint;
+use selective::io::{DType, TensorSource};
 use selective::Error;
 use serde_json::Value;
 

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use selective::model::{Mamba, MambaConfig, MambaParams};
+use selective::nn::{Mamba, MambaConfig, MambaParams};
 use selective::train::{
     clip_global_norm, decays, global_norm, AdamW, AdamWConfig, LrSchedule, ProgressMode,
     RunOptions, TrainConfig, Trainer,
@@ -494,7 +494,7 @@ fn a_tokenizer_json_run_carries_its_tokenizer_into_the_model_directory() {
     assert!(model_dir.join("tokenizer.json").exists());
     let model = Mamba::<f32>::from_dir(&model_dir).unwrap();
     assert_eq!(model.config.vocab_size, 50280); // 50277 padded to a multiple of 8
-    let tok = selective::tokenizer::Tokenizer::for_model_dir(&model_dir)
+    let tok = selective::generate::tokenizer::Tokenizer::for_model_dir(&model_dir)
         .unwrap()
         .unwrap();
     assert_eq!(tok.vocab_size(), 50277);
@@ -520,7 +520,7 @@ fn a_char_vocab_run_stores_its_characters_and_draws_its_loss() {
     let model = Mamba::<f32>::from_dir(&model_dir).unwrap();
     // the pangram has 28 distinct characters (" .a-z"), padded to 32 ids
     assert_eq!(model.config.vocab_size, 32);
-    let tok = selective::tokenizer::Tokenizer::for_model_dir(&model_dir)
+    let tok = selective::generate::tokenizer::Tokenizer::for_model_dir(&model_dir)
         .unwrap()
         .unwrap();
     assert_eq!(tok.vocab_size(), 28);

@@ -8,7 +8,7 @@ mod font;
 use std::path::Path;
 
 use crate::error::{invalid, Result};
-use crate::model::checkpoint::write_atomically;
+use crate::io::write_atomically;
 
 /// One named line of (x, y) points, drawn in the order given.
 #[derive(Clone, Debug, PartialEq)]

@@ -5,12 +5,10 @@
 //! lengths up to 2^20 in constant memory ([`train`]), and the `selective
 //! task` command ([`cli`]).
 
-pub mod cli;
 pub mod data;
 pub mod model;
 pub mod train;
 
-pub use cli::{run_task_command, TaskArgs};
 pub use data::{Answer, InductionSequence, TaskBatch, TaskKind, TaskSpec};
 pub use model::{
     BlockArch, BlockParams, BlockState, S6Params, SsmLayer, SsmParams, TaskCache, TaskModel,

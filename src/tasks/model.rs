@@ -23,7 +23,7 @@
 //!             K̄ from (log_dt, A, B, C) fixed per channel: no dependence on v
 //! ```
 //! With arch = mamba and layer = S6 this is exactly the Mamba block of
-//! [`crate::model::Mamba`] (the gate applied after the scan instead of
+//! [`crate::nn::Mamba`] (the gate applied after the scan instead of
 //! inside it). The Hugging Face-compatible model is left untouched: these
 //! models have their own parameter names and file (`task-model.json` +
 //! `model.safetensors`).
@@ -41,6 +41,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check_len, invalid, Error, Result};
 use crate::float::Float;
+use crate::io::{encode, write_atomically, write_safetensors, DType};
+use crate::io::{SafetensorsFile, TensorSource};
 use crate::kernels::{
     causal_conv1d_backward, causal_conv1d_forward, causal_conv1d_forward_continuing,
     causal_conv1d_step, matmul_xtw, matmul_xw, matmul_xwt, rms_norm_backward, rms_norm_forward,
@@ -48,8 +50,6 @@ use crate::kernels::{
     selective_scan_step, ConvShape, FftFloat, MatmulScalar, S4dGrads, S4dInit, S4dParams,
     ScanInputs, ScanOptions, ScanShape, ScanStepInputs,
 };
-use crate::model::checkpoint::{encode, write_atomically, write_safetensors, DType};
-use crate::model::{SafetensorsFile, TensorSource};
 use crate::rng::Rng;
 
 /// Scalar types of the task models: those the matmul and FFT kernels take.

@@ -9,9 +9,9 @@ use serde::Serialize;
 
 use super::data::{Answer, InductionSequence, TaskBatch, TaskKind, TaskSpec};
 use super::model::{TaskModel, TaskModelConfig, TaskParams, TaskScalar};
+use crate::bench::generation::peak_resident_bytes;
 use crate::error::{invalid, Result};
 use crate::float::Float;
-use crate::generation_bench::peak_resident_bytes;
 use crate::rng::Rng;
 use crate::train::progress::{Reporter, StepLine};
 use crate::train::{clip_tensors_global_norm, AdamWConfig, AdamWStep, LrSchedule, ProgressMode};

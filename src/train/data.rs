@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use crate::error::{invalid, Error, Result};
+use crate::generate::tokenizer::Tokenizer;
 use crate::rng::Rng;
-use crate::tokenizer::Tokenizer;
 
 /// A tokenised text split into a training part (the first tokens) and a
 /// validation part (the last `val_fraction` of them).

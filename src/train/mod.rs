@@ -3,14 +3,12 @@
 //! global-norm clipping, gradient accumulation, validation, checkpoints that
 //! resume bit for bit.
 
-pub mod bench;
 pub mod data;
 pub mod optimizer;
 pub(crate) mod progress;
 pub mod schedule;
 pub mod trainer;
 
-pub use bench::{bench_training, TrainingBench};
 pub use data::{random_windows, TextData};
 pub use optimizer::{
     add_into, clip_global_norm, clip_tensors_global_norm, decays, global_norm, AdamW, AdamWConfig,

@@ -4,7 +4,7 @@
 //! kernel only, not on A_log, D, biases, norm weights or the embedding.
 //! Global-norm gradient clipping as `torch.nn.utils.clip_grad_norm_`.
 
-use crate::model::{MambaConfig, MambaParams, ParamInfo, ParamKind};
+use crate::nn::{MambaConfig, MambaParams, ParamInfo, ParamKind};
 
 /// The hyper-parameters that stay fixed through a run (the learning rate
 /// comes from the schedule at every step).

@@ -28,13 +28,12 @@ use super::optimizer::{add_into, clip_global_norm, global_norm, AdamW, AdamWConf
 use super::progress::{ProgressMode, Reporter, StepLine};
 use super::schedule::LrSchedule;
 use crate::error::{invalid, Error, Result};
-use crate::model::checkpoint::{encode, write_atomically, write_safetensors};
-use crate::model::{
-    next_token_cross_entropy, DType, Mamba, MambaConfig, SafetensorsFile, TensorSource,
-};
+use crate::generate::tokenizer::{CharVocab, Tokenizer};
+use crate::io::{encode, write_atomically, write_safetensors};
+use crate::io::{DType, SafetensorsFile, TensorSource};
+use crate::nn::{next_token_cross_entropy, Mamba, MambaConfig};
 use crate::plot::{self, Chart, Series};
 use crate::rng::Rng;
-use crate::tokenizer::{CharVocab, Tokenizer};
 
 /// Every setting of a run; written to `RUN/config.json`, and readable from
 /// a JSON file with any subset of the fields (the rest take the defaults).

@@ -4,10 +4,10 @@
 //! token, or a stop the caller decides (stop strings).
 //!
 //! ```
-//! use selective::generation::{generate, GenerateOptions};
+//! use selective::generate::{generate, GenerateOptions};
 //! use selective::kernels::WeightFormat;
-//! use selective::model::{InferenceModel, Mamba, Sequence};
-//! use selective::sampling::SamplingConfig;
+//! use selective::nn::{InferenceModel, Mamba, Sequence};
+//! use selective::generate::sampling::SamplingConfig;
 //! let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/models/tiny-hf");
 //! let model = InferenceModel::from_mamba(Mamba::<f32>::from_dir(dir)?, WeightFormat::F32)?;
 //! let mut seq = Sequence::new(&model.config);
@@ -21,8 +21,8 @@
 use std::time::Instant;
 
 use crate::error::{invalid, Result};
-use crate::model::{DecodeBuffers, InferenceModel, Sequence};
-use crate::sampling::{Sampler, SamplingConfig};
+use crate::generate::sampling::{Sampler, SamplingConfig};
+use crate::nn::{DecodeBuffers, InferenceModel, Sequence};
 
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {

@@ -88,8 +88,8 @@ use std::sync::OnceLock;
 
 use memmap2::Mmap;
 
-use super::checkpoint::{DType, StoredTensor, TensorSource};
 use crate::error::{Error, Result};
+use crate::io::safetensors::{DType, StoredTensor, TensorSource};
 
 /// A `torch.save` zip checkpoint, memory-mapped, with its tensors indexed.
 pub struct TorchCheckpoint {

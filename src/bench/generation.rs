@@ -6,7 +6,8 @@
 use std::time::Instant;
 
 use crate::error::{invalid, Result};
-use crate::model::{DecodeBuffers, InferenceModel, Sequence};
+pub use crate::memory::{peak_resident_bytes, reset_peak_resident, resident_bytes};
+use crate::nn::{DecodeBuffers, InferenceModel, Sequence};
 use crate::rng::Rng;
 
 /// Mean and sample standard deviation of repeated measurements.
@@ -146,27 +147,4 @@ pub fn prefill_scaling(
         });
     }
     Ok(out)
-}
-
-/// The peak resident memory of this process (Linux's VmHWM), in bytes.
-pub fn peak_resident_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-/// Resets the peak resident memory of this process to its current
-/// resident memory (Linux: writing 5 to /proc/self/clear_refs), so that
-/// [`peak_resident_bytes`] measures from here on. Elsewhere it does nothing.
-pub fn reset_peak_resident() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-/// The resident memory of this process now (Linux's VmRSS), in bytes.
-pub fn resident_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }

@@ -17,13 +17,13 @@
 
 use std::path::Path;
 
-use super::checkpoint::{
-    encode, write_atomically, write_safetensors, DType, SafetensorsFile, TensorSource,
-};
 use super::config::MambaConfig;
 use super::params::{LayerParams, MambaParams, MixerParams, ParamInfo};
-use super::torch_checkpoint::TorchCheckpoint;
 use crate::error::{invalid, Error, Result};
+use crate::io::torch::TorchCheckpoint;
+use crate::io::{
+    encode, write_atomically, write_safetensors, DType, SafetensorsFile, TensorSource,
+};
 use crate::kernels::{
     causal_conv1d_backward, causal_conv1d_forward, layer_norm_backward, layer_norm_forward,
     matmul_xtw, matmul_xw, matmul_xwt, rms_norm_backward, rms_norm_forward,
@@ -251,7 +251,7 @@ impl<T: MatmulScalar> Mamba<T> {
     /// Logits (batch, len, vocab) for token ids (batch, len).
     ///
     /// ```
-    /// use selective::model::Mamba;
+    /// use selective::nn::Mamba;
     /// let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/models/tiny-hf");
     /// let model = Mamba::<f32>::from_dir(dir)?;
     /// let (batch, len) = (1, 4);
@@ -896,7 +896,7 @@ impl TensorSource for ShardedSafetensors {
     fn names(&self) -> Vec<String> {
         self.shards.iter().flat_map(|s| s.names()).collect()
     }
-    fn tensor(&self, name: &str) -> Result<Option<super::checkpoint::StoredTensor<'_>>> {
+    fn tensor(&self, name: &str) -> Result<Option<crate::io::StoredTensor<'_>>> {
         for s in &self.shards {
             if let Some(t) = s.tensor(name)? {
                 return Ok(Some(t));

@@ -17,10 +17,10 @@ use std::path::Path;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
-use super::checkpoint::write_atomically;
-use super::config::MambaConfig;
-use super::inference::{LayerState, Sequence, RECENT_TOKENS};
 use crate::error::{Error, Result};
+use crate::io::write_atomically;
+use crate::nn::inference::{LayerState, Sequence, RECENT_TOKENS};
+use crate::nn::MambaConfig;
 
 const FORMAT: &str = "selective-sequence-state";
 const VERSION: &str = "1";

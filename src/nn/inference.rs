@@ -28,15 +28,15 @@
 //! whose cost does not depend on the position.
 
 use super::config::MambaConfig;
-use super::mamba::{add_row_bias, Mamba};
+use super::lm::{add_row_bias, Mamba};
 use super::params::LayerParams;
 use crate::error::{invalid, Result};
-use crate::eval::{token_nll, Perplexity};
 use crate::kernels::{
     causal_conv1d_forward_continuing, causal_conv1d_step, layer_norm_forward, rms_norm_forward,
     selective_scan_forward, selective_scan_step, ConvShape, ScanInputs, ScanOptions, ScanShape,
     ScanStepInputs, WeightFormat, Weights,
 };
+use crate::nn::loss::{token_nll, Perplexity};
 
 /// Positions prefilled at once: large enough for the GEMM to run at full
 /// speed, small enough that activations stay a few tens of MB at any

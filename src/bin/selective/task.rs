@@ -8,16 +8,16 @@ use std::time::Instant;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
-use super::data::{TaskKind, TaskSpec};
-use super::model::{BlockArch, SsmLayer, TaskModel, TaskModelConfig};
-use super::train::{
+use selective::error::{invalid, Error, Result};
+use selective::io::write_atomically;
+use selective::memory::peak_resident_bytes;
+use selective::tasks::train::{
     evaluate, evaluate_induction_lengths, train_task, CurvePoint, EvalMode, LengthResult,
     TrainSettings, TEST_SEED_OFFSET,
 };
-use crate::error::{invalid, Error, Result};
-use crate::generation_bench::peak_resident_bytes;
-use crate::model::checkpoint::write_atomically;
-use crate::train::ProgressMode;
+use selective::tasks::{BlockArch, SsmLayer, TaskModel, TaskModelConfig};
+use selective::tasks::{TaskKind, TaskSpec};
+use selective::train::ProgressMode;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LayerArg {
@@ -447,11 +447,11 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 }
 
 fn write_curve_png(path: &Path, title: &str, curve: &[CurvePoint]) -> Result<()> {
-    let chart = crate::plot::Chart {
+    let chart = selective::plot::Chart {
         title: title.to_string(),
         x_label: "training step".into(),
         y_label: "validation accuracy (%)".into(),
-        series: vec![crate::plot::Series {
+        series: vec![selective::plot::Series {
             name: "answer accuracy".into(),
             points: curve
                 .iter()
@@ -460,11 +460,11 @@ fn write_curve_png(path: &Path, title: &str, curve: &[CurvePoint]) -> Result<()>
         }],
         log_x: false,
     };
-    crate::plot::write_png(&chart, path)
+    selective::plot::write_png(&chart, path)
 }
 
 fn write_length_png(path: &Path, c: &TaskModelConfig, results: &[LengthResult]) -> Result<()> {
-    let chart = crate::plot::Chart {
+    let chart = selective::plot::Chart {
         title: format!(
             "induction heads by test length ({} / {})",
             c.arch.name(),
@@ -472,7 +472,7 @@ fn write_length_png(path: &Path, c: &TaskModelConfig, results: &[LengthResult]) 
         ),
         x_label: "test sequence length".into(),
         y_label: "accuracy (%)".into(),
-        series: vec![crate::plot::Series {
+        series: vec![selective::plot::Series {
             name: format!("{} / {}", c.arch.name(), c.layer.name()),
             points: results
                 .iter()
@@ -481,5 +481,5 @@ fn write_length_png(path: &Path, c: &TaskModelConfig, results: &[LengthResult]) 
         }],
         log_x: true,
     };
-    crate::plot::write_png(&chart, path)
+    selective::plot::write_png(&chart, path)
 }

@@ -4,22 +4,24 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use selective::bench::time_scan;
-use selective::eval::perplexity;
-use selective::generation::{generate, FinishReason, GenerateOptions};
-use selective::generation_bench::{
+
+mod task;
+use selective::bench::bench_training;
+use selective::bench::generation::{
     bench_generation, peak_resident_bytes, prefill_scaling, resident_bytes,
 };
+use selective::bench::scan::time_scan;
+use selective::generate::sampling::SamplingConfig;
+use selective::generate::text_stream::{StopStrings, TextStream};
+use selective::generate::tokenizer::Tokenizer;
+use selective::generate::{generate, FinishReason, GenerateOptions};
+use selective::io::npy::NpyWriter;
+use selective::io::{load_sequence, save_sequence, DType};
 use selective::kernels::WeightFormat;
 use selective::kernels::{ScanParallelism, ScanShape};
-use selective::model::{
-    load_sequence, save_sequence, DType, InferenceModel, Mamba, MambaConfig, Sequence,
-};
-use selective::npy::NpyWriter;
-use selective::sampling::SamplingConfig;
-use selective::text_stream::{StopStrings, TextStream};
-use selective::tokenizer::Tokenizer;
-use selective::train::{bench_training, ProgressMode, RunOptions, TrainConfig, Trainer};
+use selective::nn::loss::perplexity;
+use selective::nn::{InferenceModel, Mamba, MambaConfig, Sequence};
+use selective::train::{ProgressMode, RunOptions, TrainConfig, Trainer};
 
 #[derive(Parser)]
 #[command(
@@ -101,7 +103,7 @@ enum Command {
     /// Train and evaluate on a synthetic task (copying, selective-copying,
     /// induction-heads), S6 or S4D, gated or not; or --eval-only a saved
     /// induction-heads model at many lengths.
-    Task(Box<selective::tasks::TaskArgs>),
+    Task(Box<task::TaskArgs>),
     /// Generate text: parallel prefill of the prompt, then recurrent
     /// decoding, streaming the text to stdout as it is produced.
     Generate(GenerateArgs),
@@ -469,7 +471,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 .build()?;
             pool.install(|| train_command(*args))
         }
-        Command::Task(args) => Ok(selective::tasks::run_task_command(*args)?),
+        Command::Task(args) => Ok(task::run_task_command(*args)?),
         Command::Bench(args) => {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(args.threads.unwrap_or(0))
@@ -1061,7 +1063,7 @@ fn bench_command(args: BenchArgs) -> CliResult {
         }
         return Ok(());
     }
-    let bandwidth = selective::bench::read_bandwidth(1 << 30, threads);
+    let bandwidth = selective::bench::scan::read_bandwidth(1 << 30, threads);
     let mut rows = Vec::new();
     for &dtype in &args.dtype {
         let model = bench_model(&args, dtype.into())?;

@@ -5,7 +5,7 @@
 use crate::error::{invalid, Result};
 use crate::float::Float;
 use crate::kernels::MatmulScalar;
-use crate::model::Mamba;
+use crate::nn::Mamba;
 
 /// Rows of logits computed at a time, so that memory stays
 /// O(rows × vocab) instead of O(len × vocab).

@@ -3,12 +3,12 @@
 
 use std::time::Instant;
 
-use super::optimizer::{AdamW, AdamWConfig};
-use super::trainer::training_step;
+use crate::bench::generation::{peak_resident_bytes, reset_peak_resident, Stats};
 use crate::error::{invalid, Result};
-use crate::generation_bench::{peak_resident_bytes, reset_peak_resident, Stats};
-use crate::model::{Mamba, MambaConfig};
+use crate::nn::{Mamba, MambaConfig};
 use crate::rng::Rng;
+use crate::train::training_step;
+use crate::train::{AdamW, AdamWConfig};
 
 /// Training throughput at one sequence length.
 #[derive(Clone, Debug, serde::Serialize)]

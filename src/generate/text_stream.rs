@@ -16,7 +16,7 @@
 //! appears, and gives out only the text before it.
 
 use crate::error::{invalid, Result};
-use crate::tokenizer::Tokenizer;
+use crate::generate::tokenizer::Tokenizer;
 
 /// Token ids to text: a [`Tokenizer`] or any function (see [`DecodeFn`]).
 pub trait Decode {

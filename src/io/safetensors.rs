@@ -1,5 +1,5 @@
 //! Reading and writing named tensors: safetensors files (memory-mapped)
-//! and, through [`super::torch_checkpoint`], PyTorch `pytorch_model.bin`
+//! and, through [`super::torch`], PyTorch `pytorch_model.bin`
 //! archives. The model asks a [`TensorSource`] for tensors by name and gets
 //! them converted to its scalar type; every failure names the file and the
 //! tensor.
@@ -7,14 +7,15 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+
+use std::path::Path;
 
 use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, TensorView as StView};
 use safetensors::SafeTensors;
 
+use super::atomic::write_atomically;
 use crate::error::{Error, Result};
 use crate::float::Float;
 
@@ -226,30 +227,6 @@ pub fn write_safetensors(
         message: format!("serialising: {e}"),
     })?;
     write_atomically(path, &bytes)
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename, so that
-/// a crash leaves either the old file or the new one, never a torn one.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp: PathBuf = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
-    let result = (|| {
-        let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// Little-endian bytes of `data` converted to `dtype`.

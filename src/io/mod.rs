@@ -1,0 +1,18 @@
+//! Files: safetensors (single and sharded), PyTorch `pytorch_model.bin`
+//! archives, model directories, saved decoding states, `.npy` arrays, and
+//! the atomic write every saved file goes through. The formats are
+//! described in docs/DESIGN.md §7 and §9.
+
+pub mod atomic;
+pub mod npy;
+pub mod safetensors;
+pub mod state_file;
+pub mod torch;
+
+pub use atomic::write_atomically;
+pub use npy::NpyWriter;
+pub use safetensors::{
+    encode, write_safetensors, DType, SafetensorsFile, StoredTensor, TensorSource,
+};
+pub use state_file::{load_sequence, save_sequence};
+pub use torch::TorchCheckpoint;

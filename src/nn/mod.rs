@@ -1,0 +1,16 @@
+//! The models as mathematics (docs/DESIGN.md §6 and §7): configuration,
+//! parameter trees, the Mamba block, the language model for training and
+//! for inference, and the losses. Nothing here reads or writes a file;
+//! [`crate::io`] does that.
+
+pub mod config;
+pub mod inference;
+pub mod lm;
+pub mod loss;
+pub mod params;
+
+pub use config::{ConfigFormat, MambaConfig};
+pub use inference::{DecodeBuffers, InferenceModel, LayerState, Sequence};
+pub use lm::{next_token_cross_entropy, ForwardCache, Mamba};
+pub use loss::{perplexity, token_nll, Perplexity};
+pub use params::{LayerParams, MambaParams, MixerParams, ParamInfo, ParamKind};
