@@ -1,5 +1,5 @@
 //! Causal depthwise 1-D convolution with bias, the Mamba block's local mixing
-//! before the scan (SPEC.md section 3):
+//! before the scan (docs/DESIGN.md §4):
 //!
 //! ```text
 //! y[b, t, c] = bias[c] + Σ_{j=0}^{K-1} W[c, j] · x[b, t - (K-1) + j, c]    (x = 0 before t = 0)

@@ -1,5 +1,5 @@
 //! S4D, the diagonal linear time-invariant (LTI) state space model of
-//! SPEC.md section 1 (reference: `state-spaces/s4: models/s4/s4d.py`), the
+//! docs/DESIGN.md §3 (reference: `state-spaces/s4: models/s4/s4d.py`), the
 //! baseline that the selective scan is compared with. Both of its forms,
 //! the convolution and the recurrence, with their backward passes.
 //!

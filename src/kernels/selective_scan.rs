@@ -1,5 +1,5 @@
-//! The selective scan (S6), SPEC.md section 2, with the hardware-aware
-//! algorithm of section 3.3 on a CPU.
+//! The selective scan (S6), docs/DESIGN.md §2, with the hardware-aware
+//! algorithm of the paper's section 3.3 (docs/DESIGN.md §2.3-§2.6) on a CPU.
 //!
 //! Per batch element b, channel d and state index n:
 //!

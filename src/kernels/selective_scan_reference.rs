@@ -1,5 +1,5 @@
-//! The selective scan written literally from the equations (SPEC.md
-//! section 2), one scalar at a time, for testing the fused kernel.
+//! The selective scan written literally from the equations (docs/DESIGN.md
+//! §2.2), one scalar at a time, for testing the fused kernel.
 //!
 //! The backward here is the textbook one: it keeps every state h_t, a
 //! (batch, len, channels, state) tensor, which the fused kernel never

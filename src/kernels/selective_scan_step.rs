@@ -1,5 +1,5 @@
-//! One step of the selective scan's recurrence, for decoding (SPEC.md
-//! section 5): the same equations as [`super::selective_scan`] at a single
+//! One step of the selective scan's recurrence, for decoding (docs/DESIGN.md
+//! §9.3, §2.7): the same equations as [`super::selective_scan`] at a single
 //! position, updating the state in place and allocating nothing.
 //!
 //! ```text

@@ -1,5 +1,5 @@
-//! Model configuration, read from either kind of `config.json` (SPEC.md
-//! section 3): the original state-spaces one (`d_model`, `n_layer`,
+//! Model configuration, read from either kind of `config.json` (docs/DESIGN.md
+//! §7.4): the original state-spaces one (`d_model`, `n_layer`,
 //! `ssm_cfg`, ...) or the Hugging Face one (`hidden_size`,
 //! `num_hidden_layers`, `state_size`, ...).
 
@@ -32,7 +32,7 @@ pub struct MambaConfig {
     pub conv_bias: bool,
     /// in_proj and out_proj have biases (false in every released model).
     pub proj_bias: bool,
-    /// dt initialisation range and floor (SPEC.md section 4).
+    /// dt initialisation range and floor (docs/DESIGN.md §8).
     pub dt_min: f64,
     pub dt_max: f64,
     pub dt_init_floor: f64,
@@ -344,7 +344,7 @@ mod tests {
         assert_eq!(c.vocab_size, 50280);
         assert_eq!(c.dt_rank, 48);
         assert_eq!(c.d_inner, 1536);
-        // 129.1M parameters, tied head (SPEC.md section 3).
+        // 129.1M parameters, tied head (docs/DESIGN.md §7.5).
         assert_eq!((c.n_params() as f64 / 1e5).round() / 10.0, 129.1);
     }
 

@@ -1,4 +1,4 @@
-//! Inference (SPEC.md section 5): parallel prefill, then constant-memory
+//! Inference (docs/DESIGN.md §9): parallel prefill, then constant-memory
 //! recurrent decoding, with weights in any [`WeightFormat`] and f32
 //! arithmetic.
 //!

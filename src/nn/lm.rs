@@ -1,4 +1,4 @@
-//! The Mamba language model (SPEC.md section 3): forward and backward over
+//! The Mamba language model (docs/DESIGN.md §6, §7): forward and backward over
 //! batches of token sequences, loading, saving and initialisation.
 //!
 //! ```text
@@ -748,7 +748,7 @@ impl<T: MatmulScalar> Mamba<T> {
         Ok(())
     }
 
-    /// A freshly initialised model (SPEC.md section 4).
+    /// A freshly initialised model (docs/DESIGN.md §8).
     pub fn init(config: MambaConfig, seed: u64) -> Result<Self> {
         config.validate()?;
         let c = &config;

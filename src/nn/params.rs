@@ -1,5 +1,5 @@
 //! The parameters of a Mamba language model, as a small tree of structs that
-//! mirrors the checkpoint's names (Hugging Face layout, SPEC.md section 3).
+//! mirrors the checkpoint's names (Hugging Face layout, docs/DESIGN.md §7.3).
 //! The same tree holds gradients and optimiser moments.
 
 use super::config::MambaConfig;

@@ -1,4 +1,4 @@
-//! Seeded generators of the paper's synthetic tasks (SPEC.md section 7;
+//! Seeded generators of the paper's synthetic tasks (docs/DESIGN.md §12;
 //! paper section 4.1 and appendix E.1).
 //!
 //! Every example is a row of input token ids plus the positions whose

@@ -1,4 +1,4 @@
-//! The paper's synthetic tasks (SPEC.md section 7): seeded data generators
+//! The paper's synthetic tasks (docs/DESIGN.md §12): seeded data generators
 //! ([`data`]), small models whose sequence layer (S6 or S4D) and block
 //! (gated Mamba or a single SSM) are switches ([`model`]), training and
 //! evaluation on the answer positions, with induction heads evaluated at

@@ -15,11 +15,11 @@
 //!             h = h + y W_outᵀ                               (BL, D)
 //! logits = rmsnorm(h) · w_f · Eᵀ                             (rows, V), tied head
 //!
-//! ssm = S6 (selective, SPEC.md section 2):
+//! ssm = S6 (selective, docs/DESIGN.md §2.2):
 //!             dt_low, B, C = v W_xᵀ  split [R, N, N]
 //!             Δ = softplus(dt_low W_dtᵀ + b_dt);   A = -exp(A_log)
 //!             h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t v_t;   s_t = C_t h_t + D v_t
-//!     | S4D (time-invariant, SPEC.md section 1): s = K̄ * v + D v with
+//!     | S4D (time-invariant, docs/DESIGN.md §3): s = K̄ * v + D v with
 //!             K̄ from (log_dt, A, B, C) fixed per channel: no dependence on v
 //! ```
 //! With arch = mamba and layer = S6 this is exactly the Mamba block of
@@ -534,7 +534,7 @@ fn scan_options() -> ScanOptions {
 
 impl<T: TaskScalar> TaskModel<T> {
     /// A freshly initialised model: the official Mamba initialisation
-    /// (SPEC.md section 4) for the block, `s4d.py`'s S4D-Lin for S4D layers.
+    /// (docs/DESIGN.md §8; S4D-Lin §3.6) for the block, `s4d.py`'s S4D-Lin for S4D layers.
     pub fn init(config: TaskModelConfig, seed: u64) -> Result<Self> {
         config.validate()?;
         let c = &config;

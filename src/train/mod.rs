@@ -1,4 +1,4 @@
-//! Training a Mamba language model from a text file (SPEC.md section 6):
+//! Training a Mamba language model from a text file (docs/DESIGN.md §11):
 //! AdamW with the official parameter groups, warm-up and cosine decay,
 //! global-norm clipping, gradient accumulation, validation, checkpoints that
 //! resume bit for bit.

@@ -1,6 +1,6 @@
 //! AdamW (Loshchilov & Hutter; PyTorch's `torch.optim.AdamW`) over a
-//! [`MambaParams`] tree, with the official parameter groups (SPEC.md
-//! section 6): weight decay on the matrices of linear layers and the conv
+//! [`MambaParams`] tree, with the official parameter groups (docs/DESIGN.md
+//! §11.2): weight decay on the matrices of linear layers and the conv
 //! kernel only, not on A_log, D, biases, norm weights or the embedding.
 //! Global-norm gradient clipping as `torch.nn.utils.clip_grad_norm_`.
 

@@ -1,5 +1,5 @@
 //! The learning-rate schedule: linear warm-up to the peak, then cosine
-//! decay to a minimum (SPEC.md section 6).
+//! decay to a minimum (docs/DESIGN.md §11.3).
 
 /// Learning rate of step `s` (0-based) out of `total_steps`:
 /// ```text
