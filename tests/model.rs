@@ -12,11 +12,7 @@ use selective::Error;
 
 /// Greedy continuation by re-running the whole forward (the recurrent
 /// decoder is tested elsewhere).
-fn greedy<T: selective::kernels::MatmulScalar>(
-    model: &Mamba<T>,
-    prompt: &[u32],
-    n: usize,
-) -> Vec<u32> {
+fn greedy<T: selective::nn::BlockScalar>(model: &Mamba<T>, prompt: &[u32], n: usize) -> Vec<u32> {
     let v = model.config.vocab_size;
     let mut seq = prompt.to_vec();
     for _ in 0..n {

@@ -67,7 +67,7 @@ fn adamw_two_steps_match_the_hand_computed_update() {
         eps: 1e-8,
         weight_decay: 0.1,
     };
-    let mut opt = AdamW::new(&params, adam);
+    let mut opt = AdamW::<MambaParams<f32>>::new(&config, adam);
     let lr = 0.01;
     let (g1, g2) = (0.1f64, -0.2f64);
     let (grads1, grads2) = (params.filled(g1 as f32), params.filled(g2 as f32));

@@ -77,6 +77,18 @@ impl MambaConfig {
     }
 
     /// Checks that the numbers describe a model that can be built.
+    /// The sizes of each of its blocks.
+    pub fn block_shape(&self) -> super::block::BlockShape {
+        super::block::BlockShape {
+            d_model: self.d_model,
+            d_inner: self.d_inner,
+            d_state: self.d_state,
+            d_conv: self.d_conv,
+            dt_rank: self.dt_rank,
+            norm_eps: self.norm_eps,
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         let fail = |field: &str, why: &str| Err(invalid("config", format!("`{field}` {why}")));
         for (field, v) in [

@@ -27,15 +27,15 @@
 //! ```
 //! whose cost does not depend on the position.
 
-use super::config::MambaConfig;
-use super::lm::{add_row_bias, Mamba};
-use super::params::LayerParams;
-use crate::error::{invalid, Result};
-use crate::kernels::{
-    causal_conv1d_forward_continuing, causal_conv1d_step, layer_norm_forward, rms_norm_forward,
-    selective_scan_forward, selective_scan_step, ConvShape, ScanInputs, ScanOptions, ScanShape,
-    ScanStepInputs, WeightFormat, Weights,
+use super::block::{
+    add_row_bias, norm_forward, Block, BlockStateMut, ChunkBuffers, Conv, Linear, Mixer,
+    StepBuffers, Values, S6,
 };
+use super::config::MambaConfig;
+use super::lm::Mamba;
+use super::params::LayerParams;
+use crate::error::{invalid, Error, Result};
+use crate::kernels::{WeightFormat, Weights};
 use crate::nn::loss::{token_nll, Perplexity};
 
 /// Positions prefilled at once: large enough for the GEMM to run at full
@@ -171,47 +171,69 @@ pub struct DecodeBuffers {
     batch: usize,
     /// residual stream (b, D)
     h: Vec<f32>,
-    /// (b, D)
-    normed: Vec<f32>,
-    /// (b, 2E)
-    xz: Vec<f32>,
-    /// (b, E)
-    xs: Vec<f32>,
-    /// (b, R + 2N)
-    x_dbl: Vec<f32>,
-    /// (b, R)
-    dt_low: Vec<f32>,
-    /// (b, E)
-    delta: Vec<f32>,
-    /// (b, E)
-    y: Vec<f32>,
+    /// the block's step buffers
+    step: StepBuffers<f32>,
     /// (b, V)
     logits: Vec<f32>,
 }
 
 impl DecodeBuffers {
     pub fn new(config: &MambaConfig, batch: usize) -> Self {
-        let c = config;
-        let (d, e, r, n, v) = (c.d_model, c.d_inner, c.dt_rank, c.d_state, c.vocab_size);
         Self {
             batch,
-            h: vec![0.0; batch * d],
-            normed: vec![0.0; batch * d],
-            xz: vec![0.0; batch * 2 * e],
-            xs: vec![0.0; batch * e],
-            x_dbl: vec![0.0; batch * (r + 2 * n)],
-            dt_low: vec![0.0; batch * r],
-            delta: vec![0.0; batch * e],
-            y: vec![0.0; batch * e],
-            logits: vec![0.0; batch * v],
+            h: vec![0.0; batch * config.d_model],
+            step: StepBuffers::new(&config.block_shape(), batch),
+            logits: vec![0.0; batch * config.vocab_size],
+        }
+    }
+
+    /// Whether these buffers were made for `config`'s sizes.
+    fn fit(&self, config: &MambaConfig) -> bool {
+        let s = &self.step;
+        let (b, d, e) = (self.batch, config.d_model, config.d_inner);
+        self.h.len() == b * config.d_model
+            && self.logits.len() == b * config.vocab_size
+            && s.normed.len() == b * d
+            && s.xz.len() == b * 2 * e
+            && s.v.len() == b * e
+            && s.x_dbl.len() == b * (config.dt_rank + 2 * config.d_state)
+            && s.dt_low.len() == b * config.dt_rank
+            && s.delta.len() == b * e
+            && s.y.len() == b * e
+    }
+}
+
+impl InferenceLayer {
+    /// This layer as a [`Block`] over its inference weights.
+    fn block(&self, config: &MambaConfig) -> Block<'_, f32, &Weights> {
+        Block {
+            shape: config.block_shape(),
+            norm_weight: &self.norm_weight,
+            norm_bias: self.norm_bias.as_deref(),
+            in_proj: &self.in_proj,
+            in_proj_bias: self.in_proj_bias.as_deref(),
+            conv: Some(Conv {
+                weight: &self.conv_weight,
+                bias: self.conv_bias.as_deref(),
+            }),
+            mixer: Mixer::S6(S6 {
+                x_proj: &self.x_proj,
+                dt_proj: &self.dt_proj,
+                dt_bias: &self.dt_bias,
+                a: Values::Borrowed(&self.a),
+                d: &self.d,
+            }),
+            out_proj: &self.out_proj,
+            out_proj_bias: self.out_proj_bias.as_deref(),
         }
     }
 }
 
-fn scan_options() -> ScanOptions {
-    ScanOptions {
-        delta_softplus: true,
-        ..ScanOptions::default()
+/// Keeps the first error of a thread of the decoding team: it goes on
+/// through every barrier so that no other thread waits forever.
+fn keep_first(first: &mut Option<Error>, result: Result<()>) {
+    if let Err(e) = result {
+        first.get_or_insert(e);
     }
 }
 
@@ -248,6 +270,9 @@ impl InferenceModel {
             // back before the next layer maps its own, so that the peak stays
             // near the f32 model
             crate::kernels::huge_pages::release_free_heap_memory();
+        }
+        for layer in &layers {
+            layer.block(c).validate()?;
         }
         let embedding = Weights::from_f32(format, v, d, &params.embedding)?;
         drop(params.embedding);
@@ -315,12 +340,10 @@ impl InferenceModel {
         }
     }
 
-    fn norm(&self, x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32]) -> Result<()> {
-        let (dim, eps) = (self.config.d_model, self.config.norm_eps as f32);
-        match b {
-            None => rms_norm_forward(x, w, dim, eps, y),
-            Some(b) => layer_norm_forward(x, w, b, dim, eps, y),
-        }
+    /// norm_f(h)  (rows, D)
+    fn norm_f(&self, h: &[f32], y: &mut [f32]) -> Result<()> {
+        let (w, b) = (&self.norm_f_weight, self.norm_f_bias.as_deref());
+        norm_forward(h, w, b, self.config.norm_eps, y)
     }
 
     /// Runs `ids` through the model after what `seq` has seen, leaving the
@@ -356,8 +379,9 @@ impl InferenceModel {
         if self.prefill_chunk == 0 {
             return Err(invalid(OP, "prefill_chunk must be at least 1"));
         }
-        let c = &self.config;
-        let (d, e, r, n, k) = (c.d_model, c.d_inner, c.dt_rank, c.d_state, c.d_conv);
+        let d = self.config.d_model;
+        let mut bufs = ChunkBuffers::default();
+        let mut normed = Vec::new();
         for (chunk_index, chunk) in ids.chunks(self.prefill_chunk).enumerate() {
             let len = chunk.len();
             // h = E[ids]  (L, D)
@@ -365,98 +389,17 @@ impl InferenceModel {
             for (row, &id) in h.chunks_mut(d).zip(chunk) {
                 self.embedding.row_to_f32(id as usize, row);
             }
-            let mut normed = vec![0.0f32; len * d];
-            let mut xz = vec![0.0f32; len * 2 * e];
-            let mut x = vec![0.0f32; len * e];
-            let mut z = vec![0.0f32; len * e];
-            let mut xs = vec![0.0f32; len * e];
-            let mut x_dbl = vec![0.0f32; len * (r + 2 * n)];
-            let mut dt_low = vec![0.0f32; len * r];
-            let mut bm = vec![0.0f32; len * n];
-            let mut cm = vec![0.0f32; len * n];
-            let mut delta = vec![0.0f32; len * e];
-            let mut y = vec![0.0f32; len * e];
             for (layer, state) in self.layers.iter().zip(seq.layers.iter_mut()) {
-                self.norm(
-                    &h,
-                    &layer.norm_weight,
-                    layer.norm_bias.as_deref(),
-                    &mut normed,
-                )?;
-                layer.in_proj.matmul_xwt(&normed, len, &mut xz, false)?;
-                if let Some(bias) = &layer.in_proj_bias {
-                    add_row_bias(&mut xz, bias);
-                }
-                for ((row, xr), zr) in xz.chunks(2 * e).zip(x.chunks_mut(e)).zip(z.chunks_mut(e)) {
-                    xr.copy_from_slice(&row[..e]);
-                    zr.copy_from_slice(&row[e..]);
-                }
-                let conv = ConvShape {
-                    batch: 1,
-                    len,
-                    channels: e,
-                    kernel: k,
+                let state = BlockStateMut {
+                    conv: &mut state.conv,
+                    ssm: &mut state.ssm,
                 };
-                causal_conv1d_forward_continuing(
-                    &conv,
-                    &x,
-                    &layer.conv_weight,
-                    layer.conv_bias.as_deref(),
-                    &mut state.conv,
-                    &mut xs,
-                )?;
-                for v in xs.iter_mut() {
-                    *v = crate::float::Float::silu(*v);
-                }
-                layer.x_proj.matmul_xwt(&xs, len, &mut x_dbl, false)?;
-                for (((row, dt), b), cc) in x_dbl
-                    .chunks(r + 2 * n)
-                    .zip(dt_low.chunks_mut(r))
-                    .zip(bm.chunks_mut(n))
-                    .zip(cm.chunks_mut(n))
-                {
-                    dt.copy_from_slice(&row[..r]);
-                    b.copy_from_slice(&row[r..r + n]);
-                    cc.copy_from_slice(&row[r + n..]);
-                }
-                layer.dt_proj.matmul_xwt(&dt_low, len, &mut delta, false)?;
-                let shape = ScanShape {
-                    batch: 1,
-                    len,
-                    channels: e,
-                    state: n,
-                };
-                let initial = (chunk_index > 0 || seq.position > 0).then(|| state.ssm.clone());
-                let inputs = ScanInputs {
-                    u: &xs,
-                    delta: &delta,
-                    a: &layer.a,
-                    b: &bm,
-                    c: &cm,
-                    d: Some(&layer.d),
-                    z: Some(&z),
-                    delta_bias: Some(&layer.dt_bias),
-                    initial_state: initial.as_deref(),
-                };
-                selective_scan_forward(
-                    &shape,
-                    &inputs,
-                    &scan_options(),
-                    &mut y,
-                    Some(&mut state.ssm),
-                    None,
-                )?;
-                layer.out_proj.matmul_xwt(&y, len, &mut h, true)?;
-                if let Some(bias) = &layer.out_proj_bias {
-                    add_row_bias(&mut h, bias);
-                }
+                layer
+                    .block(&self.config)
+                    .forward(&mut h, 1, len, Some(state), &mut bufs, false)?;
             }
-            self.norm(
-                &h,
-                &self.norm_f_weight,
-                self.norm_f_bias.as_deref(),
-                &mut normed,
-            )?;
+            normed.resize(len * d, 0.0);
+            self.norm_f(&h, &mut normed)?;
             on_chunk(chunk_index * self.prefill_chunk, &normed)?;
         }
         seq.remember(ids);
@@ -489,87 +432,35 @@ impl InferenceModel {
         for seq in seqs.iter() {
             seq.check_fits(&self.config)?;
         }
+        if !buffers.fit(&self.config) {
+            return Err(invalid(OP, "the buffers were made for another model"));
+        }
         if b == 1 && rayon::current_num_threads() > 1 {
             return self.decode_one_with_team(&mut *seqs[0], tokens[0], buffers);
         }
-        let c = &self.config;
-        let (d, e, r, n, k, v) = (
-            c.d_model,
-            c.d_inner,
-            c.dt_rank,
-            c.d_state,
-            c.d_conv,
-            c.vocab_size,
-        );
+        let (d, v) = (self.config.d_model, self.config.vocab_size);
         let buf = buffers;
         let h = &mut buf.h[..b * d];
         for (row, &id) in h.chunks_mut(d).zip(tokens) {
             self.embedding.row_to_f32(id as usize, row);
         }
-        let options = scan_options();
         for (li, layer) in self.layers.iter().enumerate() {
-            let normed = &mut buf.normed[..b * d];
-            self.norm(h, &layer.norm_weight, layer.norm_bias.as_deref(), normed)?;
-            let xz = &mut buf.xz[..b * 2 * e];
-            layer.in_proj.matmul_xwt(normed, b, xz, false)?;
-            if let Some(bias) = &layer.in_proj_bias {
-                add_row_bias(xz, bias);
-            }
-            let xs = &mut buf.xs[..b * e];
-            for (i, seq) in seqs.iter_mut().enumerate() {
-                let xs_i = &mut xs[i * e..(i + 1) * e];
-                causal_conv1d_step(
-                    1,
-                    e,
-                    k,
-                    &mut seq.layers[li].conv,
-                    &xz[i * 2 * e..i * 2 * e + e],
-                    &layer.conv_weight,
-                    layer.conv_bias.as_deref(),
-                    xs_i,
-                )?;
-                for v in xs_i.iter_mut() {
-                    *v = crate::float::Float::silu(*v);
-                }
-            }
-            let x_dbl = &mut buf.x_dbl[..b * (r + 2 * n)];
-            layer.x_proj.matmul_xwt(xs, b, x_dbl, false)?;
-            let dt_low = &mut buf.dt_low[..b * r];
-            for (dt, row) in dt_low.chunks_mut(r).zip(x_dbl.chunks(r + 2 * n)) {
-                dt.copy_from_slice(&row[..r]);
-            }
-            let delta = &mut buf.delta[..b * e];
-            layer.dt_proj.matmul_xwt(dt_low, b, delta, false)?;
-            let y = &mut buf.y[..b * e];
-            for (i, seq) in seqs.iter_mut().enumerate() {
-                let row = &x_dbl[i * (r + 2 * n)..(i + 1) * (r + 2 * n)];
-                let inputs = ScanStepInputs {
-                    u: &xs[i * e..(i + 1) * e],
-                    delta: &delta[i * e..(i + 1) * e],
-                    a: &layer.a,
-                    b: &row[r..r + n],
-                    c: &row[r + n..],
-                    d: Some(&layer.d),
-                    z: Some(&xz[i * 2 * e + e..(i + 1) * 2 * e]),
-                    delta_bias: Some(&layer.dt_bias),
-                };
-                selective_scan_step(
-                    1,
-                    e,
-                    n,
-                    &inputs,
-                    &options,
-                    &mut seq.layers[li].ssm,
-                    &mut y[i * e..(i + 1) * e],
-                )?;
-            }
-            layer.out_proj.matmul_xwt(y, b, h, true)?;
-            if let Some(bias) = &layer.out_proj_bias {
-                add_row_bias(h, bias);
-            }
+            let mut states: Vec<BlockStateMut<'_, f32>> = seqs
+                .iter_mut()
+                .map(|seq| {
+                    let l = &mut seq.layers[li];
+                    BlockStateMut {
+                        conv: &mut l.conv,
+                        ssm: &mut l.ssm,
+                    }
+                })
+                .collect();
+            layer
+                .block(&self.config)
+                .step(h, &mut states, &mut buf.step)?;
         }
-        let normed = &mut buf.normed[..b * d];
-        self.norm(h, &self.norm_f_weight, self.norm_f_bias.as_deref(), normed)?;
+        let normed = &mut buf.step.normed[..b * d];
+        self.norm_f(h, normed)?;
         let logits = &mut buf.logits[..b * v];
         self.head().matmul_xwt(normed, b, logits, false)?;
         for ((seq, row), &token) in seqs.iter_mut().zip(logits.chunks(v)).zip(tokens) {
@@ -601,6 +492,11 @@ impl InferenceModel {
     /// h[model rows_t] += out_proj rows · y
     /// ── barrier ──
     /// ```
+    ///
+    /// Everything that could fail is checked before the team starts (the
+    /// token, the state and buffer sizes, the blocks' shapes at
+    /// construction); should a phase fail anyway, its thread keeps the
+    /// error and still meets every barrier.
     fn decode_one_with_team(
         &self,
         seq: &mut Sequence,
@@ -627,120 +523,108 @@ impl InferenceModel {
             ((t * per).min(total), ((t + 1) * per).min(total))
         };
         let barrier = SpinBarrier::new(threads);
-        let options = scan_options();
+        let blocks: Vec<Block<'_, f32, &Weights>> =
+            self.layers.iter().map(|l| l.block(c)).collect();
+        let step = &mut buf.step;
         let h = SharedMut::new(&mut buf.h[..d]);
-        let xz = SharedMut::new(&mut buf.xz[..2 * e]);
-        let xs = SharedMut::new(&mut buf.xs[..e]);
-        let x_dbl = SharedMut::new(&mut buf.x_dbl[..x_dbl_len]);
-        let delta = SharedMut::new(&mut buf.delta[..e]);
-        let y = SharedMut::new(&mut buf.y[..e]);
+        let xz = SharedMut::new(&mut step.xz[..2 * e]);
+        let xs = SharedMut::new(&mut step.v[..e]);
+        let x_dbl = SharedMut::new(&mut step.x_dbl[..x_dbl_len]);
+        let delta = SharedMut::new(&mut step.delta[..e]);
+        let y = SharedMut::new(&mut step.y[..e]);
         let logits = SharedMut::new(&mut buf.logits[..v]);
         let states: Vec<(SharedMut<'_, f32>, SharedMut<'_, f32>)> = seq
             .layers
             .iter_mut()
             .map(|l| (SharedMut::new(&mut l.conv), SharedMut::new(&mut l.ssm)))
             .collect();
-        let errors: Vec<Result<()>> = rayon::broadcast(|ctx| -> Result<()> {
+        let errors: Vec<Option<Error>> = rayon::broadcast(|ctx| -> Option<Error> {
             let t = ctx.index();
             let (c0, c1) = share(e, t, 16);
             let (m0, m1) = share(d, t, 16);
             let (p0, p1) = share(x_dbl_len, t, 1);
             let mut normed = vec![0.0f32; d];
+            let mut failed = None;
             // SAFETY (every `slice` below): a thread writes only its own
             // ranges [c0, c1), [m0, m1), [p0, p1) of the shared buffers, and
             // reads other threads' ranges only after the barrier that
             // follows their writes.
-            for (layer, (conv, ssm)) in self.layers.iter().zip(&states) {
+            for (block, (conv, ssm)) in blocks.iter().zip(&states) {
                 let h_all = unsafe { h.slice(0, d) };
-                self.norm(
-                    h_all,
-                    &layer.norm_weight,
-                    layer.norm_bias.as_deref(),
-                    &mut normed,
-                )?;
+                keep_first(&mut failed, block.norm(h_all, &mut normed));
                 if c1 > c0 {
+                    // xz[x, z of channels_t] = in_proj rows; conv step + silu
                     let xr = unsafe { xz.slice(c0, c1 - c0) };
                     let zr = unsafe { xz.slice(e + c0, c1 - c0) };
-                    layer.in_proj.matvec_rows(&normed, c0, xr, false);
-                    layer.in_proj.matvec_rows(&normed, e + c0, zr, false);
-                    if let Some(bias) = &layer.in_proj_bias {
+                    keep_first(
+                        &mut failed,
+                        block.in_proj.forward_rows(&normed, c0, xr, false),
+                    );
+                    keep_first(
+                        &mut failed,
+                        block.in_proj.forward_rows(&normed, e + c0, zr, false),
+                    );
+                    if let Some(bias) = block.in_proj_bias {
                         add_row_bias(xr, &bias[c0..c1]);
                         add_row_bias(zr, &bias[e + c0..e + c1]);
                     }
+                    let conv_t = unsafe { conv.slice(c0 * k, (c1 - c0) * k) };
                     let xs_t = unsafe { xs.slice(c0, c1 - c0) };
-                    causal_conv1d_step(
-                        1,
-                        c1 - c0,
-                        k,
-                        unsafe { conv.slice(c0 * k, (c1 - c0) * k) },
-                        xr,
-                        &layer.conv_weight[c0 * k..c1 * k],
-                        layer.conv_bias.as_deref().map(|b| &b[c0..c1]),
-                        xs_t,
-                    )?;
-                    for v in xs_t.iter_mut() {
-                        *v = crate::float::Float::silu(*v);
-                    }
+                    keep_first(&mut failed, block.step_conv(c0, xr, conv_t, xs_t));
                 }
                 barrier.wait();
+                // x_dbl[rows_t] = x_proj rows
                 let xs_all = unsafe { xs.slice(0, e) };
-                layer
-                    .x_proj
-                    .matvec_rows(xs_all, p0, unsafe { x_dbl.slice(p0, p1 - p0) }, false);
+                if let Mixer::S6(s6) = &block.mixer {
+                    let out = unsafe { x_dbl.slice(p0, p1 - p0) };
+                    keep_first(&mut failed, s6.x_proj.forward_rows(xs_all, p0, out, false));
+                }
                 barrier.wait();
-                if c1 > c0 {
+                // delta[channels_t] = dt_proj rows; scan step → y[channels_t]
+                if let (true, Mixer::S6(s6)) = (c1 > c0, &block.mixer) {
                     let row = unsafe { x_dbl.slice(0, x_dbl_len) };
                     let delta_t = unsafe { delta.slice(c0, c1 - c0) };
-                    layer.dt_proj.matvec_rows(&row[..r], c0, delta_t, false);
-                    let inputs = ScanStepInputs {
-                        u: &xs_all[c0..c1],
-                        delta: delta_t,
-                        a: &layer.a[c0 * n..c1 * n],
-                        b: &row[r..r + n],
-                        c: &row[r + n..],
-                        d: Some(&layer.d[c0..c1]),
-                        z: Some(unsafe { xz.slice(e + c0, c1 - c0) }),
-                        delta_bias: Some(&layer.dt_bias[c0..c1]),
-                    };
-                    selective_scan_step(
-                        1,
-                        c1 - c0,
-                        n,
-                        &inputs,
-                        &options,
-                        unsafe { ssm.slice(c0 * n, (c1 - c0) * n) },
-                        unsafe { y.slice(c0, c1 - c0) },
-                    )?;
+                    keep_first(
+                        &mut failed,
+                        s6.dt_proj.forward_rows(&row[..r], c0, delta_t, false),
+                    );
+                    let z = unsafe { xz.slice(e + c0, c1 - c0) };
+                    let ssm_t = unsafe { ssm.slice(c0 * n, (c1 - c0) * n) };
+                    let y_t = unsafe { y.slice(c0, c1 - c0) };
+                    let scanned =
+                        block.step_scan(c0, row, &xs_all[c0..c1], Some(z), delta_t, ssm_t, y_t);
+                    keep_first(&mut failed, scanned);
                 }
                 barrier.wait();
+                // h[model rows_t] += out_proj rows · y
                 if m1 > m0 {
                     let h_t = unsafe { h.slice(m0, m1 - m0) };
-                    layer
-                        .out_proj
-                        .matvec_rows(unsafe { y.slice(0, e) }, m0, h_t, true);
-                    if let Some(bias) = &layer.out_proj_bias {
+                    let y_all = unsafe { y.slice(0, e) };
+                    keep_first(
+                        &mut failed,
+                        block.out_proj.forward_rows(y_all, m0, h_t, true),
+                    );
+                    if let Some(bias) = block.out_proj_bias {
                         add_row_bias(h_t, &bias[m0..m1]);
                     }
                 }
                 barrier.wait();
             }
             let h_all = unsafe { h.slice(0, d) };
-            self.norm(
-                h_all,
-                &self.norm_f_weight,
-                self.norm_f_bias.as_deref(),
-                &mut normed,
-            )?;
+            keep_first(&mut failed, self.norm_f(h_all, &mut normed));
             let (v0, v1) = share(v, t, 16);
             if v1 > v0 {
-                self.head()
-                    .matvec_rows(&normed, v0, unsafe { logits.slice(v0, v1 - v0) }, false);
+                let out = unsafe { logits.slice(v0, v1 - v0) };
+                keep_first(
+                    &mut failed,
+                    self.head().forward_rows(&normed, v0, out, false),
+                );
             }
-            Ok(())
+            failed
         });
-        // An error on one thread leaves the others waiting at no barrier:
-        // every phase's errors are shape errors that all threads hit alike.
-        errors.into_iter().collect::<Result<Vec<()>>>()?;
+        if let Some(e) = errors.into_iter().flatten().next() {
+            return Err(e);
+        }
         seq.logits.clear();
         seq.logits.extend_from_slice(&buf.logits[..v]);
         seq.remember(&[token]);

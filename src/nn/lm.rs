@@ -17,19 +17,18 @@
 
 use std::path::Path;
 
+use super::block::{
+    norm_backward, norm_forward, Block, BlockCache, BlockGradients, BlockScalar, ChunkBuffers,
+    Conv, Dense, Mixer, MixerGradients, Values, S6,
+};
 use super::config::MambaConfig;
-use super::params::{LayerParams, MambaParams, MixerParams, ParamInfo};
+use super::params::{LayerParams, MambaParams, ParamInfo};
 use crate::error::{invalid, Error, Result};
 use crate::io::torch::TorchCheckpoint;
 use crate::io::{
     encode, write_atomically, write_safetensors, DType, SafetensorsFile, TensorSource,
 };
-use crate::kernels::{
-    causal_conv1d_backward, causal_conv1d_forward, layer_norm_backward, layer_norm_forward,
-    matmul_xtw, matmul_xw, matmul_xwt, rms_norm_backward, rms_norm_forward,
-    selective_scan_backward, selective_scan_forward, ConvShape, MatmulScalar, NormGrads,
-    ScanInputs, ScanOptions, ScanShape,
-};
+use crate::kernels::{matmul_xtw, matmul_xw, matmul_xwt, MatmulScalar};
 use crate::rng::Rng;
 
 /// A Mamba language model with parameters in `T`.
@@ -39,46 +38,18 @@ pub struct Mamba<T> {
     pub params: MambaParams<T>,
 }
 
-/// What the forward pass keeps of one layer for the backward pass: per
-/// token D + 3E + R + 2N values. The backward pass recomputes the rest
-/// (norm(resid), the conv output and its silu, delta), each cheap next to
-/// the projections, as the official `mamba_inner_fn` recomputes the conv
-/// output and delta; the scan keeps only its states at chunk boundaries.
-pub struct LayerCache<T> {
-    /// the layer's input, the residual stream (BL, D)
-    resid: Vec<T>,
-    /// pre-conv x (BL, E)
-    x: Vec<T>,
-    /// the gate (BL, E)
-    z: Vec<T>,
-    /// (BL, R)
-    dt_low: Vec<T>,
-    /// (BL, N) each
-    b: Vec<T>,
-    c: Vec<T>,
-    /// -exp(A_log) (E, N)
-    a: Vec<T>,
-    /// gated scan output (BL, E)
-    y: Vec<T>,
-    /// scan states every SCAN_CHUNK positions (B, L/SCAN_CHUNK, E, N)
-    checkpoints: Vec<T>,
-}
-
 /// What the forward pass keeps for the backward pass.
 pub struct ForwardCache<T> {
     batch: usize,
     len: usize,
-    layers: Vec<LayerCache<T>>,
+    layers: Vec<BlockCache<T>>,
     /// the residual stream after the last layer (BL, D)
     h_last: Vec<T>,
     /// norm_f(h_last) (BL, D)
     h_normed: Vec<T>,
 }
 
-/// Positions between the scan's kept states in training.
-const SCAN_CHUNK: usize = 256;
-
-impl<T: MatmulScalar> Mamba<T> {
+impl<T: BlockScalar> Mamba<T> {
     /// Loads `dir/config.json` (either dialect) and the weights:
     /// `model.safetensors`, a sharded `model.safetensors.index.json`, or
     /// the original `pytorch_model.bin`.
@@ -275,8 +246,10 @@ impl<T: MatmulScalar> Mamba<T> {
     pub fn final_hidden(&self, ids: &[u32], batch: usize, len: usize) -> Result<Vec<T>> {
         self.check_ids("Mamba::final_hidden", ids, batch, len)?;
         let mut h = self.embed(ids);
-        for layer in &self.params.layers {
-            self.layer_forward(layer, &mut h, batch, len, false)?;
+        let mut bufs = ChunkBuffers::default();
+        for i in 0..self.config.n_layer {
+            self.block(i)?
+                .forward(&mut h, batch, len, None, &mut bufs, false)?;
         }
         self.norm_forward(
             &h,
@@ -310,11 +283,8 @@ impl<T: MatmulScalar> Mamba<T> {
         self.check_ids("Mamba::forward_train", ids, batch, len)?;
         let mut h = self.embed(ids);
         let mut layers = Vec::with_capacity(self.config.n_layer);
-        for layer in &self.params.layers {
-            layers.push(
-                self.layer_forward(layer, &mut h, batch, len, true)?
-                    .expect("kept"),
-            );
+        for i in 0..self.config.n_layer {
+            layers.push(self.block(i)?.forward_train(&mut h, batch, len)?);
         }
         let (h_normed, logits) = self.head(&h)?;
         Ok((
@@ -356,173 +326,44 @@ impl<T: MatmulScalar> Mamba<T> {
     }
 
     fn norm_forward(&self, x: &[T], w: &[T], b: Option<&[T]>) -> Result<Vec<T>> {
-        let d = self.config.d_model;
-        let eps = T::from_f64(self.config.norm_eps);
         let mut y = vec![T::ZERO; x.len()];
-        match b {
-            None => rms_norm_forward(x, w, d, eps, &mut y)?,
-            Some(b) => layer_norm_forward(x, w, b, d, eps, &mut y)?,
-        }
+        norm_forward(x, w, b, self.config.norm_eps, &mut y)?;
         Ok(y)
     }
 
-    fn norm_backward(&self, x: &[T], w: &[T], has_bias: bool, dy: &[T]) -> Result<NormGrads<T>> {
-        let d = self.config.d_model;
-        let eps = T::from_f64(self.config.norm_eps);
-        if has_bias {
-            layer_norm_backward(x, w, d, eps, dy)
-        } else {
-            rms_norm_backward(x, w, d, eps, dy)
-        }
-    }
-
-    fn scan_shape(&self, batch: usize, len: usize) -> ScanShape {
-        ScanShape {
-            batch,
-            len,
-            channels: self.config.d_inner,
-            state: self.config.d_state,
-        }
-    }
-
-    fn scan_options() -> ScanOptions {
-        ScanOptions {
-            delta_softplus: true,
-            chunk_len: SCAN_CHUNK,
-            ..ScanOptions::default()
-        }
-    }
-
-    /// One residual block: h ← h + mixer(norm(h)). Returns the cache when `keep`.
-    fn layer_forward(
-        &self,
-        layer: &LayerParams<T>,
-        h: &mut [T],
-        batch: usize,
-        len: usize,
-        keep: bool,
-    ) -> Result<Option<LayerCache<T>>> {
+    /// Layer `i` as a [`Block`] over this model's parameters.
+    pub fn block(&self, i: usize) -> Result<Block<'_, T, Dense<'_, T>>> {
+        let layer = self.params.layers.get(i).ok_or_else(|| {
+            invalid(
+                "Mamba::block",
+                format!("layer {i} of {}", self.config.n_layer),
+            )
+        })?;
         let c = &self.config;
         let (d, e, n, r) = (c.d_model, c.d_inner, c.d_state, c.dt_rank);
         let m = &layer.mixer;
-        let rows = batch * len;
-        let normed = self.norm_forward(h, &layer.norm_weight, layer.norm_bias.as_deref())?;
-        // in_proj: rows 0..E of W_in give x, rows E..2E give z.
-        let mut x = vec![T::ZERO; rows * e];
-        let mut z = vec![T::ZERO; rows * e];
-        matmul_xwt(
-            &normed,
-            &m.in_proj_weight[..e * d],
-            rows,
-            d,
-            e,
-            &mut x,
-            false,
-        )?;
-        matmul_xwt(
-            &normed,
-            &m.in_proj_weight[e * d..],
-            rows,
-            d,
-            e,
-            &mut z,
-            false,
-        )?;
-        if let Some(bias) = &m.in_proj_bias {
-            add_row_bias(&mut x, &bias[..e]);
-            add_row_bias(&mut z, &bias[e..]);
-        }
-        let (_, xs) = self.conv_silu(m, &x, batch, len)?;
-        // x_proj: rows 0..R give dt_low, R..R+N give B, R+N..R+2N give C.
-        let mut dt_low = vec![T::ZERO; rows * r];
-        let mut bm = vec![T::ZERO; rows * n];
-        let mut cm = vec![T::ZERO; rows * n];
-        let wx = &m.x_proj_weight;
-        matmul_xwt(&xs, &wx[..r * e], rows, e, r, &mut dt_low, false)?;
-        matmul_xwt(&xs, &wx[r * e..(r + n) * e], rows, e, n, &mut bm, false)?;
-        matmul_xwt(&xs, &wx[(r + n) * e..], rows, e, n, &mut cm, false)?;
-        let delta = self.dt_proj(m, &dt_low)?;
-        let a: Vec<T> = m.a_log.iter().map(|&v| -v.exp()).collect();
-        let shape = self.scan_shape(batch, len);
-        let options = Self::scan_options();
-        let inputs = ScanInputs {
-            u: &xs,
-            delta: &delta,
-            a: &a,
-            b: &bm,
-            c: &cm,
-            d: Some(&m.d),
-            z: Some(&z),
-            delta_bias: Some(&m.dt_proj_bias),
-            initial_state: None,
+        let block = Block {
+            shape: c.block_shape(),
+            norm_weight: &layer.norm_weight,
+            norm_bias: layer.norm_bias.as_deref(),
+            in_proj: Dense::new(&m.in_proj_weight, 2 * e, d),
+            in_proj_bias: m.in_proj_bias.as_deref(),
+            conv: Some(Conv {
+                weight: &m.conv1d_weight,
+                bias: m.conv1d_bias.as_deref(),
+            }),
+            mixer: Mixer::S6(S6 {
+                x_proj: Dense::new(&m.x_proj_weight, r + 2 * n, e),
+                dt_proj: Dense::new(&m.dt_proj_weight, e, r),
+                dt_bias: &m.dt_proj_bias,
+                a: Values::Owned(m.a_log.iter().map(|&v| -v.exp()).collect()),
+                d: &m.d,
+            }),
+            out_proj: Dense::new(&m.out_proj_weight, d, e),
+            out_proj_bias: m.out_proj_bias.as_deref(),
         };
-        let mut y = vec![T::ZERO; rows * e];
-        let mut checkpoints = if keep {
-            vec![T::ZERO; shape.checkpoints_len(SCAN_CHUNK)]
-        } else {
-            Vec::new()
-        };
-        selective_scan_forward(
-            &shape,
-            &inputs,
-            &options,
-            &mut y,
-            None,
-            keep.then_some(checkpoints.as_mut_slice()),
-        )?;
-        let resid = if keep { h.to_vec() } else { Vec::new() };
-        // h += y W_outᵀ
-        matmul_xwt(&y, &m.out_proj_weight, rows, e, d, h, true)?;
-        if let Some(bias) = &m.out_proj_bias {
-            add_row_bias(h, bias);
-        }
-        Ok(keep.then_some(LayerCache {
-            resid,
-            x,
-            z,
-            dt_low,
-            b: bm,
-            c: cm,
-            a,
-            y,
-            checkpoints,
-        }))
-    }
-
-    /// xc = conv1d(x) + b_conv, xs = silu(xc)   (BL, E) each
-    fn conv_silu(
-        &self,
-        m: &MixerParams<T>,
-        x: &[T],
-        batch: usize,
-        len: usize,
-    ) -> Result<(Vec<T>, Vec<T>)> {
-        let c = &self.config;
-        let conv = ConvShape {
-            batch,
-            len,
-            channels: c.d_inner,
-            kernel: c.d_conv,
-        };
-        let mut xc = vec![T::ZERO; x.len()];
-        causal_conv1d_forward(
-            &conv,
-            x,
-            &m.conv1d_weight,
-            m.conv1d_bias.as_deref(),
-            &mut xc,
-        )?;
-        let xs = xc.iter().map(|&v| v.silu()).collect();
-        Ok((xc, xs))
-    }
-
-    /// delta = dt_low W_dtᵀ   (BL, E), before the bias and softplus (in the scan)
-    fn dt_proj(&self, m: &MixerParams<T>, dt_low: &[T]) -> Result<Vec<T>> {
-        let (e, r) = (self.config.d_inner, self.config.dt_rank);
-        let rows = dt_low.len() / r;
-        let mut delta = vec![T::ZERO; rows * e];
-        matmul_xwt(dt_low, &m.dt_proj_weight, rows, r, e, &mut delta, false)?;
-        Ok(delta)
+        block.validate()?;
+        Ok(block)
     }
 
     /// Gradients of every parameter given dL/dlogits (batch, len, vocab).
@@ -552,10 +393,11 @@ impl<T: MatmulScalar> Mamba<T> {
             let head_grad = g.lm_head.as_mut().unwrap_or(&mut g.embedding);
             matmul_xtw(d_logits, &cache.h_normed, rows, v, d, head_grad, true)?;
         }
-        let ng = self.norm_backward(
+        let ng = norm_backward(
             &cache.h_last,
             &self.params.norm_f_weight,
             self.params.norm_f_bias.is_some(),
+            c.norm_eps,
             &d_hn,
         )?;
         g.norm_f_weight = ng.weight;
@@ -563,189 +405,15 @@ impl<T: MatmulScalar> Mamba<T> {
             g.norm_f_bias = Some(b);
         }
         let mut dh = ng.x;
-        for (i, layer) in self.params.layers.iter().enumerate().rev() {
-            self.layer_backward(
-                layer,
-                &cache.layers[i],
-                cache.batch,
-                cache.len,
-                &mut dh,
-                &mut g.layers[i],
-            )?;
+        for i in (0..c.n_layer).rev() {
+            let grads =
+                self.block(i)?
+                    .backward(&cache.layers[i], cache.batch, cache.len, &mut dh)?;
+            set_layer_gradients(&mut g.layers[i], grads)?;
         }
         // h = E[ids]
         crate::kernels::embedding_backward(ids, &dh, d, &mut g.embedding);
         Ok(g)
-    }
-
-    /// Backward of one residual block: `dh` holds dL/dh after the block on
-    /// entry and dL/dh before it on return; parameter gradients go to `g`.
-    fn layer_backward(
-        &self,
-        layer: &LayerParams<T>,
-        cache: &LayerCache<T>,
-        batch: usize,
-        len: usize,
-        dh: &mut [T],
-        g: &mut LayerParams<T>,
-    ) -> Result<()> {
-        let c = &self.config;
-        let (d, e, n, r, k) = (c.d_model, c.d_inner, c.d_state, c.dt_rank, c.d_conv);
-        let rows = batch * len;
-        let m = &layer.mixer;
-        let gm = &mut g.mixer;
-        // h_out = h_in + y W_outᵀ (+ b_out)
-        matmul_xtw(dh, &cache.y, rows, d, e, &mut gm.out_proj_weight, false)?;
-        if let Some(gb) = gm.out_proj_bias.as_mut() {
-            sum_rows_into(dh, gb);
-        }
-        let mut dy = vec![T::ZERO; rows * e];
-        matmul_xw(dh, &m.out_proj_weight, rows, d, e, &mut dy, false)?;
-        // recomputed from the cache (see LayerCache)
-        let (xc, xs) = self.conv_silu(m, &cache.x, batch, len)?;
-        let delta = self.dt_proj(m, &cache.dt_low)?;
-        // the selective scan
-        let inputs = ScanInputs {
-            u: &xs,
-            delta: &delta,
-            a: &cache.a,
-            b: &cache.b,
-            c: &cache.c,
-            d: Some(&m.d),
-            z: Some(&cache.z),
-            delta_bias: Some(&m.dt_proj_bias),
-            initial_state: None,
-        };
-        let sg = selective_scan_backward(
-            &self.scan_shape(batch, len),
-            &inputs,
-            &Self::scan_options(),
-            &cache.checkpoints,
-            &dy,
-            None,
-        )?;
-        drop(delta);
-        // A = -exp(A_log): dA/dA_log = A
-        for ((ga, &da), &a) in gm.a_log.iter_mut().zip(&sg.a).zip(&cache.a) {
-            *ga = da * a;
-        }
-        gm.d = sg.d.expect("D was given");
-        gm.dt_proj_bias = sg.delta_bias.expect("delta_bias was given");
-        let dz = sg.z.expect("z was given");
-        // delta = dt_low W_dtᵀ
-        let mut d_dt_low = vec![T::ZERO; rows * r];
-        matmul_xw(
-            &sg.delta,
-            &m.dt_proj_weight,
-            rows,
-            e,
-            r,
-            &mut d_dt_low,
-            false,
-        )?;
-        matmul_xtw(
-            &sg.delta,
-            &cache.dt_low,
-            rows,
-            e,
-            r,
-            &mut gm.dt_proj_weight,
-            false,
-        )?;
-        // [dt_low, B, C] = xs W_xᵀ
-        let mut dxs = sg.u;
-        let wx = &m.x_proj_weight;
-        let gx = &mut gm.x_proj_weight;
-        matmul_xw(&d_dt_low, &wx[..r * e], rows, r, e, &mut dxs, true)?;
-        matmul_xw(&sg.b, &wx[r * e..(r + n) * e], rows, n, e, &mut dxs, true)?;
-        matmul_xw(&sg.c, &wx[(r + n) * e..], rows, n, e, &mut dxs, true)?;
-        matmul_xtw(&d_dt_low, &xs, rows, r, e, &mut gx[..r * e], false)?;
-        matmul_xtw(&sg.b, &xs, rows, n, e, &mut gx[r * e..(r + n) * e], false)?;
-        matmul_xtw(&sg.c, &xs, rows, n, e, &mut gx[(r + n) * e..], false)?;
-        drop(xs);
-        // xs = silu(xc)
-        let dxc: Vec<T> = dxs
-            .iter()
-            .zip(&xc)
-            .map(|(&g, &x)| g * x.silu_grad())
-            .collect();
-        let conv = ConvShape {
-            batch,
-            len,
-            channels: e,
-            kernel: k,
-        };
-        let cg = causal_conv1d_backward(
-            &conv,
-            &cache.x,
-            &m.conv1d_weight,
-            m.conv1d_bias.is_some(),
-            &dxc,
-        )?;
-        gm.conv1d_weight = cg.weight;
-        if let Some(b) = cg.bias {
-            gm.conv1d_bias = Some(b);
-        }
-        drop((xc, dxc, dxs));
-        // x = u W_inxᵀ, z = u W_inzᵀ
-        let normed =
-            self.norm_forward(&cache.resid, &layer.norm_weight, layer.norm_bias.as_deref())?;
-        let mut d_normed = vec![T::ZERO; rows * d];
-        matmul_xw(
-            &cg.x,
-            &m.in_proj_weight[..e * d],
-            rows,
-            e,
-            d,
-            &mut d_normed,
-            false,
-        )?;
-        matmul_xw(
-            &dz,
-            &m.in_proj_weight[e * d..],
-            rows,
-            e,
-            d,
-            &mut d_normed,
-            true,
-        )?;
-        matmul_xtw(
-            &cg.x,
-            &normed,
-            rows,
-            e,
-            d,
-            &mut gm.in_proj_weight[..e * d],
-            false,
-        )?;
-        matmul_xtw(
-            &dz,
-            &normed,
-            rows,
-            e,
-            d,
-            &mut gm.in_proj_weight[e * d..],
-            false,
-        )?;
-        if let Some(gb) = gm.in_proj_bias.as_mut() {
-            sum_rows_into(&cg.x, &mut gb[..e]);
-            sum_rows_into(&dz, &mut gb[e..]);
-        }
-        // u = norm(h_in); the residual path adds dh itself.
-        let ng = self.norm_backward(
-            &cache.resid,
-            &layer.norm_weight,
-            layer.norm_bias.is_some(),
-            &d_normed,
-        )?;
-        g.norm_weight = ng.weight;
-        if let Some(b) = ng.bias {
-            g.norm_bias = Some(b);
-        }
-        for (a, &b) in dh.iter_mut().zip(&ng.x) {
-            *a += b;
-        }
-        Ok(())
     }
 
     /// A freshly initialised model (docs/DESIGN.md §8).
@@ -778,7 +446,7 @@ impl<T: MatmulScalar> Mamba<T> {
                 dt + (-(-dt).exp_m1()).ln() // softplus⁻¹(dt)
             });
             m.a_log = (0..e * n)
-                .map(|i| T::from_f64(((i % n) as f64 + 1.0).ln()))
+                .map(|i| <T as crate::float::Float>::from_f64(((i % n) as f64 + 1.0).ln()))
                 .collect();
             m.d = vec![T::ONE; e];
             let out_bound = 1.0 / (e as f64).sqrt();
@@ -837,24 +505,6 @@ pub fn next_token_cross_entropy<T: MatmulScalar>(
     Ok((loss / count, grad))
 }
 
-/// x[row, :] += bias for every row.
-pub(super) fn add_row_bias<T: MatmulScalar>(x: &mut [T], bias: &[T]) {
-    for row in x.chunks_exact_mut(bias.len()) {
-        for (a, &b) in row.iter_mut().zip(bias) {
-            *a += b;
-        }
-    }
-}
-
-/// out += Σ_rows x[row, :]
-fn sum_rows_into<T: MatmulScalar>(x: &[T], out: &mut [T]) {
-    for row in x.chunks_exact(out.len()) {
-        for (a, &b) in out.iter_mut().zip(row) {
-            *a += b;
-        }
-    }
-}
-
 /// A Hugging Face sharded checkpoint: `model.safetensors.index.json` with a
 /// `weight_map` from tensor name to shard file.
 struct ShardedSafetensors {
@@ -904,4 +554,33 @@ impl TensorSource for ShardedSafetensors {
         }
         Ok(None)
     }
+}
+
+/// Moves one block's gradients into the layer's place in the gradient tree.
+fn set_layer_gradients<T>(g: &mut LayerParams<T>, grads: BlockGradients<T>) -> Result<()> {
+    let MixerGradients::S6 {
+        x_proj_weight,
+        dt_proj_weight,
+        dt_proj_bias,
+        a_log,
+        d,
+    } = grads.mixer
+    else {
+        return Err(invalid("Mamba::backward", "a language-model layer is S6"));
+    };
+    g.norm_weight = grads.norm_weight;
+    g.norm_bias = grads.norm_bias;
+    let m = &mut g.mixer;
+    m.in_proj_weight = grads.in_proj_weight;
+    m.in_proj_bias = grads.in_proj_bias;
+    m.conv1d_weight = grads.conv_weight;
+    m.conv1d_bias = grads.conv_bias;
+    m.x_proj_weight = x_proj_weight;
+    m.dt_proj_weight = dt_proj_weight;
+    m.dt_proj_bias = dt_proj_bias;
+    m.a_log = a_log;
+    m.d = d;
+    m.out_proj_weight = grads.out_proj_weight;
+    m.out_proj_bias = grads.out_proj_bias;
+    Ok(())
 }

@@ -2,9 +2,9 @@
 //! log-likelihood per predicted token and the perplexity (the analogue of
 //! llama-perplexity and lm-eval's loglikelihood).
 
+use super::block::BlockScalar;
 use crate::error::{invalid, Result};
 use crate::float::Float;
-use crate::kernels::MatmulScalar;
 use crate::nn::Mamba;
 
 /// Rows of logits computed at a time, so that memory stays
@@ -24,7 +24,7 @@ pub struct Perplexity {
 /// Scores `ids` (one sequence) with one forward pass. `on_logits` sees the
 /// logits of consecutive row blocks (rows, vocab), in order, for callers that
 /// want to keep them.
-pub fn perplexity<T: MatmulScalar>(
+pub fn perplexity<T: BlockScalar>(
     model: &Mamba<T>,
     ids: &[u32],
     mut on_logits: impl FnMut(&[T]) -> Result<()>,

@@ -3,12 +3,17 @@
 //! for inference, and the losses. Nothing here reads or writes a file;
 //! [`crate::io`] does that.
 
+pub mod block;
 pub mod config;
 pub mod inference;
 pub mod lm;
 pub mod loss;
 pub mod params;
 
+pub use block::{
+    Block, BlockArch, BlockCache, BlockGradients, BlockScalar, BlockShape, BlockStateMut,
+    ChunkBuffers, Conv, Dense, Linear, Mixer, MixerGradients, SsmLayer, StepBuffers, Values, S6,
+};
 pub use config::{ConfigFormat, MambaConfig};
 pub use inference::{DecodeBuffers, InferenceModel, LayerState, Sequence};
 pub use lm::{next_token_cross_entropy, ForwardCache, Mamba};

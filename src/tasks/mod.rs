@@ -16,5 +16,5 @@ pub use model::{
 };
 pub use train::{
     answer_loss_and_grads, answer_score, evaluate, evaluate_induction_lengths, train_task,
-    AnswerScore, CurvePoint, EvalMode, LengthResult, TaskAdamW, TrainOutcome, TrainSettings,
+    AnswerScore, CurvePoint, EvalMode, LengthResult, TrainOutcome, TrainSettings,
 };

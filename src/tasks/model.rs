@@ -43,56 +43,18 @@ use crate::error::{check_len, invalid, Error, Result};
 use crate::float::Float;
 use crate::io::{encode, write_atomically, write_safetensors, DType};
 use crate::io::{SafetensorsFile, TensorSource};
-use crate::kernels::{
-    causal_conv1d_backward, causal_conv1d_forward, causal_conv1d_forward_continuing,
-    causal_conv1d_step, matmul_xtw, matmul_xw, matmul_xwt, rms_norm_backward, rms_norm_forward,
-    s4d_backward_conv, s4d_forward_conv, selective_scan_backward, selective_scan_forward,
-    selective_scan_step, ConvShape, FftFloat, MatmulScalar, S4dGrads, S4dInit, S4dParams,
-    ScanInputs, ScanOptions, ScanShape, ScanStepInputs,
+use crate::kernels::{matmul_xwt, rms_norm_backward, rms_norm_forward, S4dInit, S4dParams};
+use crate::nn::block::{
+    Block, BlockCache, BlockGradients, BlockScalar, BlockShape, BlockStateMut, ChunkBuffers, Conv,
+    Dense, Mixer, MixerGradients, StepBuffers, Values, S6,
 };
 use crate::rng::Rng;
 
 /// Scalar types of the task models: those the matmul and FFT kernels take.
-pub trait TaskScalar: MatmulScalar + FftFloat {}
-impl<T: MatmulScalar + FftFloat> TaskScalar for T {}
+pub trait TaskScalar: BlockScalar {}
+impl<T: BlockScalar> TaskScalar for T {}
 
-/// The sequence-mixing layer inside each block.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SsmLayer {
-    /// Selective: Δ, B, C computed from the input at every position.
-    S6,
-    /// Linear time-invariant diagonal SSM (S4D-Lin initialisation).
-    S4d,
-}
-
-/// The block around the SSM layer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BlockArch {
-    /// The Mamba block: in_proj to (x, z), conv1d + silu, SSM, gate silu(z), out_proj.
-    Mamba,
-    /// A single SSM without gate or conv: in_proj, SSM, silu, out_proj.
-    Nogate,
-}
-
-impl SsmLayer {
-    pub fn name(self) -> &'static str {
-        match self {
-            SsmLayer::S6 => "s6",
-            SsmLayer::S4d => "s4d",
-        }
-    }
-}
-
-impl BlockArch {
-    pub fn name(self) -> &'static str {
-        match self {
-            BlockArch::Mamba => "mamba",
-            BlockArch::Nogate => "nogate",
-        }
-    }
-}
+pub use crate::nn::block::{BlockArch, SsmLayer};
 
 /// Sizes and switches of a task model.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -139,6 +101,18 @@ impl TaskModelConfig {
 
     pub fn d_inner(&self) -> usize {
         self.expand * self.d_model
+    }
+
+    /// The sizes of each of its blocks.
+    pub fn block_shape(&self) -> BlockShape {
+        BlockShape {
+            d_model: self.d_model,
+            d_inner: self.d_inner(),
+            d_state: self.d_state,
+            d_conv: self.d_conv,
+            dt_rank: self.dt_rank,
+            norm_eps: self.norm_eps,
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -447,41 +421,30 @@ pub fn tensor_infos(config: &TaskModelConfig) -> Vec<TensorInfo> {
     out
 }
 
+impl crate::train::ParamTree for TaskParams<f32> {
+    type Config = TaskModelConfig;
+    fn tensors_with_decay(&self, config: &TaskModelConfig) -> Vec<(bool, &[f32])> {
+        self.tensors(config)
+            .into_iter()
+            .map(|(info, t)| (info.decays, t))
+            .collect()
+    }
+    fn tensor_slices_mut(&mut self, config: &TaskModelConfig) -> Vec<&mut [f32]> {
+        self.tensors_mut(config)
+            .into_iter()
+            .map(|(_, t)| t.as_mut_slice())
+            .collect()
+    }
+    fn zeros_of(config: &TaskModelConfig) -> Self {
+        TaskParams::zeros(config)
+    }
+}
+
 /// A task model: configuration and parameters.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TaskModel<T> {
     pub config: TaskModelConfig,
     pub params: TaskParams<T>,
-}
-
-/// What the training forward keeps of one block.
-struct BlockCache<T> {
-    /// the block's input, the residual stream (BL, D)
-    resid: Vec<T>,
-    /// rmsnorm(resid) (BL, D)
-    normed: Vec<T>,
-    /// in_proj's x rows (BL, E): the SSM input for nogate, the conv input for mamba
-    x: Vec<T>,
-    /// (BL, E), mamba only
-    z: Vec<T>,
-    /// conv1d(x) + b before silu (BL, E), mamba only
-    xc: Vec<T>,
-    /// the SSM input v (BL, E) (a copy of x for nogate)
-    v: Vec<T>,
-    /// the SSM output s (BL, E)
-    s: Vec<T>,
-    /// what out_proj reads (BL, E)
-    y: Vec<T>,
-    s6: Option<S6Cache<T>>,
-}
-
-struct S6Cache<T> {
-    dt_low: Vec<T>,
-    b: Vec<T>,
-    c: Vec<T>,
-    delta: Vec<T>,
-    a: Vec<T>,
-    checkpoints: Vec<T>,
 }
 
 /// What [`TaskModel::forward_train`] keeps for [`TaskModel::backward`].
@@ -521,14 +484,81 @@ pub struct BlockState<T> {
     pub ssm: Vec<T>,
 }
 
-/// Positions between the scan's kept states in training.
-const SCAN_CHUNK: usize = 256;
+impl<T: TaskScalar> BlockParams<T> {
+    /// This block as a [`Block`] of `config`'s shape.
+    pub fn block(&self, config: &TaskModelConfig) -> Result<Block<'_, T, Dense<'_, T>>> {
+        let c = config;
+        let (d, e, n, r) = (c.d_model, c.d_inner(), c.d_state, c.dt_rank);
+        let mixer = match &self.ssm {
+            SsmParams::S6(p) => Mixer::S6(S6 {
+                x_proj: Dense::new(&p.x_proj_weight, r + 2 * n, e),
+                dt_proj: Dense::new(&p.dt_proj_weight, e, r),
+                dt_bias: &p.dt_proj_bias,
+                a: Values::Owned(p.a_log.iter().map(|&v| -v.exp()).collect()),
+                d: &p.d,
+            }),
+            SsmParams::S4d(p) => Mixer::S4d(p),
+        };
+        let block = Block {
+            shape: c.block_shape(),
+            norm_weight: &self.norm_weight,
+            norm_bias: None,
+            in_proj: Dense::new(&self.in_proj_weight, in_proj_rows(c), d),
+            in_proj_bias: None,
+            conv: (c.arch == BlockArch::Mamba).then_some(Conv {
+                weight: &self.conv1d_weight,
+                bias: Some(&self.conv1d_bias),
+            }),
+            mixer,
+            out_proj: Dense::new(&self.out_proj_weight, d, e),
+            out_proj_bias: None,
+        };
+        block.validate()?;
+        Ok(block)
+    }
 
-fn scan_options() -> ScanOptions {
-    ScanOptions {
-        delta_softplus: true,
-        chunk_len: SCAN_CHUNK,
-        ..ScanOptions::default()
+    /// Moves one block's gradients into this place of a gradient tree.
+    fn set_gradients(&mut self, g: BlockGradients<T>) -> Result<()> {
+        self.norm_weight = g.norm_weight;
+        self.in_proj_weight = g.in_proj_weight;
+        self.conv1d_weight = g.conv_weight;
+        self.conv1d_bias = g.conv_bias.unwrap_or_default();
+        self.out_proj_weight = g.out_proj_weight;
+        match (&mut self.ssm, g.mixer) {
+            (
+                SsmParams::S6(p),
+                MixerGradients::S6 {
+                    x_proj_weight,
+                    dt_proj_weight,
+                    dt_proj_bias,
+                    a_log,
+                    d,
+                },
+            ) => {
+                p.x_proj_weight = x_proj_weight;
+                p.dt_proj_weight = dt_proj_weight;
+                p.dt_proj_bias = dt_proj_bias;
+                p.a_log = a_log;
+                p.d = d;
+            }
+            (SsmParams::S4d(p), MixerGradients::S4d(sg)) => {
+                p.log_dt = sg.log_dt;
+                p.log_a_real = sg.log_a_real;
+                p.a_imag = sg.a_imag;
+                p.b_re = sg.b_re;
+                p.b_im = sg.b_im;
+                p.c_re = sg.c_re;
+                p.c_im = sg.c_im;
+                p.d = sg.d;
+            }
+            _ => {
+                return Err(invalid(
+                    "TaskModel::backward",
+                    "gradient tree of another layer type",
+                ))
+            }
+        }
+        Ok(())
     }
 }
 
@@ -671,8 +701,14 @@ impl<T: TaskScalar> TaskModel<T> {
         self.check_ids("TaskModel::forward", ids, batch, len)?;
         let mut h = self.embed(ids);
         let mut blocks = Vec::with_capacity(self.config.n_layer);
+        let mut bufs = ChunkBuffers::default();
         for layer in &self.params.layers {
-            blocks.push(self.block_forward(layer, &mut h, batch, len, None, keep)?);
+            let block = layer.block(&self.config)?;
+            if keep {
+                blocks.push(block.forward_train(&mut h, batch, len)?);
+            } else {
+                block.forward(&mut h, batch, len, None, &mut bufs, false)?;
+            }
         }
         let h_normed = self.rms_norm(&h, &self.params.norm_f_weight)?;
         Ok(TaskCache {
@@ -736,207 +772,18 @@ impl<T: TaskScalar> TaskModel<T> {
         self.check_ids(OP, ids, batch, len)?;
         self.check_state(OP, state, batch)?;
         let mut h = self.embed(ids);
+        let mut bufs = ChunkBuffers::default();
         for (layer, st) in self.params.layers.iter().zip(state.blocks.iter_mut()) {
-            self.block_forward(layer, &mut h, batch, len, Some(st), false)?;
+            let st = BlockStateMut {
+                conv: &mut st.conv,
+                ssm: &mut st.ssm,
+            };
+            layer
+                .block(&self.config)?
+                .forward(&mut h, batch, len, Some(st), &mut bufs, false)?;
         }
         state.position += len;
         self.rms_norm(&h, &self.params.norm_f_weight)
-    }
-
-    /// One block: h ← h + mixer(rmsnorm(h)). With `state`, continues from
-    /// it and leaves the state after the chunk in it.
-    fn block_forward(
-        &self,
-        layer: &BlockParams<T>,
-        h: &mut [T],
-        batch: usize,
-        len: usize,
-        mut state: Option<&mut BlockState<T>>,
-        keep: bool,
-    ) -> Result<BlockCache<T>> {
-        let c = &self.config;
-        let (d, e) = (c.d_model, c.d_inner());
-        let rows = batch * len;
-        let normed = self.rms_norm(h, &layer.norm_weight)?;
-        let mut x = vec![T::ZERO; rows * e];
-        matmul_xwt(
-            &normed,
-            &layer.in_proj_weight[..e * d],
-            rows,
-            d,
-            e,
-            &mut x,
-            false,
-        )?;
-        let (z, xc, v) = match c.arch {
-            BlockArch::Mamba => {
-                let mut z = vec![T::ZERO; rows * e];
-                matmul_xwt(
-                    &normed,
-                    &layer.in_proj_weight[e * d..],
-                    rows,
-                    d,
-                    e,
-                    &mut z,
-                    false,
-                )?;
-                let conv = ConvShape {
-                    batch,
-                    len,
-                    channels: e,
-                    kernel: c.d_conv,
-                };
-                let mut xc = vec![T::ZERO; rows * e];
-                match state.as_deref_mut() {
-                    Some(st) => causal_conv1d_forward_continuing(
-                        &conv,
-                        &x,
-                        &layer.conv1d_weight,
-                        Some(&layer.conv1d_bias),
-                        &mut st.conv,
-                        &mut xc,
-                    )?,
-                    None => causal_conv1d_forward(
-                        &conv,
-                        &x,
-                        &layer.conv1d_weight,
-                        Some(&layer.conv1d_bias),
-                        &mut xc,
-                    )?,
-                }
-                let v: Vec<T> = xc.iter().map(|&a| a.silu()).collect();
-                (z, xc, v)
-            }
-            BlockArch::Nogate => (Vec::new(), Vec::new(), x.clone()),
-        };
-        let (s, s6) = match &layer.ssm {
-            SsmParams::S6(p) => {
-                let (s, cache) = self.s6_forward(p, &v, batch, len, state.as_deref_mut(), keep)?;
-                (s, cache)
-            }
-            SsmParams::S4d(p) => {
-                let s = match state.as_deref_mut() {
-                    None => s4d_forward_conv(p, &v, batch, len)?,
-                    Some(st) => {
-                        // The recurrence, one position at a time, from the carried state.
-                        let disc = p.discretize()?;
-                        let mut s = vec![T::ZERO; rows * e];
-                        let mut u_t = vec![T::ZERO; batch * e];
-                        for t in 0..len {
-                            for b in 0..batch {
-                                let row = (b * len + t) * e;
-                                u_t[b * e..(b + 1) * e].copy_from_slice(&v[row..row + e]);
-                            }
-                            let y_t = disc.step(&mut st.ssm, &u_t, batch)?;
-                            for b in 0..batch {
-                                let row = (b * len + t) * e;
-                                s[row..row + e].copy_from_slice(&y_t[b * e..(b + 1) * e]);
-                            }
-                        }
-                        s
-                    }
-                };
-                (s, None)
-            }
-        };
-        let y: Vec<T> = match c.arch {
-            BlockArch::Mamba => s.iter().zip(&z).map(|(&sv, &zv)| sv * zv.silu()).collect(),
-            BlockArch::Nogate => s.iter().map(|&sv| sv.silu()).collect(),
-        };
-        let resid = if keep { h.to_vec() } else { Vec::new() };
-        // h += y W_outᵀ
-        matmul_xwt(&y, &layer.out_proj_weight, rows, e, d, h, true)?;
-        if !keep {
-            return Ok(BlockCache {
-                resid,
-                normed: Vec::new(),
-                x: Vec::new(),
-                z: Vec::new(),
-                xc: Vec::new(),
-                v: Vec::new(),
-                s: Vec::new(),
-                y: Vec::new(),
-                s6: None,
-            });
-        }
-        Ok(BlockCache {
-            resid,
-            normed,
-            x,
-            z,
-            xc,
-            v,
-            s,
-            y,
-            s6,
-        })
-    }
-
-    /// The S6 layer: s = scan(v, Δ(v), A, B(v), C(v), D), from zeros or
-    /// from `state`'s h (then left holding the final h).
-    fn s6_forward(
-        &self,
-        p: &S6Params<T>,
-        v: &[T],
-        batch: usize,
-        len: usize,
-        state: Option<&mut BlockState<T>>,
-        keep: bool,
-    ) -> Result<(Vec<T>, Option<S6Cache<T>>)> {
-        let c = &self.config;
-        let (e, n, r) = (c.d_inner(), c.d_state, c.dt_rank);
-        let rows = batch * len;
-        let wx = &p.x_proj_weight;
-        let mut dt_low = vec![T::ZERO; rows * r];
-        let mut bm = vec![T::ZERO; rows * n];
-        let mut cm = vec![T::ZERO; rows * n];
-        matmul_xwt(v, &wx[..r * e], rows, e, r, &mut dt_low, false)?;
-        matmul_xwt(v, &wx[r * e..(r + n) * e], rows, e, n, &mut bm, false)?;
-        matmul_xwt(v, &wx[(r + n) * e..], rows, e, n, &mut cm, false)?;
-        let mut delta = vec![T::ZERO; rows * e];
-        matmul_xwt(&dt_low, &p.dt_proj_weight, rows, r, e, &mut delta, false)?;
-        let a: Vec<T> = p.a_log.iter().map(|&x| -x.exp()).collect();
-        let shape = ScanShape {
-            batch,
-            len,
-            channels: e,
-            state: n,
-        };
-        let initial = state.as_ref().map(|s| s.ssm.clone());
-        let inputs = ScanInputs {
-            u: v,
-            delta: &delta,
-            a: &a,
-            b: &bm,
-            c: &cm,
-            d: Some(&p.d),
-            z: None,
-            delta_bias: Some(&p.dt_proj_bias),
-            initial_state: initial.as_deref(),
-        };
-        let mut s = vec![T::ZERO; rows * e];
-        let mut checkpoints = if keep {
-            vec![T::ZERO; shape.checkpoints_len(SCAN_CHUNK)]
-        } else {
-            Vec::new()
-        };
-        selective_scan_forward(
-            &shape,
-            &inputs,
-            &scan_options(),
-            &mut s,
-            state.map(|st| st.ssm.as_mut_slice()),
-            keep.then_some(checkpoints.as_mut_slice()),
-        )?;
-        let cache = keep.then_some(S6Cache {
-            dt_low,
-            b: bm,
-            c: cm,
-            delta,
-            a,
-            checkpoints,
-        });
-        Ok((s, cache))
     }
 
     /// Gradients of every parameter, given dL/d(final hidden) (batch, len, D)
@@ -965,251 +812,15 @@ impl<T: TaskScalar> TaskModel<T> {
         g.norm_f_weight = ng.weight;
         let mut dh = ng.x;
         for (i, layer) in self.params.layers.iter().enumerate().rev() {
-            self.block_backward(
-                layer,
-                &cache.blocks[i],
-                cache.batch,
-                cache.len,
-                &mut dh,
-                &mut g.layers[i],
-            )?;
+            let grads =
+                layer
+                    .block(c)?
+                    .backward(&cache.blocks[i], cache.batch, cache.len, &mut dh)?;
+            g.layers[i].set_gradients(grads)?;
         }
         // h = E[ids]
         crate::kernels::embedding_backward(ids, &dh, d, &mut g.embedding);
         Ok(g)
-    }
-
-    /// Backward of one block: `dh` holds dL/dh after the block on entry and
-    /// dL/dh before it on return.
-    fn block_backward(
-        &self,
-        layer: &BlockParams<T>,
-        cache: &BlockCache<T>,
-        batch: usize,
-        len: usize,
-        dh: &mut [T],
-        g: &mut BlockParams<T>,
-    ) -> Result<()> {
-        let c = &self.config;
-        let (d, e) = (c.d_model, c.d_inner());
-        let rows = batch * len;
-        // h_out = h_in + y W_outᵀ
-        matmul_xtw(dh, &cache.y, rows, d, e, &mut g.out_proj_weight, false)?;
-        let mut dy = vec![T::ZERO; rows * e];
-        matmul_xw(dh, &layer.out_proj_weight, rows, d, e, &mut dy, false)?;
-        // y = s ⊙ silu(z)  or  y = silu(s)
-        let mut dz = Vec::new();
-        let ds: Vec<T> = match c.arch {
-            BlockArch::Mamba => {
-                dz = dy
-                    .iter()
-                    .zip(&cache.s)
-                    .zip(&cache.z)
-                    .map(|((&g, &s), &z)| g * s * z.silu_grad())
-                    .collect();
-                dy.iter()
-                    .zip(&cache.z)
-                    .map(|(&g, &z)| g * z.silu())
-                    .collect()
-            }
-            BlockArch::Nogate => dy
-                .iter()
-                .zip(&cache.s)
-                .map(|(&g, &s)| g * s.silu_grad())
-                .collect(),
-        };
-        // s = ssm(v)
-        let dv = match (&layer.ssm, &mut g.ssm) {
-            (SsmParams::S6(p), SsmParams::S6(gp)) => {
-                let s6 = cache
-                    .s6
-                    .as_ref()
-                    .ok_or_else(|| invalid("TaskModel::backward", "S6 cache missing"))?;
-                self.s6_backward(p, s6, &cache.v, batch, len, &ds, gp)?
-            }
-            (SsmParams::S4d(p), SsmParams::S4d(gp)) => {
-                let sg = s4d_backward_conv(p, &cache.v, &ds, batch, len)?;
-                let S4dGrads {
-                    u,
-                    log_dt,
-                    log_a_real,
-                    a_imag,
-                    b_re,
-                    b_im,
-                    c_re,
-                    c_im,
-                    d,
-                } = sg;
-                gp.log_dt = log_dt;
-                gp.log_a_real = log_a_real;
-                gp.a_imag = a_imag;
-                gp.b_re = b_re;
-                gp.b_im = b_im;
-                gp.c_re = c_re;
-                gp.c_im = c_im;
-                gp.d = d;
-                u
-            }
-            _ => {
-                return Err(invalid(
-                    "TaskModel::backward",
-                    "gradient tree of another layer type",
-                ))
-            }
-        };
-        // v = silu(conv1d(x) + b)  or  v = x
-        let dx = match c.arch {
-            BlockArch::Mamba => {
-                let dxc: Vec<T> = dv
-                    .iter()
-                    .zip(&cache.xc)
-                    .map(|(&g, &x)| g * x.silu_grad())
-                    .collect();
-                let conv = ConvShape {
-                    batch,
-                    len,
-                    channels: e,
-                    kernel: c.d_conv,
-                };
-                let cg = causal_conv1d_backward(&conv, &cache.x, &layer.conv1d_weight, true, &dxc)?;
-                g.conv1d_weight = cg.weight;
-                g.conv1d_bias = cg.bias.expect("bias requested");
-                cg.x
-            }
-            BlockArch::Nogate => dv,
-        };
-        // x = u W_inxᵀ (, z = u W_inzᵀ)
-        let mut d_normed = vec![T::ZERO; rows * d];
-        matmul_xw(
-            &dx,
-            &layer.in_proj_weight[..e * d],
-            rows,
-            e,
-            d,
-            &mut d_normed,
-            false,
-        )?;
-        matmul_xtw(
-            &dx,
-            &cache.normed,
-            rows,
-            e,
-            d,
-            &mut g.in_proj_weight[..e * d],
-            false,
-        )?;
-        if c.arch == BlockArch::Mamba {
-            matmul_xw(
-                &dz,
-                &layer.in_proj_weight[e * d..],
-                rows,
-                e,
-                d,
-                &mut d_normed,
-                true,
-            )?;
-            matmul_xtw(
-                &dz,
-                &cache.normed,
-                rows,
-                e,
-                d,
-                &mut g.in_proj_weight[e * d..],
-                false,
-            )?;
-        }
-        // u = rmsnorm(h_in); the residual path adds dh itself.
-        let ng = rms_norm_backward(
-            &cache.resid,
-            &layer.norm_weight,
-            d,
-            <T as Float>::from_f64(c.norm_eps),
-            &d_normed,
-        )?;
-        g.norm_weight = ng.weight;
-        for (a, &b) in dh.iter_mut().zip(&ng.x) {
-            *a += b;
-        }
-        Ok(())
-    }
-
-    /// Backward of [`Self::s6_forward`]: returns dL/dv, writes the S6 gradients.
-    #[allow(clippy::too_many_arguments)]
-    fn s6_backward(
-        &self,
-        p: &S6Params<T>,
-        cache: &S6Cache<T>,
-        v: &[T],
-        batch: usize,
-        len: usize,
-        ds: &[T],
-        g: &mut S6Params<T>,
-    ) -> Result<Vec<T>> {
-        let c = &self.config;
-        let (e, n, r) = (c.d_inner(), c.d_state, c.dt_rank);
-        let rows = batch * len;
-        let inputs = ScanInputs {
-            u: v,
-            delta: &cache.delta,
-            a: &cache.a,
-            b: &cache.b,
-            c: &cache.c,
-            d: Some(&p.d),
-            z: None,
-            delta_bias: Some(&p.dt_proj_bias),
-            initial_state: None,
-        };
-        let shape = ScanShape {
-            batch,
-            len,
-            channels: e,
-            state: n,
-        };
-        let sg = selective_scan_backward(
-            &shape,
-            &inputs,
-            &scan_options(),
-            &cache.checkpoints,
-            ds,
-            None,
-        )?;
-        // A = -exp(A_log): dA/dA_log = A
-        for ((ga, &da), &a) in g.a_log.iter_mut().zip(&sg.a).zip(&cache.a) {
-            *ga = da * a;
-        }
-        g.d = sg.d.expect("D was given");
-        g.dt_proj_bias = sg.delta_bias.expect("delta_bias was given");
-        // delta = dt_low W_dtᵀ
-        let mut d_dt_low = vec![T::ZERO; rows * r];
-        matmul_xw(
-            &sg.delta,
-            &p.dt_proj_weight,
-            rows,
-            e,
-            r,
-            &mut d_dt_low,
-            false,
-        )?;
-        matmul_xtw(
-            &sg.delta,
-            &cache.dt_low,
-            rows,
-            e,
-            r,
-            &mut g.dt_proj_weight,
-            false,
-        )?;
-        // [dt_low, B, C] = v W_xᵀ
-        let mut dv = sg.u;
-        let wx = &p.x_proj_weight;
-        let gx = &mut g.x_proj_weight;
-        matmul_xw(&d_dt_low, &wx[..r * e], rows, r, e, &mut dv, true)?;
-        matmul_xw(&sg.b, &wx[r * e..(r + n) * e], rows, n, e, &mut dv, true)?;
-        matmul_xw(&sg.c, &wx[(r + n) * e..], rows, n, e, &mut dv, true)?;
-        matmul_xtw(&d_dt_low, v, rows, r, e, &mut gx[..r * e], false)?;
-        matmul_xtw(&sg.b, v, rows, n, e, &mut gx[r * e..(r + n) * e], false)?;
-        matmul_xtw(&sg.c, v, rows, n, e, &mut gx[(r + n) * e..], false)?;
-        Ok(dv)
     }
 
     /// One token for every sequence of `state` (ids_t: (batch)): returns the
@@ -1221,88 +832,21 @@ impl<T: TaskScalar> TaskModel<T> {
         self.check_ids(OP, ids_t, batch.max(1), 1)?;
         self.check_state(OP, state, batch)?;
         let c = &self.config;
-        let (d, e, n, r) = (c.d_model, c.d_inner(), c.d_state, c.dt_rank);
+        let (e, n, k) = (c.d_inner(), c.d_state, c.d_conv);
         let mut h = self.embed(ids_t);
+        let shape = c.block_shape();
+        let mut bufs = StepBuffers::new(&shape, batch);
         for (layer, st) in self.params.layers.iter().zip(state.blocks.iter_mut()) {
-            let normed = self.rms_norm(&h, &layer.norm_weight)?;
-            let mut x = vec![T::ZERO; batch * e];
-            matmul_xwt(
-                &normed,
-                &layer.in_proj_weight[..e * d],
-                batch,
-                d,
-                e,
-                &mut x,
-                false,
-            )?;
-            let mut z = Vec::new();
-            let v = match c.arch {
-                BlockArch::Mamba => {
-                    z = vec![T::ZERO; batch * e];
-                    matmul_xwt(
-                        &normed,
-                        &layer.in_proj_weight[e * d..],
-                        batch,
-                        d,
-                        e,
-                        &mut z,
-                        false,
-                    )?;
-                    let mut xc = vec![T::ZERO; batch * e];
-                    causal_conv1d_step(
-                        batch,
-                        e,
-                        c.d_conv,
-                        &mut st.conv,
-                        &x,
-                        &layer.conv1d_weight,
-                        Some(&layer.conv1d_bias),
-                        &mut xc,
-                    )?;
-                    xc.iter().map(|&a| a.silu()).collect::<Vec<T>>()
-                }
-                BlockArch::Nogate => x,
-            };
-            let s = match &layer.ssm {
-                SsmParams::S6(p) => {
-                    let wx = &p.x_proj_weight;
-                    let mut dt_low = vec![T::ZERO; batch * r];
-                    let mut bm = vec![T::ZERO; batch * n];
-                    let mut cm = vec![T::ZERO; batch * n];
-                    matmul_xwt(&v, &wx[..r * e], batch, e, r, &mut dt_low, false)?;
-                    matmul_xwt(&v, &wx[r * e..(r + n) * e], batch, e, n, &mut bm, false)?;
-                    matmul_xwt(&v, &wx[(r + n) * e..], batch, e, n, &mut cm, false)?;
-                    let mut delta = vec![T::ZERO; batch * e];
-                    matmul_xwt(&dt_low, &p.dt_proj_weight, batch, r, e, &mut delta, false)?;
-                    let a: Vec<T> = p.a_log.iter().map(|&x| -x.exp()).collect();
-                    let mut s = vec![T::ZERO; batch * e];
-                    selective_scan_step(
-                        batch,
-                        e,
-                        n,
-                        &ScanStepInputs {
-                            u: &v,
-                            delta: &delta,
-                            a: &a,
-                            b: &bm,
-                            c: &cm,
-                            d: Some(&p.d),
-                            z: None,
-                            delta_bias: Some(&p.dt_proj_bias),
-                        },
-                        &scan_options(),
-                        &mut st.ssm,
-                        &mut s,
-                    )?;
-                    s
-                }
-                SsmParams::S4d(p) => p.discretize()?.step(&mut st.ssm, &v, batch)?,
-            };
-            let y: Vec<T> = match c.arch {
-                BlockArch::Mamba => s.iter().zip(&z).map(|(&sv, &zv)| sv * zv.silu()).collect(),
-                BlockArch::Nogate => s.iter().map(|&sv| sv.silu()).collect(),
-            };
-            matmul_xwt(&y, &layer.out_proj_weight, batch, e, d, &mut h, true)?;
+            // one state per sequence: (E, K) of conv (none for nogate) and (E, N)
+            let conv_len = if st.conv.is_empty() { 0 } else { e * k };
+            let mut conv_rest = st.conv.as_mut_slice();
+            let mut states = Vec::with_capacity(batch);
+            for ssm in st.ssm.chunks_mut(e * n) {
+                let (conv, rest) = std::mem::take(&mut conv_rest).split_at_mut(conv_len);
+                conv_rest = rest;
+                states.push(BlockStateMut { conv, ssm });
+            }
+            layer.block(c)?.step(&mut h, &mut states, &mut bufs)?;
         }
         state.position += 1;
         self.rms_norm(&h, &self.params.norm_f_weight)

@@ -14,7 +14,7 @@ use crate::error::{invalid, Result};
 use crate::float::Float;
 use crate::rng::Rng;
 use crate::train::progress::{Reporter, StepLine};
-use crate::train::{clip_tensors_global_norm, AdamWConfig, AdamWStep, LrSchedule, ProgressMode};
+use crate::train::{clip_global_norm, AdamW, AdamWConfig, LrSchedule, ProgressMode};
 use std::path::PathBuf;
 
 /// Summed cross-entropy and the number of correct argmax predictions over
@@ -206,62 +206,6 @@ pub fn answer_score<T: TaskScalar>(model: &TaskModel<T>, batch: &TaskBatch) -> R
     Ok(score_logits(&logits, v, &targets, None).0)
 }
 
-/// AdamW (PyTorch's update, as [`crate::train::AdamW`]) over a task
-/// model's parameter tree, with the official decay groups.
-pub struct TaskAdamW {
-    pub config: AdamWConfig,
-    pub step: u64,
-    m: TaskParams<f32>,
-    v: TaskParams<f32>,
-}
-
-impl TaskAdamW {
-    pub fn new(model_config: &TaskModelConfig, config: AdamWConfig) -> Self {
-        Self {
-            config,
-            step: 0,
-            m: TaskParams::zeros(model_config),
-            v: TaskParams::zeros(model_config),
-        }
-    }
-
-    /// One update with learning rate `lr` ([`AdamWStep`] on each tensor).
-    pub fn update(
-        &mut self,
-        model_config: &TaskModelConfig,
-        params: &mut TaskParams<f32>,
-        grads: &TaskParams<f32>,
-        lr: f64,
-    ) {
-        self.step += 1;
-        let step = AdamWStep::new(&self.config, self.step, lr);
-        let all = params
-            .tensors_mut(model_config)
-            .into_iter()
-            .zip(grads.tensors(model_config))
-            .zip(self.m.tensors_mut(model_config))
-            .zip(self.v.tensors_mut(model_config));
-        for ((((info, p), (_, g)), (_, m)), (_, v)) in all {
-            step.apply(info.decays, p, g, m, v);
-        }
-    }
-}
-
-/// Scales the gradients so that their global norm is at most `max_norm`;
-/// returns the norm before clipping.
-pub fn clip_global_norm(
-    config: &TaskModelConfig,
-    grads: &mut TaskParams<f32>,
-    max_norm: f64,
-) -> f64 {
-    let tensors = grads
-        .tensors_mut(config)
-        .into_iter()
-        .map(|(_, g)| g.as_mut_slice())
-        .collect();
-    clip_tensors_global_norm(tensors, max_norm)
-}
-
 /// Everything a training run needs.
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainSettings {
@@ -385,7 +329,7 @@ pub fn train_task(settings: &TrainSettings) -> Result<TrainOutcome> {
         Some(m) => m.clone(),
         None => TaskModel::<f32>::init(settings.model, settings.seed)?,
     };
-    let mut opt = TaskAdamW::new(
+    let mut opt = AdamW::<TaskParams<f32>>::new(
         &settings.model,
         AdamWConfig {
             beta1: 0.9,

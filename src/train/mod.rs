@@ -12,7 +12,7 @@ pub mod trainer;
 pub use data::{random_windows, TextData};
 pub use optimizer::{
     add_into, clip_global_norm, clip_tensors_global_norm, decays, global_norm, AdamW, AdamWConfig,
-    AdamWStep,
+    AdamWStep, ParamTree,
 };
 pub use progress::ProgressMode;
 pub use schedule::LrSchedule;

@@ -1,8 +1,11 @@
-//! AdamW (Loshchilov & Hutter; PyTorch's `torch.optim.AdamW`) over a
-//! [`MambaParams`] tree, with the official parameter groups (docs/DESIGN.md
-//! §11.2): weight decay on the matrices of linear layers and the conv
-//! kernel only, not on A_log, D, biases, norm weights or the embedding.
-//! Global-norm gradient clipping as `torch.nn.utils.clip_grad_norm_`.
+//! AdamW (Loshchilov & Hutter; PyTorch's `torch.optim.AdamW`) over any
+//! parameter tree ([`ParamTree`]: the language model's [`MambaParams`], the
+//! task models' parameters), with the official parameter groups
+//! (docs/DESIGN.md §11.2): weight decay on the matrices of linear layers
+//! and the conv kernel only, not on A_log, D, biases, norm weights or the
+//! embedding. Global-norm gradient clipping as
+//! `torch.nn.utils.clip_grad_norm_`. One optimiser and one clipper serve
+//! every model.
 
 use crate::nn::{MambaConfig, MambaParams, ParamInfo, ParamKind};
 
@@ -34,53 +37,80 @@ pub fn decays(info: &ParamInfo) -> bool {
     info.kind == ParamKind::Weight
 }
 
+/// A tree of f32 tensors shaped by a configuration: a model's parameters,
+/// its gradients, or AdamW's moments. Every tree lists its tensors in one
+/// fixed order, so that trees of one configuration zip tensor by tensor.
+pub trait ParamTree: Sized {
+    type Config;
+    /// Every tensor, with whether weight decay applies to it.
+    fn tensors_with_decay(&self, config: &Self::Config) -> Vec<(bool, &[f32])>;
+    /// Every tensor, mutably, in the same order.
+    fn tensor_slices_mut(&mut self, config: &Self::Config) -> Vec<&mut [f32]>;
+    /// A tree of zeros of `config`'s shapes.
+    fn zeros_of(config: &Self::Config) -> Self;
+}
+
+impl ParamTree for MambaParams<f32> {
+    type Config = MambaConfig;
+    fn tensors_with_decay(&self, config: &MambaConfig) -> Vec<(bool, &[f32])> {
+        self.tensors(config)
+            .into_iter()
+            .map(|(info, t)| (decays(&info), t.as_slice()))
+            .collect()
+    }
+    fn tensor_slices_mut(&mut self, config: &MambaConfig) -> Vec<&mut [f32]> {
+        self.tensors_mut(config)
+            .into_iter()
+            .map(|(_, t)| t.as_mut_slice())
+            .collect()
+    }
+    fn zeros_of(config: &MambaConfig) -> Self {
+        MambaParams::zeros(config)
+    }
+}
+
 /// AdamW's state: the first and second moments, in trees shaped like the
 /// parameters, and the number of updates taken (for bias correction).
 #[derive(Clone, Debug, PartialEq)]
-pub struct AdamW {
+pub struct AdamW<P = MambaParams<f32>> {
     pub config: AdamWConfig,
     /// Updates taken so far.
     pub step: u64,
     /// First moment m (same shapes as the parameters).
-    pub m: MambaParams<f32>,
+    pub m: P,
     /// Second moment v.
-    pub v: MambaParams<f32>,
+    pub v: P,
 }
 
-impl AdamW {
-    /// Zero moments shaped like `params`.
-    pub fn new(params: &MambaParams<f32>, config: AdamWConfig) -> Self {
+impl<P: ParamTree> AdamW<P> {
+    /// Zero moments for a model of `model_config`.
+    pub fn new(model_config: &P::Config, config: AdamWConfig) -> Self {
         Self {
             config,
             step: 0,
-            m: params.filled(0.0f32),
-            v: params.filled(0.0f32),
+            m: P::zeros_of(model_config),
+            v: P::zeros_of(model_config),
         }
     }
 
-    /// One update with learning rate `lr`, as PyTorch's AdamW:
+    /// One update with learning rate `lr`, as PyTorch's AdamW
+    /// ([`AdamWStep::apply`] on each tensor):
     /// ```text
     /// p ← p − lr·λ·p                         (decayed groups only)
     /// m ← β1 m + (1 − β1) g;   v ← β2 v + (1 − β2) g²
     /// p ← p − lr · (m / (1 − β1ᵗ)) / (sqrt(v / (1 − β2ᵗ)) + ε)
     /// ```
-    pub fn update(
-        &mut self,
-        config: &MambaConfig,
-        params: &mut MambaParams<f32>,
-        grads: &MambaParams<f32>,
-        lr: f64,
-    ) {
+    pub fn update(&mut self, model_config: &P::Config, params: &mut P, grads: &P, lr: f64) {
         self.step += 1;
         let step = AdamWStep::new(&self.config, self.step, lr);
         let tensors = params
-            .tensors_mut(config)
+            .tensor_slices_mut(model_config)
             .into_iter()
-            .zip(grads.tensors(config))
-            .zip(self.m.tensors_mut(config))
-            .zip(self.v.tensors_mut(config));
-        for ((((info, p), (_, g)), (_, m)), (_, v)) in tensors {
-            step.apply(decays(&info), p, g, m, v);
+            .zip(grads.tensors_with_decay(model_config))
+            .zip(self.m.tensor_slices_mut(model_config))
+            .zip(self.v.tensor_slices_mut(model_config));
+        for (((p, (decays, g)), m), v) in tensors {
+            step.apply(decays, p, g, m, v);
         }
     }
 }
@@ -155,9 +185,9 @@ pub fn clip_tensors_global_norm(mut grads: Vec<&mut [f32]>, max_norm: f64) -> f6
 
 /// sqrt(Σ g²) over every gradient, accumulated in f64 (NaN or infinite if
 /// any gradient is).
-pub fn global_norm(config: &MambaConfig, grads: &MambaParams<f32>) -> f64 {
+pub fn global_norm<P: ParamTree>(config: &P::Config, grads: &P) -> f64 {
     grads
-        .tensors(config)
+        .tensors_with_decay(config)
         .iter()
         .flat_map(|(_, g)| g.iter())
         .map(|&g| (g as f64) * (g as f64))
@@ -168,18 +198,17 @@ pub fn global_norm(config: &MambaConfig, grads: &MambaParams<f32>) -> f64 {
 /// Scales the gradients so that their global norm is at most `max_norm`
 /// (PyTorch: factor max_norm / (norm + 1e-6) when below 1); returns the
 /// norm before clipping. A non-finite norm leaves the gradients as they are.
-pub fn clip_global_norm(config: &MambaConfig, grads: &mut MambaParams<f32>, max_norm: f64) -> f64 {
-    let tensors = grads
-        .tensors_mut(config)
-        .into_iter()
-        .map(|(_, g)| g.as_mut_slice())
-        .collect();
-    clip_tensors_global_norm(tensors, max_norm)
+pub fn clip_global_norm<P: ParamTree>(config: &P::Config, grads: &mut P, max_norm: f64) -> f64 {
+    clip_tensors_global_norm(grads.tensor_slices_mut(config), max_norm)
 }
 
 /// a += b, tensor by tensor.
-pub fn add_into(config: &MambaConfig, a: &mut MambaParams<f32>, b: &MambaParams<f32>) {
-    for ((_, a), (_, b)) in a.tensors_mut(config).into_iter().zip(b.tensors(config)) {
+pub fn add_into<P: ParamTree>(config: &P::Config, a: &mut P, b: &P) {
+    for (a, (_, b)) in a
+        .tensor_slices_mut(config)
+        .into_iter()
+        .zip(b.tensors_with_decay(config))
+    {
         a.iter_mut().zip(b.iter()).for_each(|(x, &y)| *x += y);
     }
 }

@@ -29,6 +29,7 @@ use super::progress::{ProgressMode, Reporter, StepLine};
 use super::schedule::LrSchedule;
 use crate::error::{invalid, Error, Result};
 use crate::generate::tokenizer::{CharVocab, Tokenizer};
+use crate::nn::MambaParams;
 use crate::io::{encode, write_atomically, write_safetensors};
 use crate::io::{DType, SafetensorsFile, TensorSource};
 use crate::nn::{next_token_cross_entropy, Mamba, MambaConfig};
@@ -300,7 +301,7 @@ impl Trainer {
         let (tokenizer, data) = load_data(&config)?;
         let vocab = padded_vocab(&tokenizer);
         let model = Mamba::<f32>::init(config.model_config(vocab), config.seed)?;
-        let optimizer = AdamW::new(&model.params, config.adamw());
+        let optimizer = AdamW::<MambaParams<f32>>::new(&model.config, config.adamw());
         std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
         let mut saved = config.clone();
         saved.warmup_steps = Some(config.warmup());
@@ -348,7 +349,7 @@ impl Trainer {
             file: state_path.display().to_string(),
             message: format!("not a trainer state: {e}"),
         })?;
-        let mut optimizer = AdamW::new(&model.params, config.adamw());
+        let mut optimizer = AdamW::<MambaParams<f32>>::new(&model.config, config.adamw());
         optimizer.step = state.step as u64;
         let opt_path = ckpt.join("optimizer.safetensors");
         let file = SafetensorsFile::open(&opt_path)?;

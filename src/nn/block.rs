@@ -1,0 +1,1234 @@
+//! The Mamba block (docs/DESIGN.md §6), written once for every model and
+//! every way of running it: the language model's training forward and
+//! backward, the inference model's prefill and decoding step (with weights
+//! in f32, bf16, f16 or q8), and the task models (S6 or S4D mixer, gated
+//! or not).
+//!
+//! ```text
+//! r  = h                                                  (BL, D)  the residual stream
+//! u  = norm(r)                                            (BL, D)  RMSNorm, or LayerNorm with a bias
+//! gated (the Mamba block):
+//!      x, z = u W_inᵀ (+ b_in)   split [E, E]             (BL, E) each
+//!      v    = silu(conv1d(x) + b_conv)                    (BL, E)
+//! nogate (the S4 block shape, docs/DESIGN.md §6.4):
+//!      v    = u W_inᵀ (+ b_in)                            (BL, E)
+//! mixer:
+//!   S6:  dt_low, B, C = v W_xᵀ  split [R, N, N]
+//!        delta = dt_low W_dtᵀ                              (BL, E)  bias and softplus inside the scan
+//!        s = selective_scan(v, delta, A, B, C, D, b_dt)   (BL, E)
+//!   S4D: s = K̄ * v + D v                                  (BL, E)  K̄ fixed per channel (§3)
+//! y  = s ⊙ silu(z)   (gated; for S6 applied inside the scan, §6.3)
+//!    | silu(s)       (nogate)
+//! h  = r + y W_outᵀ (+ b_out)                             (BL, D)
+//! ```
+//!
+//! BL = batch · len rows, token-major. A [`Block`] is a view of one layer's
+//! parameters: the models keep their own parameter trees (named as their
+//! checkpoints are) and lend them to a `Block` for each call. Its linear
+//! layers are any [`Linear`]: [`Dense`] slices of `T` for training, the
+//! inference formats' [`Weights`] for generation.
+//!
+//! Three ways to run it, side by side below: [`Block::forward`] over a
+//! chunk of positions (from zeros, or continuing a carried state),
+//! [`Block::forward_train`] + [`Block::backward`] (the gradient, by
+//! recomputation, docs/DESIGN.md §6.5), and [`Block::step`] (one token of
+//! every sequence of a batch), which is the phases [`Block::step_conv`] and
+//! [`Block::step_scan`] between the projections; the inference model's
+//! multi-thread decoding runs the same phases on each thread's share of
+//! the channels.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{check_len, invalid, Result};
+use crate::float::Float;
+use crate::kernels::{
+    causal_conv1d_backward, causal_conv1d_forward, causal_conv1d_forward_continuing,
+    causal_conv1d_step, layer_norm_backward, layer_norm_forward, matmul_xtw, matmul_xw, matmul_xwt,
+    rms_norm_backward, rms_norm_forward, s4d_backward_conv, s4d_forward_conv,
+    selective_scan_backward, selective_scan_forward, selective_scan_step, ConvShape, FftFloat,
+    MatmulScalar, NormGrads, S4dGrads, S4dParams, ScanInputs, ScanOptions, ScanShape,
+    ScanStepInputs, Weights,
+};
+
+/// Scalar types a block computes in: those of the matmul and FFT kernels
+/// (f32 and f64).
+pub trait BlockScalar: MatmulScalar + FftFloat {}
+impl<T: MatmulScalar + FftFloat> BlockScalar for T {}
+
+/// Positions between the scan's kept states in training (docs/DESIGN.md §2.4).
+pub const SCAN_CHUNK: usize = 256;
+
+fn scan_options() -> ScanOptions {
+    ScanOptions {
+        delta_softplus: true,
+        chunk_len: SCAN_CHUNK,
+        ..ScanOptions::default()
+    }
+}
+
+/// The sequence-mixing layer inside each block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SsmLayer {
+    /// Selective: Δ, B, C computed from the input at every position.
+    S6,
+    /// Linear time-invariant diagonal SSM (S4D-Lin initialisation).
+    S4d,
+}
+
+/// The block around the SSM layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockArch {
+    /// The Mamba block: in_proj to (x, z), conv1d + silu, SSM, gate silu(z), out_proj.
+    Mamba,
+    /// A single SSM without gate or conv: in_proj, SSM, silu, out_proj.
+    Nogate,
+}
+
+impl SsmLayer {
+    pub fn name(self) -> &'static str {
+        match self {
+            SsmLayer::S6 => "s6",
+            SsmLayer::S4d => "s4d",
+        }
+    }
+}
+
+impl BlockArch {
+    pub fn name(self) -> &'static str {
+        match self {
+            BlockArch::Mamba => "mamba",
+            BlockArch::Nogate => "nogate",
+        }
+    }
+}
+
+/// The sizes of a block: D, E, N, K, R and the norm's ε.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockShape {
+    pub d_model: usize,
+    pub d_inner: usize,
+    /// N; for S4D the state of a channel is N/2 complex modes (N values).
+    pub d_state: usize,
+    /// K (gated blocks only)
+    pub d_conv: usize,
+    /// R (S6 only)
+    pub dt_rank: usize,
+    pub norm_eps: f64,
+}
+
+/// A weight W (rows, cols) in some storage, applied as y = x Wᵀ.
+pub trait Linear<T> {
+    fn rows(&self) -> usize;
+    fn cols(&self) -> usize;
+    /// y (m, rows) [+]= x (m, cols) · Wᵀ
+    fn forward(&self, x: &[T], m: usize, y: &mut [T], accumulate: bool) -> Result<()>;
+    /// y (n) [+]= W[first_row .. first_row + n] · x (cols) on the calling
+    /// thread: one thread's share of a decoding step's output rows.
+    fn forward_rows(&self, x: &[T], first_row: usize, y: &mut [T], accumulate: bool) -> Result<()>;
+}
+
+impl<T, L: Linear<T> + ?Sized> Linear<T> for &L {
+    fn rows(&self) -> usize {
+        (**self).rows()
+    }
+    fn cols(&self) -> usize {
+        (**self).cols()
+    }
+    fn forward(&self, x: &[T], m: usize, y: &mut [T], accumulate: bool) -> Result<()> {
+        (**self).forward(x, m, y, accumulate)
+    }
+    fn forward_rows(&self, x: &[T], first_row: usize, y: &mut [T], accumulate: bool) -> Result<()> {
+        (**self).forward_rows(x, first_row, y, accumulate)
+    }
+}
+
+fn check_rows(
+    op: &'static str,
+    rows: usize,
+    cols: usize,
+    x: usize,
+    j0: usize,
+    n: usize,
+) -> Result<()> {
+    if x != cols || j0 + n > rows {
+        return Err(invalid(
+            op,
+            format!(
+                "x has {x} values for {cols} columns; rows {j0}..{} of {rows}",
+                j0 + n
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A weight (rows, cols) held as row-major `T`: what training reads and
+/// differentiates.
+#[derive(Clone, Copy, Debug)]
+pub struct Dense<'a, T> {
+    pub weight: &'a [T],
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl<'a, T> Dense<'a, T> {
+    pub fn new(weight: &'a [T], rows: usize, cols: usize) -> Self {
+        Self { weight, rows, cols }
+    }
+    /// Rows [r0, r1) as a weight of their own.
+    fn row_range(&self, r0: usize, r1: usize) -> &'a [T] {
+        &self.weight[r0 * self.cols..r1 * self.cols]
+    }
+}
+
+impl<T: MatmulScalar> Linear<T> for Dense<'_, T> {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn forward(&self, x: &[T], m: usize, y: &mut [T], accumulate: bool) -> Result<()> {
+        matmul_xwt(x, self.weight, m, self.cols, self.rows, y, accumulate)
+    }
+    fn forward_rows(&self, x: &[T], first_row: usize, y: &mut [T], accumulate: bool) -> Result<()> {
+        let n = y.len();
+        check_rows(
+            "Dense::forward_rows",
+            self.rows,
+            self.cols,
+            x.len(),
+            first_row,
+            n,
+        )?;
+        let w = self.row_range(first_row, first_row + n);
+        matmul_xwt(x, w, 1, self.cols, n, y, accumulate)
+    }
+}
+
+impl Linear<f32> for Weights {
+    fn rows(&self) -> usize {
+        Weights::rows(self)
+    }
+    fn cols(&self) -> usize {
+        Weights::cols(self)
+    }
+    fn forward(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) -> Result<()> {
+        self.matmul_xwt(x, m, y, accumulate)
+    }
+    fn forward_rows(
+        &self,
+        x: &[f32],
+        first_row: usize,
+        y: &mut [f32],
+        accumulate: bool,
+    ) -> Result<()> {
+        let (rows, cols) = (Weights::rows(self), Weights::cols(self));
+        check_rows(
+            "Weights::forward_rows",
+            rows,
+            cols,
+            x.len(),
+            first_row,
+            y.len(),
+        )?;
+        self.matvec_rows(x, first_row, y, accumulate);
+        Ok(())
+    }
+}
+
+/// Values either borrowed from a parameter tree or computed from it
+/// (A = -exp(A_log) in training; kept precomputed for inference).
+#[derive(Clone, Debug)]
+pub enum Values<'a, T> {
+    Borrowed(&'a [T]),
+    Owned(Vec<T>),
+}
+
+impl<T> std::ops::Deref for Values<'_, T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match self {
+            Values::Borrowed(v) => v,
+            Values::Owned(v) => v,
+        }
+    }
+}
+
+/// The causal depthwise convolution of a gated block.
+#[derive(Clone, Copy, Debug)]
+pub struct Conv<'a, T> {
+    /// (E, K)
+    pub weight: &'a [T],
+    /// (E)
+    pub bias: Option<&'a [T]>,
+}
+
+/// The S6 layer's parameters.
+#[derive(Clone, Debug)]
+pub struct S6<'a, T, W> {
+    /// (R + 2N, E): rows give dt_low, B, C in that order.
+    pub x_proj: W,
+    /// (E, R)
+    pub dt_proj: W,
+    /// (E), added inside the scan before softplus
+    pub dt_bias: &'a [T],
+    /// A = -exp(A_log) (E, N)
+    pub a: Values<'a, T>,
+    /// (E)
+    pub d: &'a [T],
+}
+
+/// The sequence mixer of a block.
+#[derive(Clone, Debug)]
+pub enum Mixer<'a, T, W> {
+    S6(S6<'a, T, W>),
+    S4d(&'a S4dParams<T>),
+}
+
+/// One layer's parameters, borrowed from a model's tree.
+#[derive(Clone, Debug)]
+pub struct Block<'a, T, W> {
+    pub shape: BlockShape,
+    /// (D)
+    pub norm_weight: &'a [T],
+    /// (D): LayerNorm when present, RMSNorm when not.
+    pub norm_bias: Option<&'a [T]>,
+    /// (2E, D) gated, rows 0..E → x and E..2E → z; (E, D) nogate.
+    pub in_proj: W,
+    pub in_proj_bias: Option<&'a [T]>,
+    /// Present exactly for the gated block.
+    pub conv: Option<Conv<'a, T>>,
+    pub mixer: Mixer<'a, T, W>,
+    /// (D, E)
+    pub out_proj: W,
+    pub out_proj_bias: Option<&'a [T]>,
+}
+
+/// The carried state of one block for a batch of sequences.
+pub struct BlockStateMut<'s, T> {
+    /// The last K pre-conv inputs (batch, E, K); empty for nogate.
+    pub conv: &'s mut [T],
+    /// S6: h (batch, E, N). S4D: (batch, E, N/2, 2).
+    pub ssm: &'s mut [T],
+}
+
+/// Activations of one chunk, reused from layer to layer and chunk to chunk
+/// so that prefill allocates once.
+#[derive(Default)]
+pub struct ChunkBuffers<T> {
+    /// norm(h) (BL, D)
+    normed: Vec<T>,
+    /// in_proj's output (BL, 2E) gated, (BL, E) nogate
+    xz: Vec<T>,
+    /// pre-conv x (BL, E), gated only
+    x: Vec<T>,
+    /// (BL, E), gated only
+    z: Vec<T>,
+    /// the mixer's input v (BL, E)
+    v: Vec<T>,
+    /// (BL, R + 2N)
+    x_dbl: Vec<T>,
+    /// (BL, R)
+    dt_low: Vec<T>,
+    /// (BL, N) each
+    b: Vec<T>,
+    c: Vec<T>,
+    /// (BL, E)
+    delta: Vec<T>,
+    /// the mixer's output s (BL, E) where it is not already y
+    s: Vec<T>,
+    /// what out_proj reads (BL, E)
+    y: Vec<T>,
+    /// the scan's states every SCAN_CHUNK positions, training only
+    checkpoints: Vec<T>,
+}
+
+fn sized<T: Float>(v: &mut Vec<T>, len: usize) -> &mut Vec<T> {
+    v.resize(len, T::ZERO);
+    v
+}
+
+/// What the training forward keeps of one block for its backward: per
+/// token D + 3E + R + 2N values (and s for the S4D and nogate mixers), as
+/// docs/DESIGN.md §6.5 lists; the backward recomputes norm(r), the conv
+/// output and delta.
+pub struct BlockCache<T> {
+    /// the block's input, the residual stream (BL, D)
+    resid: Vec<T>,
+    /// in_proj's x rows (BL, E): pre-conv for gated, v for nogate
+    x: Vec<T>,
+    /// (BL, E), gated only
+    z: Vec<T>,
+    /// (BL, R), (BL, N), (BL, N): S6 only
+    dt_low: Vec<T>,
+    b: Vec<T>,
+    c: Vec<T>,
+    /// the ungated mixer output (BL, E): S4D, and S6 in nogate
+    s: Vec<T>,
+    /// what out_proj read (BL, E)
+    y: Vec<T>,
+    checkpoints: Vec<T>,
+}
+
+/// Gradients of one block's parameters, in the layouts of [`Block`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockGradients<T> {
+    pub norm_weight: Vec<T>,
+    pub norm_bias: Option<Vec<T>>,
+    pub in_proj_weight: Vec<T>,
+    pub in_proj_bias: Option<Vec<T>>,
+    /// Empty for nogate.
+    pub conv_weight: Vec<T>,
+    pub conv_bias: Option<Vec<T>>,
+    pub mixer: MixerGradients<T>,
+    pub out_proj_weight: Vec<T>,
+    pub out_proj_bias: Option<Vec<T>>,
+}
+
+/// Gradients of the mixer's parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MixerGradients<T> {
+    S6 {
+        x_proj_weight: Vec<T>,
+        dt_proj_weight: Vec<T>,
+        dt_proj_bias: Vec<T>,
+        /// through A = -exp(A_log): dA_log = dA ⊙ A
+        a_log: Vec<T>,
+        d: Vec<T>,
+    },
+    /// The S4D gradients (their `u` is empty: it went into the block's input).
+    S4d(S4dGrads<T>),
+}
+
+/// Buffers of one decoding step for up to `batch` sequences.
+pub struct StepBuffers<T> {
+    pub normed: Vec<T>,
+    pub xz: Vec<T>,
+    pub v: Vec<T>,
+    pub x_dbl: Vec<T>,
+    pub dt_low: Vec<T>,
+    pub delta: Vec<T>,
+    pub y: Vec<T>,
+}
+
+impl<T: Float> StepBuffers<T> {
+    pub fn new(shape: &BlockShape, batch: usize) -> Self {
+        let BlockShape {
+            d_model: d,
+            d_inner: e,
+            d_state: n,
+            dt_rank: r,
+            ..
+        } = *shape;
+        Self {
+            normed: vec![T::ZERO; batch * d],
+            xz: vec![T::ZERO; batch * 2 * e],
+            v: vec![T::ZERO; batch * e],
+            x_dbl: vec![T::ZERO; batch * (r + 2 * n)],
+            dt_low: vec![T::ZERO; batch * r],
+            delta: vec![T::ZERO; batch * e],
+            y: vec![T::ZERO; batch * e],
+        }
+    }
+}
+
+/// y[i] += bias for every row of x.
+pub(crate) fn add_row_bias<T: Float>(x: &mut [T], bias: &[T]) {
+    for row in x.chunks_mut(bias.len()) {
+        for (a, &b) in row.iter_mut().zip(bias) {
+            *a += b;
+        }
+    }
+}
+
+/// out += Σ_rows x (the gradient of a bias added to every row)
+fn sum_rows_into<T: Float>(x: &[T], out: &mut [T]) {
+    for row in x.chunks(out.len()) {
+        for (a, &b) in out.iter_mut().zip(row) {
+            *a += b;
+        }
+    }
+}
+
+/// Splits rows of `src` (rows, Σ widths) into one buffer per width.
+fn split_columns<T: Copy>(src: &[T], parts: &mut [(&mut [T], usize)]) {
+    let total: usize = parts.iter().map(|(_, w)| w).sum();
+    for (i, row) in src.chunks(total).enumerate() {
+        let mut at = 0;
+        for (dst, w) in parts.iter_mut() {
+            dst[i * *w..(i + 1) * *w].copy_from_slice(&row[at..at + *w]);
+            at += *w;
+        }
+    }
+}
+
+/// Normalises rows of `x` (rows, dim): RMSNorm, or LayerNorm when a bias is given.
+pub fn norm_forward<T: Float>(
+    x: &[T],
+    weight: &[T],
+    bias: Option<&[T]>,
+    eps: f64,
+    y: &mut [T],
+) -> Result<()> {
+    let (dim, eps) = (weight.len(), T::from_f64(eps));
+    match bias {
+        None => rms_norm_forward(x, weight, dim, eps, y),
+        Some(b) => layer_norm_forward(x, weight, b, dim, eps, y),
+    }
+}
+
+/// The backward of [`norm_forward`].
+pub fn norm_backward<T: Float>(
+    x: &[T],
+    weight: &[T],
+    has_bias: bool,
+    eps: f64,
+    dy: &[T],
+) -> Result<NormGrads<T>> {
+    let (dim, eps) = (weight.len(), T::from_f64(eps));
+    if has_bias {
+        layer_norm_backward(x, weight, dim, eps, dy)
+    } else {
+        rms_norm_backward(x, weight, dim, eps, dy)
+    }
+}
+
+impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
+    fn gated(&self) -> bool {
+        self.conv.is_some()
+    }
+
+    fn in_rows(&self) -> usize {
+        if self.gated() {
+            2 * self.shape.d_inner
+        } else {
+            self.shape.d_inner
+        }
+    }
+
+    /// Checks every parameter's shape against [`BlockShape`], so that
+    /// nothing later (the decoding team above all) meets a wrong size.
+    pub fn validate(&self) -> Result<()> {
+        const OP: &str = "Block";
+        let BlockShape {
+            d_model: d,
+            d_inner: e,
+            d_state: n,
+            d_conv: k,
+            dt_rank: r,
+            ..
+        } = self.shape;
+        let linear = |name: &str, w: &W, rows: usize, cols: usize| -> Result<()> {
+            if w.rows() != rows || w.cols() != cols {
+                return Err(invalid(
+                    OP,
+                    format!(
+                        "{name} is ({}, {}), expected ({rows}, {cols})",
+                        w.rows(),
+                        w.cols()
+                    ),
+                ));
+            }
+            Ok(())
+        };
+        let vector = |name: &str, v: Option<&[T]>, len: usize| -> Result<()> {
+            match v {
+                Some(v) if v.len() != len => Err(invalid(
+                    OP,
+                    format!("{name} has {} values, expected {len}", v.len()),
+                )),
+                _ => Ok(()),
+            }
+        };
+        vector("norm.weight", Some(self.norm_weight), d)?;
+        vector("norm.bias", self.norm_bias, d)?;
+        linear("in_proj", &self.in_proj, self.in_rows(), d)?;
+        vector("in_proj.bias", self.in_proj_bias, self.in_rows())?;
+        if let Some(conv) = &self.conv {
+            vector("conv1d.weight", Some(conv.weight), e * k)?;
+            vector("conv1d.bias", conv.bias, e)?;
+        }
+        match &self.mixer {
+            Mixer::S6(s6) => {
+                linear("x_proj", &s6.x_proj, r + 2 * n, e)?;
+                linear("dt_proj", &s6.dt_proj, e, r)?;
+                vector("dt_proj.bias", Some(s6.dt_bias), e)?;
+                vector("A", Some(&s6.a[..]), e * n)?;
+                vector("D", Some(s6.d), e)?;
+            }
+            Mixer::S4d(p) => {
+                p.validate(OP)?;
+                if p.channels != e || 2 * p.modes != n {
+                    return Err(invalid(
+                        OP,
+                        format!(
+                            "the S4D layer has {} channels and {} modes, expected {e} and {}",
+                            p.channels,
+                            p.modes,
+                            n / 2
+                        ),
+                    ));
+                }
+            }
+        }
+        linear("out_proj", &self.out_proj, d, e)?;
+        vector("out_proj.bias", self.out_proj_bias, d)
+    }
+
+    /// u = norm(h)  (rows, D)
+    pub fn norm(&self, h: &[T], u: &mut [T]) -> Result<()> {
+        norm_forward(h, self.norm_weight, self.norm_bias, self.shape.norm_eps, u)
+    }
+
+    fn conv_shape(&self, batch: usize, len: usize) -> ConvShape {
+        ConvShape {
+            batch,
+            len,
+            channels: self.shape.d_inner,
+            kernel: self.shape.d_conv,
+        }
+    }
+
+    fn scan_shape(&self, batch: usize, len: usize) -> ScanShape {
+        ScanShape {
+            batch,
+            len,
+            channels: self.shape.d_inner,
+            state: self.shape.d_state,
+        }
+    }
+
+    /// h ← h + block(h) over `len` positions of `batch` sequences (BL, D).
+    /// With `state`, continues from it and leaves the state after the chunk
+    /// in it; without, starts from zeros. `keep` also fills the scan's
+    /// checkpoints for [`Block::backward`].
+    pub fn forward(
+        &self,
+        h: &mut [T],
+        batch: usize,
+        len: usize,
+        mut state: Option<BlockStateMut<'_, T>>,
+        bufs: &mut ChunkBuffers<T>,
+        keep: bool,
+    ) -> Result<()> {
+        const OP: &str = "Block::forward";
+        let BlockShape {
+            d_model: d,
+            d_inner: e,
+            d_state: n,
+            dt_rank: r,
+            ..
+        } = self.shape;
+        let rows = batch * len;
+        check_len(
+            OP,
+            "h",
+            h,
+            &[("batch", batch), ("len", len), ("d_model", d)],
+        )?;
+        let gated = self.gated();
+        // u = norm(h)
+        self.norm(h, sized(&mut bufs.normed, rows * d))?;
+        // x, z = u W_inᵀ (gated) or v = u W_inᵀ
+        let in_rows = self.in_rows();
+        self.in_proj.forward(
+            &bufs.normed,
+            rows,
+            sized(&mut bufs.xz, rows * in_rows),
+            false,
+        )?;
+        if let Some(bias) = self.in_proj_bias {
+            add_row_bias(&mut bufs.xz, bias);
+        }
+        if let Some(conv) = &self.conv {
+            sized(&mut bufs.x, rows * e);
+            sized(&mut bufs.z, rows * e);
+            split_columns(&bufs.xz, &mut [(&mut bufs.x, e), (&mut bufs.z, e)]);
+            // v = silu(conv1d(x) + b_conv)
+            let shape = self.conv_shape(batch, len);
+            let v = sized(&mut bufs.v, rows * e);
+            match state.as_mut() {
+                Some(st) => causal_conv1d_forward_continuing(
+                    &shape,
+                    &bufs.x,
+                    conv.weight,
+                    conv.bias,
+                    st.conv,
+                    v,
+                )?,
+                None => causal_conv1d_forward(&shape, &bufs.x, conv.weight, conv.bias, v)?,
+            }
+            for a in v.iter_mut() {
+                *a = a.silu();
+            }
+        } else {
+            std::mem::swap(&mut bufs.v, &mut bufs.xz);
+        }
+        let y = sized(&mut bufs.y, rows * e);
+        match &self.mixer {
+            Mixer::S6(s6) => {
+                // dt_low, B, C = v W_xᵀ;  delta = dt_low W_dtᵀ
+                s6.x_proj.forward(
+                    &bufs.v,
+                    rows,
+                    sized(&mut bufs.x_dbl, rows * (r + 2 * n)),
+                    false,
+                )?;
+                sized(&mut bufs.dt_low, rows * r);
+                sized(&mut bufs.b, rows * n);
+                sized(&mut bufs.c, rows * n);
+                split_columns(
+                    &bufs.x_dbl,
+                    &mut [(&mut bufs.dt_low, r), (&mut bufs.b, n), (&mut bufs.c, n)],
+                );
+                s6.dt_proj
+                    .forward(&bufs.dt_low, rows, sized(&mut bufs.delta, rows * e), false)?;
+                let shape = self.scan_shape(batch, len);
+                let initial = state.as_ref().map(|st| st.ssm.to_vec());
+                let inputs = ScanInputs {
+                    u: &bufs.v,
+                    delta: &bufs.delta,
+                    a: &s6.a,
+                    b: &bufs.b,
+                    c: &bufs.c,
+                    d: Some(s6.d),
+                    z: gated.then_some(bufs.z.as_slice()),
+                    delta_bias: Some(s6.dt_bias),
+                    initial_state: initial.as_deref(),
+                };
+                let checkpoints = if keep {
+                    Some(
+                        sized(&mut bufs.checkpoints, shape.checkpoints_len(SCAN_CHUNK))
+                            .as_mut_slice(),
+                    )
+                } else {
+                    None
+                };
+                // gated: the scan applies silu(z) itself and writes y
+                let out = if gated {
+                    &mut *y
+                } else {
+                    sized(&mut bufs.s, rows * e)
+                };
+                selective_scan_forward(
+                    &shape,
+                    &inputs,
+                    &scan_options(),
+                    out,
+                    state.map(|st| st.ssm),
+                    checkpoints,
+                )?;
+                if !gated {
+                    for (yv, &sv) in y.iter_mut().zip(&bufs.s) {
+                        *yv = sv.silu();
+                    }
+                }
+            }
+            Mixer::S4d(p) => {
+                let s = match state {
+                    None => s4d_forward_conv(p, &bufs.v, batch, len)?,
+                    Some(st) => {
+                        // the recurrence, one position at a time, from the carried state
+                        let disc = p.discretize()?;
+                        let mut s = vec![T::ZERO; rows * e];
+                        let mut u_t = vec![T::ZERO; batch * e];
+                        for t in 0..len {
+                            for b in 0..batch {
+                                let row = (b * len + t) * e;
+                                u_t[b * e..(b + 1) * e].copy_from_slice(&bufs.v[row..row + e]);
+                            }
+                            let y_t = disc.step(st.ssm, &u_t, batch)?;
+                            for b in 0..batch {
+                                let row = (b * len + t) * e;
+                                s[row..row + e].copy_from_slice(&y_t[b * e..(b + 1) * e]);
+                            }
+                        }
+                        s
+                    }
+                };
+                if gated {
+                    for ((yv, &sv), &zv) in y.iter_mut().zip(&s).zip(&bufs.z) {
+                        *yv = sv * zv.silu();
+                    }
+                } else {
+                    for (yv, &sv) in y.iter_mut().zip(&s) {
+                        *yv = sv.silu();
+                    }
+                }
+                bufs.s = s;
+            }
+        }
+        // h += y W_outᵀ (+ b_out)
+        self.out_proj.forward(&bufs.y, rows, h, true)?;
+        if let Some(bias) = self.out_proj_bias {
+            add_row_bias(h, bias);
+        }
+        if !gated {
+            std::mem::swap(&mut bufs.v, &mut bufs.xz);
+        }
+        Ok(())
+    }
+
+    /// [`Block::forward`] over whole sequences from zeros, keeping what
+    /// [`Block::backward`] needs.
+    pub fn forward_train(&self, h: &mut [T], batch: usize, len: usize) -> Result<BlockCache<T>> {
+        let resid = h.to_vec();
+        let mut bufs = ChunkBuffers::default();
+        self.forward(h, batch, len, None, &mut bufs, true)?;
+        let take = std::mem::take;
+        let s6 = matches!(self.mixer, Mixer::S6(_));
+        let gated = self.gated();
+        Ok(BlockCache {
+            resid,
+            // nogate: in_proj's output is v, left in xz
+            x: if gated {
+                take(&mut bufs.x)
+            } else {
+                take(&mut bufs.xz)
+            },
+            z: take(&mut bufs.z),
+            dt_low: take(&mut bufs.dt_low),
+            b: take(&mut bufs.b),
+            c: take(&mut bufs.c),
+            s: if s6 && gated {
+                Vec::new()
+            } else {
+                take(&mut bufs.s)
+            },
+            y: take(&mut bufs.y),
+            checkpoints: take(&mut bufs.checkpoints),
+        })
+    }
+
+    /// One token of each of `states.len()` sequences: h (b, D) ← h +
+    /// block(h), each sequence's state advanced. The phases are those the
+    /// multi-thread decoding runs on each thread's channels: the
+    /// projections over the batch, [`Block::step_conv`] and
+    /// [`Block::step_scan`] per sequence.
+    pub fn step(
+        &self,
+        h: &mut [T],
+        states: &mut [BlockStateMut<'_, T>],
+        bufs: &mut StepBuffers<T>,
+    ) -> Result<()> {
+        const OP: &str = "Block::step";
+        let BlockShape {
+            d_model: d,
+            d_inner: e,
+            d_state: n,
+            dt_rank: r,
+            ..
+        } = self.shape;
+        let b = states.len();
+        check_len(OP, "h", h, &[("sequences", b), ("d_model", d)])?;
+        if bufs.normed.len() < b * d {
+            return Err(invalid(OP, format!("{b} sequences but buffers for fewer")));
+        }
+        let in_rows = self.in_rows();
+        let normed = &mut bufs.normed[..b * d];
+        self.norm(h, normed)?;
+        let xz = &mut bufs.xz[..b * in_rows];
+        self.in_proj.forward(normed, b, xz, false)?;
+        if let Some(bias) = self.in_proj_bias {
+            add_row_bias(xz, bias);
+        }
+        let v = &mut bufs.v[..b * e];
+        for (i, st) in states.iter_mut().enumerate() {
+            let x = &xz[i * in_rows..i * in_rows + e];
+            self.step_conv(0, x, st.conv, &mut v[i * e..(i + 1) * e])?;
+        }
+        let y = &mut bufs.y[..b * e];
+        match &self.mixer {
+            Mixer::S6(s6) => {
+                let xd = r + 2 * n;
+                let x_dbl = &mut bufs.x_dbl[..b * xd];
+                s6.x_proj.forward(v, b, x_dbl, false)?;
+                let dt_low = &mut bufs.dt_low[..b * r];
+                for (dt, row) in dt_low.chunks_mut(r).zip(x_dbl.chunks(xd)) {
+                    dt.copy_from_slice(&row[..r]);
+                }
+                let delta = &mut bufs.delta[..b * e];
+                s6.dt_proj.forward(dt_low, b, delta, false)?;
+                for (i, st) in states.iter_mut().enumerate() {
+                    let z = self
+                        .gated()
+                        .then(|| &xz[i * in_rows + e..(i + 1) * in_rows]);
+                    self.step_scan(
+                        0,
+                        &x_dbl[i * xd..(i + 1) * xd],
+                        &v[i * e..(i + 1) * e],
+                        z,
+                        &delta[i * e..(i + 1) * e],
+                        st.ssm,
+                        &mut y[i * e..(i + 1) * e],
+                    )?;
+                }
+            }
+            Mixer::S4d(p) => {
+                let disc = p.discretize()?;
+                for (i, st) in states.iter_mut().enumerate() {
+                    let s = disc.step(st.ssm, &v[i * e..(i + 1) * e], 1)?;
+                    let yi = &mut y[i * e..(i + 1) * e];
+                    if self.gated() {
+                        let z = &xz[i * in_rows + e..(i + 1) * in_rows];
+                        for ((yv, &sv), &zv) in yi.iter_mut().zip(&s).zip(z) {
+                            *yv = sv * zv.silu();
+                        }
+                    } else {
+                        for (yv, &sv) in yi.iter_mut().zip(&s) {
+                            *yv = sv.silu();
+                        }
+                    }
+                }
+            }
+        }
+        self.out_proj.forward(y, b, h, true)?;
+        if let Some(bias) = self.out_proj_bias {
+            add_row_bias(h, bias);
+        }
+        Ok(())
+    }
+
+    /// Step phase 1 for channels [c0, c0 + x.len()) of one sequence:
+    /// conv_state ← shift(conv_state, x); v = silu(W_conv · conv_state +
+    /// b_conv) for a gated block, v = x for nogate. `conv_state` holds
+    /// those channels' (c, K).
+    pub fn step_conv(&self, c0: usize, x: &[T], conv_state: &mut [T], v: &mut [T]) -> Result<()> {
+        let Some(conv) = &self.conv else {
+            check_len("Block::step_conv", "v", v, &[("channels", x.len())])?;
+            v.copy_from_slice(x);
+            return Ok(());
+        };
+        let (c, k) = (x.len(), self.shape.d_conv);
+        if c0 + c > self.shape.d_inner {
+            return Err(invalid(
+                "Block::step_conv",
+                format!("channels {c0}..{} of {}", c0 + c, self.shape.d_inner),
+            ));
+        }
+        causal_conv1d_step(
+            1,
+            c,
+            k,
+            conv_state,
+            x,
+            &conv.weight[c0 * k..(c0 + c) * k],
+            conv.bias.map(|b| &b[c0..c0 + c]),
+            v,
+        )?;
+        for a in v.iter_mut() {
+            *a = a.silu();
+        }
+        Ok(())
+    }
+
+    /// Step phase 3 for channels [c0, c0 + u.len()) of one sequence (S6):
+    /// ssm_state ← exp(ΔA) ssm_state + ΔB u;  y = (C · ssm_state + D u) ·
+    /// silu(z) (gated) or silu(C · ssm_state + D u) (nogate). `x_dbl` is
+    /// the sequence's whole (R + 2N) row, `delta` the raw dt_low W_dtᵀ of
+    /// these channels, `ssm_state` their (c, N).
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_scan(
+        &self,
+        c0: usize,
+        x_dbl: &[T],
+        u: &[T],
+        z: Option<&[T]>,
+        delta: &[T],
+        ssm_state: &mut [T],
+        y: &mut [T],
+    ) -> Result<()> {
+        const OP: &str = "Block::step_scan";
+        let Mixer::S6(s6) = &self.mixer else {
+            return Err(invalid(OP, "the S4D mixer steps all channels at once"));
+        };
+        let (n, r) = (self.shape.d_state, self.shape.dt_rank);
+        let c = u.len();
+        check_len(OP, "x_dbl", x_dbl, &[("R + 2N", r + 2 * n)])?;
+        if c0 + c > self.shape.d_inner {
+            return Err(invalid(
+                OP,
+                format!("channels {c0}..{} of {}", c0 + c, self.shape.d_inner),
+            ));
+        }
+        let inputs = ScanStepInputs {
+            u,
+            delta,
+            a: &s6.a[c0 * n..(c0 + c) * n],
+            b: &x_dbl[r..r + n],
+            c: &x_dbl[r + n..],
+            d: Some(&s6.d[c0..c0 + c]),
+            z,
+            delta_bias: Some(&s6.dt_bias[c0..c0 + c]),
+        };
+        selective_scan_step(1, c, n, &inputs, &scan_options(), ssm_state, y)?;
+        if z.is_none() {
+            for a in y.iter_mut() {
+                *a = a.silu();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<T: BlockScalar> Block<'_, T, Dense<'_, T>> {
+    /// The backward of [`Block::forward_train`]: `dh` holds dL/dh after the
+    /// block on entry and dL/dh before it on return.
+    pub fn backward(
+        &self,
+        cache: &BlockCache<T>,
+        batch: usize,
+        len: usize,
+        dh: &mut [T],
+    ) -> Result<BlockGradients<T>> {
+        const OP: &str = "Block::backward";
+        let BlockShape {
+            d_model: d,
+            d_inner: e,
+            d_state: n,
+            dt_rank: r,
+            norm_eps,
+            ..
+        } = self.shape;
+        let rows = batch * len;
+        check_len(
+            OP,
+            "dh",
+            dh,
+            &[("batch", batch), ("len", len), ("d_model", d)],
+        )?;
+        check_len(OP, "cached y", &cache.y, &[("rows", rows), ("d_inner", e)])?;
+        let gated = self.gated();
+        // h_out = h_in + y W_outᵀ (+ b_out)
+        let mut out_proj_weight = vec![T::ZERO; d * e];
+        matmul_xtw(dh, &cache.y, rows, d, e, &mut out_proj_weight, false)?;
+        let out_proj_bias = self.out_proj_bias.map(|b| {
+            let mut g = vec![T::ZERO; b.len()];
+            sum_rows_into(dh, &mut g);
+            g
+        });
+        let mut dy = vec![T::ZERO; rows * e];
+        matmul_xw(dh, self.out_proj.weight, rows, d, e, &mut dy, false)?;
+        // recomputed (see BlockCache): xc = conv1d(x) + b, v = silu(xc)
+        let (xc, v) = match &self.conv {
+            Some(conv) => {
+                let mut xc = vec![T::ZERO; rows * e];
+                causal_conv1d_forward(
+                    &self.conv_shape(batch, len),
+                    &cache.x,
+                    conv.weight,
+                    conv.bias,
+                    &mut xc,
+                )?;
+                let v = xc.iter().map(|&a| a.silu()).collect();
+                (xc, Values::Owned(v))
+            }
+            None => (Vec::new(), Values::Borrowed(cache.x.as_slice())),
+        };
+        let mut dz = Vec::new();
+        let (dv, mixer) = match &self.mixer {
+            Mixer::S6(s6) => {
+                let mut delta = vec![T::ZERO; rows * e];
+                s6.dt_proj.forward(&cache.dt_low, rows, &mut delta, false)?;
+                // nogate: y = silu(s)
+                let ds_owned: Vec<T>;
+                let ds = if gated {
+                    &dy
+                } else {
+                    ds_owned = dy
+                        .iter()
+                        .zip(&cache.s)
+                        .map(|(&g, &s)| g * s.silu_grad())
+                        .collect();
+                    &ds_owned
+                };
+                let inputs = ScanInputs {
+                    u: &v,
+                    delta: &delta,
+                    a: &s6.a,
+                    b: &cache.b,
+                    c: &cache.c,
+                    d: Some(s6.d),
+                    z: gated.then_some(cache.z.as_slice()),
+                    delta_bias: Some(s6.dt_bias),
+                    initial_state: None,
+                };
+                let sg = selective_scan_backward(
+                    &self.scan_shape(batch, len),
+                    &inputs,
+                    &scan_options(),
+                    &cache.checkpoints,
+                    ds,
+                    None,
+                )?;
+                drop(delta);
+                let a_log =
+                    sg.a.iter()
+                        .zip(s6.a.iter())
+                        .map(|(&da, &a)| da * a)
+                        .collect();
+                let missing = || invalid(OP, "the scan returned no gradient for a given input");
+                let d_grad = sg.d.ok_or_else(missing)?;
+                let dt_proj_bias = sg.delta_bias.ok_or_else(missing)?;
+                if gated {
+                    dz = sg.z.ok_or_else(missing)?;
+                }
+                // delta = dt_low W_dtᵀ
+                let mut d_dt_low = vec![T::ZERO; rows * r];
+                matmul_xw(
+                    &sg.delta,
+                    s6.dt_proj.weight,
+                    rows,
+                    e,
+                    r,
+                    &mut d_dt_low,
+                    false,
+                )?;
+                let mut dt_proj_weight = vec![T::ZERO; e * r];
+                matmul_xtw(
+                    &sg.delta,
+                    &cache.dt_low,
+                    rows,
+                    e,
+                    r,
+                    &mut dt_proj_weight,
+                    false,
+                )?;
+                // [dt_low, B, C] = v W_xᵀ
+                let mut dv = sg.u;
+                let wx = &s6.x_proj;
+                let mut gx = vec![T::ZERO; (r + 2 * n) * e];
+                let parts = [
+                    (&d_dt_low, 0, r),
+                    (&sg.b, r, r + n),
+                    (&sg.c, r + n, r + 2 * n),
+                ];
+                for (g, r0, r1) in parts {
+                    matmul_xw(g, wx.row_range(r0, r1), rows, r1 - r0, e, &mut dv, true)?;
+                    matmul_xtw(g, &v, rows, r1 - r0, e, &mut gx[r0 * e..r1 * e], false)?;
+                }
+                let grads = MixerGradients::S6 {
+                    x_proj_weight: gx,
+                    dt_proj_weight,
+                    dt_proj_bias,
+                    a_log,
+                    d: d_grad,
+                };
+                (dv, grads)
+            }
+            Mixer::S4d(p) => {
+                // y = s ⊙ silu(z)  or  y = silu(s)
+                let ds: Vec<T> = if gated {
+                    dz = dy
+                        .iter()
+                        .zip(&cache.s)
+                        .zip(&cache.z)
+                        .map(|((&g, &s), &z)| g * s * z.silu_grad())
+                        .collect();
+                    dy.iter()
+                        .zip(&cache.z)
+                        .map(|(&g, &z)| g * z.silu())
+                        .collect()
+                } else {
+                    dy.iter()
+                        .zip(&cache.s)
+                        .map(|(&g, &s)| g * s.silu_grad())
+                        .collect()
+                };
+                let mut sg = s4d_backward_conv(p, &v, &ds, batch, len)?;
+                let dv = std::mem::take(&mut sg.u);
+                (dv, MixerGradients::S4d(sg))
+            }
+        };
+        drop(dy);
+        // v = silu(conv1d(x) + b)  or  v = x
+        let (dx, conv_weight, conv_bias) = match &self.conv {
+            Some(conv) => {
+                let dxc: Vec<T> = dv
+                    .iter()
+                    .zip(&xc)
+                    .map(|(&g, &x)| g * x.silu_grad())
+                    .collect();
+                let cg = causal_conv1d_backward(
+                    &self.conv_shape(batch, len),
+                    &cache.x,
+                    conv.weight,
+                    conv.bias.is_some(),
+                    &dxc,
+                )?;
+                (cg.x, cg.weight, cg.bias)
+            }
+            None => (dv, Vec::new(), None),
+        };
+        drop((xc, v));
+        // x = u W_inxᵀ, z = u W_inzᵀ (+ b_in)
+        let mut normed = vec![T::ZERO; rows * d];
+        self.norm(&cache.resid, &mut normed)?;
+        let w_in = &self.in_proj;
+        let mut d_normed = vec![T::ZERO; rows * d];
+        let mut in_proj_weight = vec![T::ZERO; self.in_rows() * d];
+        matmul_xw(&dx, w_in.row_range(0, e), rows, e, d, &mut d_normed, false)?;
+        matmul_xtw(
+            &dx,
+            &normed,
+            rows,
+            e,
+            d,
+            &mut in_proj_weight[..e * d],
+            false,
+        )?;
+        if gated {
+            matmul_xw(
+                &dz,
+                w_in.row_range(e, 2 * e),
+                rows,
+                e,
+                d,
+                &mut d_normed,
+                true,
+            )?;
+            matmul_xtw(
+                &dz,
+                &normed,
+                rows,
+                e,
+                d,
+                &mut in_proj_weight[e * d..],
+                false,
+            )?;
+        }
+        let in_proj_bias = self.in_proj_bias.map(|b| {
+            let mut g = vec![T::ZERO; b.len()];
+            sum_rows_into(&dx, &mut g[..e]);
+            if gated {
+                sum_rows_into(&dz, &mut g[e..]);
+            }
+            g
+        });
+        // u = norm(h_in); the residual path adds dh itself.
+        let ng = norm_backward(
+            &cache.resid,
+            self.norm_weight,
+            self.norm_bias.is_some(),
+            norm_eps,
+            &d_normed,
+        )?;
+        for (a, &b) in dh.iter_mut().zip(&ng.x) {
+            *a += b;
+        }
+        Ok(BlockGradients {
+            norm_weight: ng.weight,
+            norm_bias: ng.bias,
+            in_proj_weight,
+            in_proj_bias,
+            conv_weight,
+            conv_bias,
+            mixer,
+            out_proj_weight,
+            out_proj_bias,
+        })
+    }
+}
