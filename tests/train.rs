@@ -60,7 +60,7 @@ fn small_model_config() -> MambaConfig {
 #[test]
 fn adamw_two_steps_match_the_hand_computed_update() {
     let config = small_model_config();
-    let mut params = MambaParams::<f32>::zeros(&config).filled(0.5f32);
+    let mut params = MambaParams::<f32>::zeros(&config).filled(&config, 0.5f32);
     let adam = AdamWConfig {
         beta1: 0.9,
         beta2: 0.95,
@@ -70,7 +70,10 @@ fn adamw_two_steps_match_the_hand_computed_update() {
     let mut opt = AdamW::<MambaParams<f32>>::new(&config, adam);
     let lr = 0.01;
     let (g1, g2) = (0.1f64, -0.2f64);
-    let (grads1, grads2) = (params.filled(g1 as f32), params.filled(g2 as f32));
+    let (grads1, grads2) = (
+        params.filled(&config, g1 as f32),
+        params.filled(&config, g2 as f32),
+    );
     opt.update(&config, &mut params, &grads1, lr);
     opt.update(&config, &mut params, &grads2, lr);
     assert_eq!(opt.step, 2);
@@ -163,7 +166,7 @@ fn schedule_warms_up_linearly_then_decays_by_cosine() {
 #[test]
 fn clipping_scales_to_the_global_norm() {
     let config = small_model_config();
-    let mut grads = MambaParams::<f32>::zeros(&config).filled(3.0f32);
+    let mut grads = MambaParams::<f32>::zeros(&config).filled(&config, 3.0f32);
     let n: usize = grads.tensors(&config).iter().map(|(_, g)| g.len()).sum();
     let norm = 3.0 * (n as f64).sqrt();
     assert!((global_norm(&config, &grads) - norm).abs() < 1e-9 * norm);

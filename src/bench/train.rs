@@ -46,7 +46,8 @@ pub fn bench_training(
     // gone before the high-water mark is reset.
     reset_peak_resident();
     let mut model = Mamba::<f32>::init(config.clone(), seed)?;
-    let mut optimizer = AdamW::<crate::nn::MambaParams<f32>>::new(&model.config, AdamWConfig::default());
+    let mut optimizer =
+        AdamW::<crate::nn::MambaParams<f32>>::new(&model.config, AdamWConfig::default());
     let mut rng = Rng::new(seed ^ 0xBE_4C4);
     let vocab = config.vocab_size;
     let mut next_batch = || {

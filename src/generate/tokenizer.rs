@@ -145,8 +145,15 @@ impl Tokenizer {
             return Ok(None);
         }
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-        let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Format {
-            file: config_path.display().to_string(),
+        Self::from_model_config(&text, &config_path.display().to_string())
+    }
+
+    /// The built-in tokenizer a model's `config.json` text names
+    /// (`"tokenizer": "bytes"` or `{"chars": "..."}`), or none; `file`
+    /// names it in errors.
+    pub fn from_model_config(text: &str, file: &str) -> Result<Option<Self>> {
+        let config: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::Format {
+            file: file.to_string(),
             message: format!("not valid JSON: {e}"),
         })?;
         match config.get("tokenizer") {
@@ -154,7 +161,7 @@ impl Tokenizer {
             Some(serde_json::Value::String(name)) if name == "bytes" => Ok(Some(Tokenizer::Bytes)),
             Some(serde_json::Value::Object(map)) if map.contains_key("chars") => {
                 let bad = |message: String| Error::Format {
-                    file: config_path.display().to_string(),
+                    file: file.to_string(),
                     message,
                 };
                 let chars = map["chars"].as_str().ok_or_else(|| {
@@ -165,7 +172,7 @@ impl Tokenizer {
                     .map_err(|e| bad(format!("\"tokenizer\": {e}")))
             }
             Some(other) => Err(Error::Format {
-                file: config_path.display().to_string(),
+                file: file.to_string(),
                 message: format!(
                     "\"tokenizer\": {other} is not known; the built-in ones are \"bytes\" and \
                      {{\"chars\": \"...\"}} (otherwise put a tokenizer.json in the model directory)"

@@ -4,6 +4,7 @@
 //! described in docs/DESIGN.md §7 and §9.
 
 pub mod atomic;
+pub mod model_files;
 pub mod npy;
 pub mod safetensors;
 pub mod state_file;

@@ -47,6 +47,23 @@ impl DType {
     }
 }
 
+impl std::str::FromStr for DType {
+    type Err = crate::Error;
+    /// f32, f16, bf16 or f64 (any case; float32, float16, bfloat16, float64 too).
+    fn from_str(s: &str) -> crate::error::Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(DType::F32),
+            "f16" | "float16" => Ok(DType::F16),
+            "bf16" | "bfloat16" => Ok(DType::BF16),
+            "f64" | "float64" => Ok(DType::F64),
+            _ => Err(crate::error::invalid(
+                "DType",
+                format!("unknown dtype {s:?} (expected f32, f16, bf16 or f64)"),
+            )),
+        }
+    }
+}
+
 /// One tensor as stored: little-endian bytes, row-major.
 #[derive(Clone, Debug)]
 pub struct StoredTensor<'a> {
@@ -106,10 +123,27 @@ pub trait TensorSource {
     fn release(&self, _name: &str) {}
 }
 
-/// A memory-mapped `.safetensors` file.
+/// The bytes of a safetensors file: a read-only mapping of a file, or
+/// bytes built into the program.
+enum Bytes {
+    Mapped(Mmap),
+    Static(&'static [u8]),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Static(b) => b,
+        }
+    }
+}
+
+/// A `.safetensors` file, memory-mapped (or built into the program).
 pub struct SafetensorsFile {
     path: String,
-    mmap: Mmap,
+    mmap: Bytes,
     /// Byte range of each tensor's data within the mapping, with its
     /// dtype and shape, parsed once.
     index: BTreeMap<String, (DType, Vec<usize>, std::ops::Range<usize>)>,
@@ -123,6 +157,16 @@ impl SafetensorsFile {
         // SAFETY: the mapping is read-only; a file changed underneath us by
         // another process could give wrong numbers, as with any reader.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path_ref, e))?;
+        Self::parse(shown, Bytes::Mapped(mmap))
+    }
+
+    /// A safetensors file whose bytes are built into the program
+    /// (`include_bytes!`); `name` stands for its path in error messages.
+    pub fn from_static(name: &str, bytes: &'static [u8]) -> Result<Self> {
+        Self::parse(name.to_string(), Bytes::Static(bytes))
+    }
+
+    fn parse(shown: String, mmap: Bytes) -> Result<Self> {
         let st = SafeTensors::deserialize(&mmap).map_err(|e| Error::Format {
             file: shown.clone(),
             message: format!("not a valid safetensors file: {e}"),
@@ -166,6 +210,9 @@ impl TensorSource for SafetensorsFile {
         self.index.keys().cloned().collect()
     }
     fn release(&self, name: &str) {
+        let Bytes::Mapped(mmap) = &self.mmap else {
+            return;
+        };
         if let Some((_, _, range)) = self.index.get(name) {
             // Page-aligned interior of the tensor's bytes.
             let page = 4096;
@@ -176,7 +223,7 @@ impl TensorSource for SafetensorsFile {
                 // read again from the file if touched; no references into
                 // this range are alive (the caller copied the tensor out).
                 let _ = unsafe {
-                    self.mmap.unchecked_advise_range(
+                    mmap.unchecked_advise_range(
                         memmap2::UncheckedAdvice::DontNeed,
                         start,
                         end - start,

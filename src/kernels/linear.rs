@@ -83,6 +83,13 @@ impl WeightFormat {
     }
 }
 
+impl std::str::FromStr for WeightFormat {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        WeightFormat::parse(s)
+    }
+}
+
 #[derive(Clone, Debug)]
 enum Storage {
     F32(HugePageBuffer<f32>),

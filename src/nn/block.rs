@@ -104,6 +104,34 @@ impl BlockArch {
     }
 }
 
+impl std::str::FromStr for SsmLayer {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "s6" => Ok(SsmLayer::S6),
+            "s4d" => Ok(SsmLayer::S4d),
+            _ => Err(invalid(
+                "SsmLayer",
+                format!("unknown layer {s:?} (expected s6 or s4d)"),
+            )),
+        }
+    }
+}
+
+impl std::str::FromStr for BlockArch {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "mamba" => Ok(BlockArch::Mamba),
+            "nogate" => Ok(BlockArch::Nogate),
+            _ => Err(invalid(
+                "BlockArch",
+                format!("unknown block {s:?} (expected mamba or nogate)"),
+            )),
+        }
+    }
+}
+
 /// The sizes of a block: D, E, N, K, R and the norm's ε.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BlockShape {
@@ -127,6 +155,12 @@ pub trait Linear<T> {
     /// y (n) [+]= W[first_row .. first_row + n] · x (cols) on the calling
     /// thread: one thread's share of a decoding step's output rows.
     fn forward_rows(&self, x: &[T], first_row: usize, y: &mut [T], accumulate: bool) -> Result<()>;
+    /// The weight as row-major `T`, when it is stored so: the block then
+    /// multiplies by row ranges of it (x and z, dt_low, B and C) straight
+    /// into their own buffers instead of splitting one product.
+    fn dense(&self) -> Option<Dense<'_, T>> {
+        None
+    }
 }
 
 impl<T, L: Linear<T> + ?Sized> Linear<T> for &L {
@@ -141,6 +175,9 @@ impl<T, L: Linear<T> + ?Sized> Linear<T> for &L {
     }
     fn forward_rows(&self, x: &[T], first_row: usize, y: &mut [T], accumulate: bool) -> Result<()> {
         (**self).forward_rows(x, first_row, y, accumulate)
+    }
+    fn dense(&self) -> Option<Dense<'_, T>> {
+        (**self).dense()
     }
 }
 
@@ -177,9 +214,14 @@ impl<'a, T> Dense<'a, T> {
     pub fn new(weight: &'a [T], rows: usize, cols: usize) -> Self {
         Self { weight, rows, cols }
     }
-    /// Rows [r0, r1) as a weight of their own.
+    /// Rows [r0, r1) of the weight.
     fn row_range(&self, r0: usize, r1: usize) -> &'a [T] {
         &self.weight[r0 * self.cols..r1 * self.cols]
+    }
+
+    /// Rows [r0, r1) as a weight of their own.
+    fn rows_of(&self, r0: usize, r1: usize) -> Dense<'a, T> {
+        Dense::new(self.row_range(r0, r1), r1 - r0, self.cols)
     }
 }
 
@@ -205,6 +247,9 @@ impl<T: MatmulScalar> Linear<T> for Dense<'_, T> {
         )?;
         let w = self.row_range(first_row, first_row + n);
         matmul_xwt(x, w, 1, self.cols, n, y, accumulate)
+    }
+    fn dense(&self) -> Option<Dense<'_, T>> {
+        Some(*self)
     }
 }
 
@@ -634,19 +679,29 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
         self.norm(h, sized(&mut bufs.normed, rows * d))?;
         // x, z = u W_inᵀ (gated) or v = u W_inᵀ
         let in_rows = self.in_rows();
-        self.in_proj.forward(
-            &bufs.normed,
-            rows,
-            sized(&mut bufs.xz, rows * in_rows),
-            false,
-        )?;
-        if let Some(bias) = self.in_proj_bias {
-            add_row_bias(&mut bufs.xz, bias);
+        let split_in = self.conv.is_some() && self.in_proj.dense().is_some();
+        if let (true, Some(w)) = (split_in, self.in_proj.dense()) {
+            // straight into x and z: no (BL, 2E) product to split
+            let (x, z) = (sized(&mut bufs.x, rows * e), sized(&mut bufs.z, rows * e));
+            w.rows_of(0, e).forward(&bufs.normed, rows, x, false)?;
+            w.rows_of(e, 2 * e).forward(&bufs.normed, rows, z, false)?;
+            if let Some(bias) = self.in_proj_bias {
+                add_row_bias(x, &bias[..e]);
+                add_row_bias(z, &bias[e..]);
+            }
+        } else {
+            let xz = sized(&mut bufs.xz, rows * in_rows);
+            self.in_proj.forward(&bufs.normed, rows, xz, false)?;
+            if let Some(bias) = self.in_proj_bias {
+                add_row_bias(xz, bias);
+            }
         }
         if let Some(conv) = &self.conv {
-            sized(&mut bufs.x, rows * e);
-            sized(&mut bufs.z, rows * e);
-            split_columns(&bufs.xz, &mut [(&mut bufs.x, e), (&mut bufs.z, e)]);
+            if !split_in {
+                sized(&mut bufs.x, rows * e);
+                sized(&mut bufs.z, rows * e);
+                split_columns(&bufs.xz, &mut [(&mut bufs.x, e), (&mut bufs.z, e)]);
+            }
             // v = silu(conv1d(x) + b_conv)
             let shape = self.conv_shape(batch, len);
             let v = sized(&mut bufs.v, rows * e);
@@ -671,19 +726,24 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
         match &self.mixer {
             Mixer::S6(s6) => {
                 // dt_low, B, C = v W_xᵀ;  delta = dt_low W_dtᵀ
-                s6.x_proj.forward(
-                    &bufs.v,
-                    rows,
-                    sized(&mut bufs.x_dbl, rows * (r + 2 * n)),
-                    false,
-                )?;
-                sized(&mut bufs.dt_low, rows * r);
-                sized(&mut bufs.b, rows * n);
-                sized(&mut bufs.c, rows * n);
-                split_columns(
-                    &bufs.x_dbl,
-                    &mut [(&mut bufs.dt_low, r), (&mut bufs.b, n), (&mut bufs.c, n)],
+                let (dt_low, bm, cm) = (
+                    sized(&mut bufs.dt_low, rows * r),
+                    sized(&mut bufs.b, rows * n),
+                    sized(&mut bufs.c, rows * n),
                 );
+                match s6.x_proj.dense() {
+                    Some(w) => {
+                        w.rows_of(0, r).forward(&bufs.v, rows, dt_low, false)?;
+                        w.rows_of(r, r + n).forward(&bufs.v, rows, bm, false)?;
+                        w.rows_of(r + n, r + 2 * n)
+                            .forward(&bufs.v, rows, cm, false)?;
+                    }
+                    None => {
+                        let x_dbl = sized(&mut bufs.x_dbl, rows * (r + 2 * n));
+                        s6.x_proj.forward(&bufs.v, rows, x_dbl, false)?;
+                        split_columns(x_dbl, &mut [(dt_low, r), (bm, n), (cm, n)]);
+                    }
+                }
                 s6.dt_proj
                     .forward(&bufs.dt_low, rows, sized(&mut bufs.delta, rows * e), false)?;
                 let shape = self.scan_shape(batch, len);

@@ -105,6 +105,27 @@ impl MambaConfig {
                 return fail(field, "must be at least 1");
             }
         }
+        // Any size a file gives goes through this bound before a tree is
+        // built: products in u128 cannot overflow, and 2^40 parameters
+        // (4 TiB of f32; the largest Mamba has 2.8e9) is far past any model.
+        let count = self.param_count_wide();
+        if count > MAX_PARAMETERS {
+            return Err(invalid(
+                "config",
+                format!(
+                    "these sizes make {count} parameters, more than the {MAX_PARAMETERS} this \
+                     library accepts (d_model {}, n_layer {}, vocab_size {}, d_inner {}, \
+                     d_state {}, dt_rank {}, d_conv {})",
+                    self.d_model,
+                    self.n_layer,
+                    self.vocab_size,
+                    self.d_inner,
+                    self.d_state,
+                    self.dt_rank,
+                    self.d_conv
+                ),
+            ));
+        }
         if !(self.norm_eps > 0.0 && self.norm_eps.is_finite()) {
             return fail(
                 "norm_eps",
@@ -124,6 +145,32 @@ impl MambaConfig {
     }
 
     /// Number of parameters (the tied head counted once).
+    /// The parameter count in u128: no size can overflow it.
+    fn param_count_wide(&self) -> u128 {
+        let w = |v: usize| v as u128;
+        let (d, e, n, r, k, v) = (
+            w(self.d_model),
+            w(self.d_inner),
+            w(self.d_state),
+            w(self.dt_rank),
+            w(self.d_conv),
+            w(self.vocab_size),
+        );
+        let layer = 2 * d
+            + 2 * e * d
+            + e * k
+            + e
+            + (r + 2 * n) * e
+            + e * r
+            + 2 * e
+            + e * n
+            + d * e
+            + 2 * e
+            + d;
+        let head = if self.tie_embeddings { 0 } else { v * d };
+        v * d + w(self.n_layer) * layer + 2 * d + head
+    }
+
     pub fn n_params(&self) -> usize {
         let (d, e, n, r, k) = (
             self.d_model,
@@ -162,6 +209,7 @@ impl MambaConfig {
             file: source.to_string(),
             message: "the top level is not a JSON object".into(),
         })?;
+        check_model_type(obj, source)?;
         let r = Reader { obj, source };
         let (config, format) = if obj.contains_key("d_model") {
             (r.original()?, ConfigFormat::Original)
@@ -406,4 +454,44 @@ mod tests {
             );
         }
     }
+}
+
+/// The most parameters a configuration may have (see [`MambaConfig::validate`]).
+pub const MAX_PARAMETERS: u128 = 1 << 40;
+
+/// The architectures this library reads, as config.json names them.
+pub const SUPPORTED_ARCHITECTURES: &str = "model_type \"mamba\" (architectures MambaForCausalLM, \
+MambaModel, MambaLMHeadModel), or a state-spaces config.json without model_type";
+
+/// `model_type` and `architectures`, when given, must name Mamba-1: a
+/// Mamba-2, Falcon-Mamba or other model read as Mamba-1 would load its
+/// tensors under wrong equations or fail later with a puzzling shape error.
+fn check_model_type(obj: &serde_json::Map<String, Value>, source: &str) -> Result<()> {
+    let refuse = |what: String| {
+        Err(Error::Format {
+            file: source.to_string(),
+            message: format!("{what} is not supported; supported: {SUPPORTED_ARCHITECTURES}"),
+        })
+    };
+    match obj.get("model_type") {
+        None => {}
+        Some(Value::String(t)) if t == "mamba" => {}
+        Some(other) => return refuse(format!("model_type {other}")),
+    }
+    match obj.get("architectures") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(names)) => {
+            for name in names {
+                let known = matches!(
+                    name.as_str(),
+                    Some("MambaForCausalLM" | "MambaModel" | "MambaLMHeadModel")
+                );
+                if !known {
+                    return refuse(format!("architecture {name}"));
+                }
+            }
+        }
+        Some(other) => return refuse(format!("architectures {other}")),
+    }
+    Ok(())
 }

@@ -1,21 +1,15 @@
-//! The Mamba language model (docs/DESIGN.md §6, §7): forward and backward over
-//! batches of token sequences, loading, saving and initialisation.
+//! The Mamba language model (docs/DESIGN.md §6, §7): embedding, the blocks
+//! of [`super::block`] and the head; forward and backward over batches of
+//! token sequences, and initialisation. Its files are read and written by
+//! [`crate::io::model_files`].
 //!
 //! ```text
 //! h = E[ids]                                              (BL, D)
-//! per layer:  u = norm(h)                                 (BL, D)
-//!             x = u W_inxᵀ,  z = u W_inzᵀ                  (BL, E) each
-//!             xs = silu(conv1d(x) + b_conv)               (BL, E)
-//!             dt_low, B, C = xs W_xᵀ  split [R, N, N]       (BL, R), (BL, N), (BL, N)
-//!             delta = dt_low W_dtᵀ                         (BL, E)   (bias and softplus in the scan)
-//!             y = selective_scan(xs, delta, -exp(A_log), B, C, D, z, b_dt)   (BL, E)
-//!             h = h + y W_outᵀ                             (BL, D)
+//! per layer:  h = h + block(h)                            (BL, D)   src/nn/block.rs
 //! logits = norm_f(h) Eᵀ                                   (BL, V)
 //! ```
 //! BL = batch · len rows, token-major. The residual stream h stays in the
 //! compute type (f32 or f64), as the official `residual_in_fp32`.
-
-use std::path::Path;
 
 use super::block::{
     norm_backward, norm_forward, Block, BlockCache, BlockGradients, BlockScalar, ChunkBuffers,
@@ -23,11 +17,7 @@ use super::block::{
 };
 use super::config::MambaConfig;
 use super::params::{LayerParams, MambaParams, ParamInfo};
-use crate::error::{invalid, Error, Result};
-use crate::io::torch::TorchCheckpoint;
-use crate::io::{
-    encode, write_atomically, write_safetensors, DType, SafetensorsFile, TensorSource,
-};
+use crate::error::{invalid, Result};
 use crate::kernels::{matmul_xtw, matmul_xw, matmul_xwt, MatmulScalar};
 use crate::rng::Rng;
 
@@ -50,139 +40,6 @@ pub struct ForwardCache<T> {
 }
 
 impl<T: BlockScalar> Mamba<T> {
-    /// Loads `dir/config.json` (either dialect) and the weights:
-    /// `model.safetensors`, a sharded `model.safetensors.index.json`, or
-    /// the original `pytorch_model.bin`.
-    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
-        let dir = dir.as_ref();
-        let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-        let (config, _) = MambaConfig::from_json_str(&text, &config_path.display().to_string())?;
-        let single = dir.join("model.safetensors");
-        let index = dir.join("model.safetensors.index.json");
-        let torch = dir.join("pytorch_model.bin");
-        if single.exists() {
-            Self::from_source(config, &SafetensorsFile::open(&single)?)
-        } else if index.exists() {
-            Self::from_source(config, &ShardedSafetensors::open(&index)?)
-        } else if torch.exists() {
-            Self::from_source(config, &TorchCheckpoint::open(&torch)?)
-        } else {
-            Err(Error::Format {
-                file: dir.display().to_string(),
-                message: "no model.safetensors, model.safetensors.index.json or pytorch_model.bin in this directory"
-                    .into(),
-            })
-        }
-    }
-
-    /// Builds the model from named tensors, checking every name, shape and
-    /// dtype. Accepts both spellings of the embedding, a stored or absent
-    /// tied head, conv1d weights as (E, 1, K) or (E, K), and an embedding
-    /// with fewer rows than the padded vocabulary (padded with zeros).
-    pub fn from_source(config: MambaConfig, source: &dyn TensorSource) -> Result<Self> {
-        config.validate()?;
-        let file = source.file().to_string();
-        let mut params = MambaParams::<T>::zeros(&config);
-        let mut used = std::collections::BTreeSet::new();
-        for (info, dst) in params.tensors_mut(&config) {
-            let aliases: &[&str] = if info.name == "backbone.embeddings.weight" {
-                &["backbone.embeddings.weight", "backbone.embedding.weight"]
-            } else {
-                &[]
-            };
-            let names: Vec<&str> = if aliases.is_empty() {
-                vec![info.name.as_str()]
-            } else {
-                aliases.to_vec()
-            };
-            let mut found = None;
-            for name in &names {
-                if let Some(t) = source.tensor(name)? {
-                    found = Some((name.to_string(), t));
-                    break;
-                }
-            }
-            let (name, t) = found.ok_or_else(|| Error::Tensor {
-                file: file.clone(),
-                tensor: info.name.clone(),
-                message: format!("missing (expected shape {:?})", info.shape),
-            })?;
-            used.insert(name.clone());
-            let values = t.to_vec::<T>(&file, &name)?;
-            let (t_shape, t_dtype) = (t.shape.clone(), t.dtype);
-            drop(t);
-            source.release(&name);
-            let shape_err = || Error::Tensor {
-                file: file.clone(),
-                tensor: name.clone(),
-                message: format!(
-                    "expected shape {:?}, found {:?} ({})",
-                    info.shape,
-                    t_shape,
-                    t_dtype.name()
-                ),
-            };
-            if info.name == "backbone.embeddings.weight" {
-                // Fewer stored rows than the padded vocabulary: pad with zeros.
-                let ok = t_shape.len() == 2
-                    && t_shape[1] == info.shape[1]
-                    && t_shape[0] <= info.shape[0];
-                if !ok {
-                    return Err(shape_err());
-                }
-                dst[..values.len()].copy_from_slice(&values);
-            } else {
-                let conv_2d = info.shape.len() == 3 && t_shape == [info.shape[0], info.shape[2]];
-                if t_shape != info.shape && !conv_2d {
-                    return Err(shape_err());
-                }
-                dst.copy_from_slice(&values);
-            }
-        }
-        for name in source.names() {
-            if used.contains(&name) {
-                continue;
-            }
-            // A tied head stored anyway (the official checkpoints do) is the embedding.
-            if name == "lm_head.weight" && config.tie_embeddings {
-                continue;
-            }
-            return Err(Error::Tensor {
-                file,
-                tensor: name,
-                message: "is not a parameter of this configuration (check config.json)".into(),
-            });
-        }
-        Ok(Self { config, params })
-    }
-
-    /// Writes `dir/config.json` (Hugging Face dialect) and
-    /// `dir/model.safetensors` with the weights in `dtype`, each atomically.
-    pub fn save(&self, dir: impl AsRef<Path>, dtype: DType) -> Result<()> {
-        let dir = dir.as_ref();
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let tensors: Vec<(String, DType, Vec<usize>, Vec<u8>)> = self
-            .params
-            .tensors(&self.config)
-            .into_iter()
-            .map(|(info, data)| (info.name, dtype, info.shape, encode(data, dtype)))
-            .collect();
-        let mut meta = std::collections::HashMap::new();
-        meta.insert("format".to_string(), "pt".to_string());
-        write_safetensors(&dir.join("model.safetensors"), &tensors, Some(meta))?;
-        let mut config = self.config.to_hugging_face_json();
-        config["torch_dtype"] = match dtype {
-            DType::F32 => "float32",
-            DType::F16 => "float16",
-            DType::BF16 => "bfloat16",
-            DType::F64 => "float64",
-        }
-        .into();
-        let text = serde_json::to_string_pretty(&config).expect("a JSON value serialises");
-        write_atomically(&dir.join("config.json"), text.as_bytes())
-    }
-
     /// Names, shapes and kinds of every parameter.
     pub fn parameter_infos(&self) -> Vec<ParamInfo> {
         self.params
@@ -503,57 +360,6 @@ pub fn next_token_cross_entropy<T: MatmulScalar>(
         }
     }
     Ok((loss / count, grad))
-}
-
-/// A Hugging Face sharded checkpoint: `model.safetensors.index.json` with a
-/// `weight_map` from tensor name to shard file.
-struct ShardedSafetensors {
-    path: String,
-    shards: Vec<SafetensorsFile>,
-}
-
-impl ShardedSafetensors {
-    fn open(index: &Path) -> Result<Self> {
-        let shown = index.display().to_string();
-        let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Format {
-            file: shown.clone(),
-            message: format!("not valid JSON: {e}"),
-        })?;
-        let map = v["weight_map"].as_object().ok_or_else(|| Error::Format {
-            file: shown.clone(),
-            message: "no `weight_map` object".into(),
-        })?;
-        let mut files: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
-        files.sort_unstable();
-        files.dedup();
-        let dir = index.parent().unwrap_or(Path::new("."));
-        let shards = files
-            .iter()
-            .map(|f| SafetensorsFile::open(dir.join(f)))
-            .collect::<Result<_>>()?;
-        Ok(Self {
-            path: shown,
-            shards,
-        })
-    }
-}
-
-impl TensorSource for ShardedSafetensors {
-    fn file(&self) -> &str {
-        &self.path
-    }
-    fn names(&self) -> Vec<String> {
-        self.shards.iter().flat_map(|s| s.names()).collect()
-    }
-    fn tensor(&self, name: &str) -> Result<Option<crate::io::StoredTensor<'_>>> {
-        for s in &self.shards {
-            if let Some(t) = s.tensor(name)? {
-                return Ok(Some(t));
-            }
-        }
-        Ok(None)
-    }
 }
 
 /// Moves one block's gradients into the layer's place in the gradient tree.

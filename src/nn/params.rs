@@ -78,325 +78,138 @@ pub struct ParamInfo {
     pub kind: ParamKind,
 }
 
-impl<T: Clone> MambaParams<T> {
-    /// Every tensor with its name, shape and kind, in a fixed order.
-    pub fn tensors(&self, c: &MambaConfig) -> Vec<(ParamInfo, &Vec<T>)> {
-        let mut out = Vec::new();
-        visit(c, |info, sel| {
-            let t = match sel {
-                Sel::Embedding => Some(&self.embedding),
-                Sel::NormF => Some(&self.norm_f_weight),
-                Sel::NormFBias => self.norm_f_bias.as_ref(),
-                Sel::LmHead => self.lm_head.as_ref(),
-                Sel::Layer(i, f) => layer_field(&self.layers[i], f),
-            };
-            if let Some(t) = t {
-                out.push((info, t));
+/// The one declaration of the tree: every tensor's checkpoint name, shape
+/// and kind beside the field that holds it, in checkpoint order. Expanded
+/// twice, over `&` and `&mut` (`[$($m)?]`, `$iter`, `$opt` choose which);
+/// `$f(info, tensor)` is called for each tensor the tree holds (optional
+/// ones only when present: [`MambaParams::zeros`] decides which from the
+/// configuration).
+macro_rules! for_each_tensor {
+    ($params:expr, $config:expr, [$($m:tt)?], $iter:ident, $opt:ident, $f:expr) => {{
+        let c: &MambaConfig = $config;
+        let (d, e, n, r, k, v) = (c.d_model, c.d_inner, c.d_state, c.dt_rank, c.d_conv, c.vocab_size);
+        let p = $params;
+        let mut f = $f;
+        let mut t = |name: String, shape: Vec<usize>, kind: ParamKind, tensor| {
+            f(ParamInfo { name, shape, kind }, tensor)
+        };
+        use ParamKind::{Bias, Embedding, Norm, Ssm, Weight};
+        t("backbone.embeddings.weight".into(), vec![v, d], Embedding, & $($m)? p.embedding);
+        for (i, l) in p.layers.$iter().enumerate() {
+            let pre = format!("backbone.layers.{i}");
+            t(format!("{pre}.norm.weight"), vec![d], Norm, & $($m)? l.norm_weight);
+            if let Some(b) = l.norm_bias.$opt() {
+                t(format!("{pre}.norm.bias"), vec![d], Norm, b);
             }
-        });
+            let x = & $($m)? l.mixer;
+            t(format!("{pre}.mixer.A_log"), vec![e, n], Ssm, & $($m)? x.a_log);
+            t(format!("{pre}.mixer.D"), vec![e], Ssm, & $($m)? x.d);
+            t(format!("{pre}.mixer.conv1d.weight"), vec![e, 1, k], Weight, & $($m)? x.conv1d_weight);
+            if let Some(b) = x.conv1d_bias.$opt() {
+                t(format!("{pre}.mixer.conv1d.bias"), vec![e], Bias, b);
+            }
+            t(format!("{pre}.mixer.in_proj.weight"), vec![2 * e, d], Weight, & $($m)? x.in_proj_weight);
+            if let Some(b) = x.in_proj_bias.$opt() {
+                t(format!("{pre}.mixer.in_proj.bias"), vec![2 * e], Bias, b);
+            }
+            t(format!("{pre}.mixer.x_proj.weight"), vec![r + 2 * n, e], Weight, & $($m)? x.x_proj_weight);
+            t(format!("{pre}.mixer.dt_proj.weight"), vec![e, r], Weight, & $($m)? x.dt_proj_weight);
+            t(format!("{pre}.mixer.dt_proj.bias"), vec![e], Bias, & $($m)? x.dt_proj_bias);
+            t(format!("{pre}.mixer.out_proj.weight"), vec![d, e], Weight, & $($m)? x.out_proj_weight);
+            if let Some(b) = x.out_proj_bias.$opt() {
+                t(format!("{pre}.mixer.out_proj.bias"), vec![d], Bias, b);
+            }
+        }
+        t("backbone.norm_f.weight".into(), vec![d], Norm, & $($m)? p.norm_f_weight);
+        if let Some(b) = p.norm_f_bias.$opt() {
+            t("backbone.norm_f.bias".into(), vec![d], Norm, b);
+        }
+        if let Some(h) = p.lm_head.$opt() {
+            t("lm_head.weight".into(), vec![v, d], Weight, h);
+        }
+    }};
+}
+
+impl<T> MambaParams<T> {
+    /// Every tensor with its name, shape and kind, in a fixed order.
+    pub fn tensors<'a>(&'a self, c: &MambaConfig) -> Vec<(ParamInfo, &'a Vec<T>)> {
+        let mut out = Vec::new();
+        for_each_tensor!(self, c, [], iter, as_ref, |info, t: &'a Vec<T>| out
+            .push((info, t)));
         out
     }
 
     /// Mutable access to every tensor, in the order of [`Self::tensors`].
-    pub fn tensors_mut(&mut self, c: &MambaConfig) -> Vec<(ParamInfo, &mut Vec<T>)> {
-        let mut infos = Vec::new();
-        visit(c, |info, sel| infos.push((info, sel)));
-        let MambaParams {
-            embedding,
-            layers,
-            norm_f_weight,
-            norm_f_bias,
-            lm_head,
-        } = self;
-        let mut emb = Some(embedding);
-        let mut nf = Some(norm_f_weight);
-        let mut nfb = norm_f_bias.as_mut();
-        let mut head = lm_head.as_mut();
-        let mut layer_fields: Vec<Vec<Option<&mut Vec<T>>>> =
-            layers.iter_mut().map(layer_fields_mut).collect();
+    pub fn tensors_mut<'a>(&'a mut self, c: &MambaConfig) -> Vec<(ParamInfo, &'a mut Vec<T>)> {
         let mut out = Vec::new();
-        for (info, sel) in infos {
-            let t = match sel {
-                Sel::Embedding => emb.take(),
-                Sel::NormF => nf.take(),
-                Sel::NormFBias => nfb.take(),
-                Sel::LmHead => head.take(),
-                Sel::Layer(i, f) => layer_fields[i][f as usize].take(),
-            };
-            if let Some(t) = t {
-                out.push((info, t));
-            }
-        }
+        for_each_tensor!(self, c, [mut], iter_mut, as_mut, |info, t: &'a mut Vec<T>| out
+            .push((info, t)));
         out
     }
+}
 
-    /// A tree of the same shape filled with `value`.
-    pub fn filled<U: Clone>(&self, value: U) -> MambaParams<U> {
-        let f = |v: &Vec<T>| vec![value.clone(); v.len()];
-        let fo = |v: &Option<Vec<T>>| v.as_ref().map(f);
+impl<T> MambaParams<T> {
+    /// The tree of `c` with every tensor empty (nothing allocated): the
+    /// optional tensors present as the configuration says.
+    fn skeleton(c: &MambaConfig) -> Self {
+        let opt = |present: bool| present.then(Vec::new);
         MambaParams {
-            embedding: f(&self.embedding),
-            layers: self
-                .layers
-                .iter()
-                .map(|l| LayerParams {
-                    norm_weight: f(&l.norm_weight),
-                    norm_bias: fo(&l.norm_bias),
+            embedding: Vec::new(),
+            layers: (0..c.n_layer)
+                .map(|_| LayerParams {
+                    norm_weight: Vec::new(),
+                    norm_bias: opt(!c.rms_norm),
                     mixer: MixerParams {
-                        in_proj_weight: f(&l.mixer.in_proj_weight),
-                        in_proj_bias: fo(&l.mixer.in_proj_bias),
-                        conv1d_weight: f(&l.mixer.conv1d_weight),
-                        conv1d_bias: fo(&l.mixer.conv1d_bias),
-                        x_proj_weight: f(&l.mixer.x_proj_weight),
-                        dt_proj_weight: f(&l.mixer.dt_proj_weight),
-                        dt_proj_bias: f(&l.mixer.dt_proj_bias),
-                        a_log: f(&l.mixer.a_log),
-                        d: f(&l.mixer.d),
-                        out_proj_weight: f(&l.mixer.out_proj_weight),
-                        out_proj_bias: fo(&l.mixer.out_proj_bias),
+                        in_proj_weight: Vec::new(),
+                        in_proj_bias: opt(c.proj_bias),
+                        conv1d_weight: Vec::new(),
+                        conv1d_bias: opt(c.conv_bias),
+                        x_proj_weight: Vec::new(),
+                        dt_proj_weight: Vec::new(),
+                        dt_proj_bias: Vec::new(),
+                        a_log: Vec::new(),
+                        d: Vec::new(),
+                        out_proj_weight: Vec::new(),
+                        out_proj_bias: opt(c.proj_bias),
                     },
                 })
                 .collect(),
-            norm_f_weight: f(&self.norm_f_weight),
-            norm_f_bias: fo(&self.norm_f_bias),
-            lm_head: fo(&self.lm_head),
+            norm_f_weight: Vec::new(),
+            norm_f_bias: opt(!c.rms_norm),
+            lm_head: opt(!c.tie_embeddings),
         }
     }
-}
 
-/// Which tensor a name refers to.
-#[derive(Clone, Copy, Debug)]
-enum Sel {
-    Embedding,
-    NormF,
-    NormFBias,
-    LmHead,
-    Layer(usize, LayerField),
-}
-
-#[derive(Clone, Copy, Debug)]
-enum LayerField {
-    Norm = 0,
-    NormBias,
-    InProj,
-    InProjBias,
-    Conv,
-    ConvBias,
-    XProj,
-    DtProj,
-    DtBias,
-    ALog,
-    D,
-    OutProj,
-    OutProjBias,
-}
-
-fn layer_field<T>(l: &LayerParams<T>, f: LayerField) -> Option<&Vec<T>> {
-    let m = &l.mixer;
-    match f {
-        LayerField::Norm => Some(&l.norm_weight),
-        LayerField::NormBias => l.norm_bias.as_ref(),
-        LayerField::InProj => Some(&m.in_proj_weight),
-        LayerField::InProjBias => m.in_proj_bias.as_ref(),
-        LayerField::Conv => Some(&m.conv1d_weight),
-        LayerField::ConvBias => m.conv1d_bias.as_ref(),
-        LayerField::XProj => Some(&m.x_proj_weight),
-        LayerField::DtProj => Some(&m.dt_proj_weight),
-        LayerField::DtBias => Some(&m.dt_proj_bias),
-        LayerField::ALog => Some(&m.a_log),
-        LayerField::D => Some(&m.d),
-        LayerField::OutProj => Some(&m.out_proj_weight),
-        LayerField::OutProjBias => m.out_proj_bias.as_ref(),
-    }
-}
-
-/// The fields of a layer in [`LayerField`] order.
-fn layer_fields_mut<T>(l: &mut LayerParams<T>) -> Vec<Option<&mut Vec<T>>> {
-    let m = &mut l.mixer;
-    vec![
-        Some(&mut l.norm_weight),
-        l.norm_bias.as_mut(),
-        Some(&mut m.in_proj_weight),
-        m.in_proj_bias.as_mut(),
-        Some(&mut m.conv1d_weight),
-        m.conv1d_bias.as_mut(),
-        Some(&mut m.x_proj_weight),
-        Some(&mut m.dt_proj_weight),
-        Some(&mut m.dt_proj_bias),
-        Some(&mut m.a_log),
-        Some(&mut m.d),
-        Some(&mut m.out_proj_weight),
-        m.out_proj_bias.as_mut(),
-    ]
-}
-
-/// Calls `f` for every parameter the configuration has, with its name,
-/// checkpoint shape and kind.
-fn visit(c: &MambaConfig, mut f: impl FnMut(ParamInfo, Sel)) {
-    let (d, e, n, r, k, v) = (
-        c.d_model,
-        c.d_inner,
-        c.d_state,
-        c.dt_rank,
-        c.d_conv,
-        c.vocab_size,
-    );
-    let mut p = |name: String, shape: Vec<usize>, kind: ParamKind, sel: Sel| {
-        f(ParamInfo { name, shape, kind }, sel)
-    };
-    p(
-        "backbone.embeddings.weight".into(),
-        vec![v, d],
-        ParamKind::Embedding,
-        Sel::Embedding,
-    );
-    for i in 0..c.n_layer {
-        let pre = format!("backbone.layers.{i}");
-        let l = |f: LayerField| Sel::Layer(i, f);
-        p(
-            format!("{pre}.norm.weight"),
-            vec![d],
-            ParamKind::Norm,
-            l(LayerField::Norm),
-        );
-        if !c.rms_norm {
-            p(
-                format!("{pre}.norm.bias"),
-                vec![d],
-                ParamKind::Norm,
-                l(LayerField::NormBias),
-            );
-        }
-        let m = format!("{pre}.mixer");
-        p(
-            format!("{m}.A_log"),
-            vec![e, n],
-            ParamKind::Ssm,
-            l(LayerField::ALog),
-        );
-        p(format!("{m}.D"), vec![e], ParamKind::Ssm, l(LayerField::D));
-        p(
-            format!("{m}.conv1d.weight"),
-            vec![e, 1, k],
-            ParamKind::Weight,
-            l(LayerField::Conv),
-        );
-        if c.conv_bias {
-            p(
-                format!("{m}.conv1d.bias"),
-                vec![e],
-                ParamKind::Bias,
-                l(LayerField::ConvBias),
-            );
-        }
-        p(
-            format!("{m}.in_proj.weight"),
-            vec![2 * e, d],
-            ParamKind::Weight,
-            l(LayerField::InProj),
-        );
-        if c.proj_bias {
-            p(
-                format!("{m}.in_proj.bias"),
-                vec![2 * e],
-                ParamKind::Bias,
-                l(LayerField::InProjBias),
-            );
-        }
-        p(
-            format!("{m}.x_proj.weight"),
-            vec![r + 2 * n, e],
-            ParamKind::Weight,
-            l(LayerField::XProj),
-        );
-        p(
-            format!("{m}.dt_proj.weight"),
-            vec![e, r],
-            ParamKind::Weight,
-            l(LayerField::DtProj),
-        );
-        p(
-            format!("{m}.dt_proj.bias"),
-            vec![e],
-            ParamKind::Bias,
-            l(LayerField::DtBias),
-        );
-        p(
-            format!("{m}.out_proj.weight"),
-            vec![d, e],
-            ParamKind::Weight,
-            l(LayerField::OutProj),
-        );
-        if c.proj_bias {
-            p(
-                format!("{m}.out_proj.bias"),
-                vec![d],
-                ParamKind::Bias,
-                l(LayerField::OutProjBias),
-            );
-        }
-    }
-    p(
-        "backbone.norm_f.weight".into(),
-        vec![d],
-        ParamKind::Norm,
-        Sel::NormF,
-    );
-    if !c.rms_norm {
-        p(
-            "backbone.norm_f.bias".into(),
-            vec![d],
-            ParamKind::Norm,
-            Sel::NormFBias,
-        );
-    }
-    if !c.tie_embeddings {
-        p(
-            "lm_head.weight".into(),
-            vec![v, d],
-            ParamKind::Weight,
-            Sel::LmHead,
-        );
+    /// Name, shape and kind of every tensor of `c`, in the order of
+    /// [`Self::tensors`], without allocating any: what a loader checks a
+    /// file against before it allocates.
+    pub fn infos(c: &MambaConfig) -> Vec<ParamInfo> {
+        let skeleton = MambaParams::<T>::skeleton(c);
+        skeleton
+            .tensors(c)
+            .into_iter()
+            .map(|(info, _)| info)
+            .collect()
     }
 }
 
 impl<T: Clone + Default> MambaParams<T> {
-    /// A tree of zeros with the shapes of `c`.
+    /// A tree of zeros with the shapes of `c`: the optional tensors present
+    /// as the configuration says, every size from the declaration above.
     pub fn zeros(c: &MambaConfig) -> Self {
-        let (d, e, n, r, k, v) = (
-            c.d_model,
-            c.d_inner,
-            c.d_state,
-            c.dt_rank,
-            c.d_conv,
-            c.vocab_size,
-        );
-        let z = |len: usize| vec![T::default(); len];
-        let zo = |yes: bool, len: usize| yes.then(|| vec![T::default(); len]);
-        MambaParams {
-            embedding: z(v * d),
-            layers: (0..c.n_layer)
-                .map(|_| LayerParams {
-                    norm_weight: z(d),
-                    norm_bias: zo(!c.rms_norm, d),
-                    mixer: MixerParams {
-                        in_proj_weight: z(2 * e * d),
-                        in_proj_bias: zo(c.proj_bias, 2 * e),
-                        conv1d_weight: z(e * k),
-                        conv1d_bias: zo(c.conv_bias, e),
-                        x_proj_weight: z((r + 2 * n) * e),
-                        dt_proj_weight: z(e * r),
-                        dt_proj_bias: z(e),
-                        a_log: z(e * n),
-                        d: z(e),
-                        out_proj_weight: z(d * e),
-                        out_proj_bias: zo(c.proj_bias, d),
-                    },
-                })
-                .collect(),
-            norm_f_weight: z(d),
-            norm_f_bias: zo(!c.rms_norm, d),
-            lm_head: zo(!c.tie_embeddings, v * d),
+        let mut p = Self::skeleton(c);
+        for (info, t) in p.tensors_mut(c) {
+            t.resize(info.shape.iter().product(), T::default());
         }
+        p
+    }
+
+    /// A tree of the same shapes with every value `value`.
+    pub fn filled(&self, c: &MambaConfig, value: T) -> Self {
+        let mut out = self.clone();
+        for (_, t) in out.tensors_mut(c) {
+            t.fill(value.clone());
+        }
+        out
     }
 }

@@ -436,6 +436,20 @@ pub enum EvalMode {
     Step,
 }
 
+impl std::str::FromStr for EvalMode {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "chunked" => Ok(EvalMode::Chunked),
+            "step" => Ok(EvalMode::Step),
+            _ => Err(invalid(
+                "EvalMode",
+                format!("unknown evaluation mode {s:?} (expected chunked or step)"),
+            )),
+        }
+    }
+}
+
 /// Induction-heads accuracy at every length of `lengths`, `samples`
 /// sequences each (run `batch` at a time), the sequences generated chunk
 /// by chunk and run from a carried state: memory does not grow with the

@@ -5,16 +5,17 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod model_source;
 mod task;
+use model_source::ModelSource;
 use selective::bench::bench_training;
 use selective::bench::generation::{
     bench_generation, peak_resident_bytes, prefill_scaling, resident_bytes,
 };
 use selective::bench::scan::time_scan;
 use selective::generate::sampling::SamplingConfig;
-use selective::generate::text_stream::{StopStrings, TextStream};
 use selective::generate::tokenizer::Tokenizer;
-use selective::generate::{generate, FinishReason, GenerateOptions};
+use selective::generate::{generate, options_for, TextGenerator};
 use selective::io::npy::NpyWriter;
 use selective::io::{load_sequence, save_sequence, DType};
 use selective::kernels::WeightFormat;
@@ -39,9 +40,10 @@ enum Command {
     /// Mean negative log-likelihood per token and perplexity of a text
     /// (like llama-perplexity, or lm-eval's loglikelihood).
     Score {
-        /// Model directory: config.json + model.safetensors (or pytorch_model.bin).
+        /// Model directory: config.json + model.safetensors (or
+        /// pytorch_model.bin); default: the built-in Shakespeare model.
         #[arg(long)]
-        model: PathBuf,
+        model: Option<PathBuf>,
         /// Text to score, tokenised with the model directory's tokenizer.json.
         #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
         text_file: Option<PathBuf>,
@@ -57,9 +59,10 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
         /// Score with the weights in this format (f32 arithmetic), through
-        /// the inference path; without it, the f32 training forward.
-        #[arg(long, value_enum)]
-        dtype: Option<WeightType>,
+        /// the inference path (f32, bf16, f16 or q8); without it, the f32
+        /// training forward.
+        #[arg(long)]
+        dtype: Option<WeightFormat>,
         /// With --dtype: score one token at a time through the decoding
         /// step, the path generation takes, instead of chunked prefill.
         #[arg(long, requires = "dtype")]
@@ -73,8 +76,9 @@ enum Command {
         model: PathBuf,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, value_enum, default_value_t = StorageType::F32)]
-        dtype: StorageType,
+        /// The stored dtype: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: DType,
     },
     /// Write a freshly initialised model (official initialisation) as a
     /// Hugging Face-layout directory.
@@ -94,8 +98,9 @@ enum Command {
         d_state: Option<usize>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        #[arg(long, value_enum, default_value_t = StorageType::F32)]
-        dtype: StorageType,
+        /// The stored dtype: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: DType,
     },
     /// Train a language model on a text file (byte-level, or a
     /// tokenizer.json): AdamW, warm-up + cosine, checkpoints, --resume.
@@ -203,9 +208,9 @@ struct GenerateArgs {
     print_ids: bool,
     #[arg(long)]
     threads: Option<usize>,
-    /// Weight format for the projections and embedding.
-    #[arg(long, value_enum, default_value_t = WeightType::F32)]
-    dtype: WeightType,
+    /// Weight format for the projections and embedding: f32, bf16, f16 or q8.
+    #[arg(long, default_value = "f32")]
+    dtype: WeightFormat,
     /// After generating, save the sequence's state here (fixed size).
     #[arg(long)]
     save_state: Option<PathBuf>,
@@ -318,9 +323,9 @@ struct BenchArgs {
     reps: usize,
     #[arg(long)]
     threads: Option<usize>,
-    /// Weight formats to time, comma separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "f32")]
-    dtype: Vec<WeightType>,
+    /// Weight formats to time, comma separated (f32, bf16, f16, q8).
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    dtype: Vec<WeightFormat>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -369,42 +374,6 @@ impl Preset {
             vocab_size.unwrap_or(vocab),
             d_state.unwrap_or(16),
         )
-    }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum WeightType {
-    F32,
-    Bf16,
-    F16,
-    Q8,
-}
-
-impl From<WeightType> for WeightFormat {
-    fn from(t: WeightType) -> Self {
-        match t {
-            WeightType::F32 => WeightFormat::F32,
-            WeightType::Bf16 => WeightFormat::Bf16,
-            WeightType::F16 => WeightFormat::F16,
-            WeightType::Q8 => WeightFormat::Q8,
-        }
-    }
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum StorageType {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl From<StorageType> for DType {
-    fn from(t: StorageType) -> Self {
-        match t {
-            StorageType::F32 => DType::F32,
-            StorageType::F16 => DType::F16,
-            StorageType::Bf16 => DType::BF16,
-        }
     }
 }
 
@@ -457,7 +426,17 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads.unwrap_or(0))
                 .build()?;
-            pool.install(|| score(&model, text_file, ids, json, logits_out, dtype, stepwise))
+            pool.install(|| {
+                score(
+                    &ModelSource::new(model),
+                    text_file,
+                    ids,
+                    json,
+                    logits_out,
+                    dtype,
+                    stepwise,
+                )
+            })
         }
         Command::Generate(args) => {
             let pool = rayon::ThreadPoolBuilder::new()
@@ -553,19 +532,20 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 }
 
 fn score(
-    dir: &PathBuf,
+    source: &ModelSource,
     text_file: Option<PathBuf>,
     ids_file: Option<PathBuf>,
     json: bool,
     logits_out: Option<PathBuf>,
-    dtype: Option<WeightType>,
+    dtype: Option<WeightFormat>,
     stepwise: bool,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     if dtype.is_some() && logits_out.is_some() {
         return Err("--logits-out works with the f32 training forward only; drop --dtype".into());
     }
     let t0 = Instant::now();
-    let model = Mamba::<f32>::from_dir(dir)?;
+    let model = source.load()?;
+    let tokenizer = source.tokenizer()?;
     let inference = match dtype {
         Some(t) => Some(InferenceModel::from_mamba(model.clone(), t.into())?),
         None => None,
@@ -575,10 +555,10 @@ fn score(
         (Some(path), _) => {
             let text =
                 std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let tokenizer = Tokenizer::for_model_dir(dir)?.ok_or_else(|| {
+            let tokenizer = tokenizer.as_ref().ok_or_else(|| {
                 format!(
                     "{}: no tokenizer.json to tokenise the text; pass --ids instead",
-                    dir.display()
+                    source.name()
                 )
             })?;
             tokenizer.encode(&text)?
@@ -598,7 +578,7 @@ fn score(
     let vocab = model.config.vocab_size;
     // Padding rows of the embedding are not tokens: scoring one is an error,
     // not a count (the text path cannot produce them).
-    if let Some(tokenizer) = Tokenizer::for_model_dir(dir)? {
+    if let Some(tokenizer) = &tokenizer {
         let real = tokenizer.vocab_size().min(vocab);
         if let Some(pos) = ids.iter().position(|&id| id as usize >= real) {
             return Err(format!(
@@ -628,7 +608,7 @@ fn score(
     }
     if json {
         let v = serde_json::json!({
-            "model": dir.display().to_string(),
+            "model": source.name(),
             "dtype": inference.as_ref().map_or("f32 (training forward)", |m| m.format().name()),
             "path": match (&inference, stepwise) {
                 (None, _) => "training forward",
@@ -665,35 +645,16 @@ fn megabytes(bytes: Option<u64>) -> String {
     bytes.map_or("?".into(), |b| format!("{:.0} MB", b as f64 / 1e6))
 }
 
-/// The model `selective generate` uses without --model: a character-level
-/// Mamba trained on Tiny Shakespeare, shipped in the source tree (README,
-/// "The built-in model").
-const BUILTIN_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/shakespeare-char");
-
 fn generate_command(args: GenerateArgs) -> CliResult {
     use std::io::Write;
     let t0 = Instant::now();
-    let model_dir = match &args.model {
-        Some(dir) => dir.clone(),
-        None => {
-            let dir = PathBuf::from(BUILTIN_MODEL);
-            if !dir.join("config.json").exists() {
-                return Err(format!(
-                    "no --model given, and the built-in model is not at {} (it ships in the \
-                     source tree this binary was built from)",
-                    dir.display()
-                )
-                .into());
-            }
-            dir
-        }
-    };
-    let mamba = Mamba::<f32>::from_dir(&model_dir)?;
+    let source = ModelSource::new(args.model.clone());
+    let mamba = source.load()?;
     let model = InferenceModel::from_mamba(mamba, args.dtype.into())?;
-    let tokenizer = Tokenizer::for_model_dir(&model_dir)?;
+    let tokenizer = source.tokenizer()?;
     eprintln!(
         "loaded {} ({} weights) in {:.2} s",
-        model_dir.display(),
+        source.name(),
         model.format().name(),
         t0.elapsed().as_secs_f64()
     );
@@ -712,7 +673,7 @@ fn generate_command(args: GenerateArgs) -> CliResult {
         let tok = tokenizer.as_ref().ok_or_else(|| {
             format!(
                 "{}: no tokenizer (tokenizer.json, or \"tokenizer\": \"bytes\" in config.json); use --prompt-ids",
-                model_dir.display()
+                source.name()
             )
         })?;
         args.prompt
@@ -757,94 +718,58 @@ fn generate_command(args: GenerateArgs) -> CliResult {
     }
     let prefill_s = t_prefill.elapsed().as_secs_f64();
     let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
-    let eos = if args.ignore_eos {
-        None
-    } else {
-        tokenizer.as_ref().and_then(|t| t.eos_token_id())
-    };
-    let vocab_size = match &tokenizer {
-        Some(t) if t.vocab_size() > model.config.vocab_size => {
-            return Err(format!(
-                "{}: the tokenizer has {} tokens but the embedding only {} rows",
-                model_dir.display(),
-                t.vocab_size(),
-                model.config.vocab_size
-            )
-            .into())
-        }
-        Some(t) => Some(t.vocab_size()),
-        None => None,
-    };
-    let options = GenerateOptions {
-        max_new_tokens: args.max_tokens,
-        eos,
-        sampling,
-        vocab_size,
-    };
     let text_mode = tokenizer.is_some() && !args.print_ids;
     if !args.stop.is_empty() && !text_mode {
         return Err("--stop needs text: a model with a tokenizer and no --print-ids".into());
     }
-    let streaming = text_mode && seqs.len() == 1;
-    let mut streams: Vec<_> = (0..seqs.len())
-        .map(|_| tokenizer.as_ref().map(TextStream::new))
-        .collect();
-    let mut stops: Vec<StopStrings> = (0..seqs.len())
-        .map(|_| StopStrings::new(args.stop.clone()))
-        .collect::<selective::Result<_>>()?;
-    let mut texts = vec![String::new(); seqs.len()];
     let stdout = std::io::stdout();
-    let out = generate(&model, &mut seqs, &options, |i, token| {
-        if !text_mode {
-            return Ok(true);
-        }
-        let piece = match streams[i].as_mut() {
-            Some(s) => s.push(token)?,
-            None => String::new(),
-        };
-        // The end-of-text token itself is not printed.
-        let piece = if eos == Some(token) {
-            String::new()
-        } else {
-            piece
-        };
-        let released = stops[i].push(&piece);
-        if streaming {
-            let mut lock = stdout.lock();
-            let _ = lock.write_all(released.text.as_bytes());
-            let _ = lock.flush();
-        } else {
-            texts[i].push_str(&released.text);
-        }
-        Ok(!released.stopped)
-    })?;
     let mut lock = stdout.lock();
-    if text_mode {
-        for i in 0..seqs.len() {
-            let mut rest = String::new();
-            if !stops[i].stopped() {
-                if let Some(s) = streams[i].as_mut() {
-                    if out.finish[i] != FinishReason::Eos {
-                        rest = stops[i].push(&s.finish()?).text;
-                    }
+    let out = match tokenizer.as_ref().filter(|_| text_mode) {
+        Some(tok) => {
+            let generator = TextGenerator::new(
+                &model,
+                tok,
+                args.max_tokens,
+                sampling,
+                args.stop.clone(),
+                args.ignore_eos,
+            )?;
+            // one sequence streams as it comes; several print whole at the end
+            let streaming = seqs.len() == 1;
+            let text = generator.generate(&mut seqs, |_, piece| {
+                if streaming {
+                    let mut lock = stdout.lock();
+                    let _ = lock.write_all(piece.as_bytes());
+                    let _ = lock.flush();
                 }
-                rest.push_str(&stops[i].flush());
-            }
+                Ok(())
+            })?;
             if streaming {
-                writeln!(lock, "{rest}")?;
+                writeln!(lock)?;
             } else {
-                if seqs.len() > 1 {
+                for (i, t) in text.texts.iter().enumerate() {
                     writeln!(lock, "--- sequence {i} ---")?;
+                    writeln!(lock, "{t}")?;
                 }
-                writeln!(lock, "{}{rest}", texts[i])?;
             }
+            text.output
         }
-    } else {
-        for tokens in &out.tokens {
-            let ids: Vec<String> = tokens.iter().map(u32::to_string).collect();
-            writeln!(lock, "{}", ids.join(","))?;
+        None => {
+            let options = options_for(
+                &model,
+                tokenizer.as_ref(),
+                args.max_tokens,
+                sampling,
+                args.ignore_eos,
+            )?;
+            let out = generate(&model, &mut seqs, &options, |_, _| Ok(true))?;
+            for tokens in &out.tokens {
+                let ids: Vec<String> = tokens.iter().map(u32::to_string).collect();
+                writeln!(lock, "{}", ids.join(","))?;
+            }
+            out
         }
-    }
+    };
     drop(lock);
     if let Some(path) = &args.save_state {
         save_sequence(path, &seqs[0], &model.config)?;

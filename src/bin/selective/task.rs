@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use serde_json::json;
 
 use selective::error::{invalid, Error, Result};
@@ -19,35 +19,17 @@ use selective::tasks::{BlockArch, SsmLayer, TaskModel, TaskModelConfig};
 use selective::tasks::{TaskKind, TaskSpec};
 use selective::train::ProgressMode;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LayerArg {
-    S6,
-    S4d,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum ArchArg {
-    Mamba,
-    Nogate,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum EvalModeArg {
-    Chunked,
-    Step,
-}
-
 /// Arguments of `selective task`.
 #[derive(Args, Debug, Clone)]
 pub struct TaskArgs {
     /// copying, selective-copying or induction-heads
     pub name: String,
     /// The sequence layer: selective (s6) or time-invariant (s4d).
-    #[arg(long, value_enum, default_value_t = LayerArg::S6)]
-    pub layer: LayerArg,
-    /// The block: the gated Mamba block, or a single SSM without gate.
-    #[arg(long, value_enum, default_value_t = ArchArg::Mamba)]
-    pub arch: ArchArg,
+    #[arg(long, default_value = "s6")]
+    pub layer: SsmLayer,
+    /// The block: the gated Mamba block (mamba), or a single SSM without gate (nogate).
+    #[arg(long, default_value = "mamba")]
+    pub arch: BlockArch,
     #[arg(long, default_value_t = 32)]
     pub d_model: usize,
     #[arg(long, default_value_t = 2)]
@@ -116,9 +98,9 @@ pub struct TaskArgs {
     /// Induction heads: tokens per chunk in chunked mode.
     #[arg(long, default_value_t = 1024)]
     pub eval_chunk: usize,
-    /// Induction heads: chunks from a carried state, or one token at a time.
-    #[arg(long, value_enum, default_value_t = EvalModeArg::Chunked)]
-    pub eval_mode: EvalModeArg,
+    /// Induction heads: chunks from a carried state (chunked), or one token at a time (step).
+    #[arg(long, default_value = "chunked")]
+    pub eval_mode: EvalMode,
     /// Evaluate the model of --model instead of training.
     #[arg(long, requires = "model")]
     pub eval_only: bool,
@@ -160,10 +142,7 @@ fn run(args: TaskArgs) -> Result<()> {
     spec.validate()?;
     let out = args.out.clone();
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-    let eval_mode = match args.eval_mode {
-        EvalModeArg::Chunked => EvalMode::Chunked,
-        EvalModeArg::Step => EvalMode::Step,
-    };
+    let eval_mode = args.eval_mode;
     if !args.lengths.is_empty() && kind != TaskKind::InductionHeads {
         return Err(invalid(
             "selective task",
@@ -221,14 +200,7 @@ fn run(args: TaskArgs) -> Result<()> {
         println!("{md}");
         return Ok(());
     }
-    let layer = match args.layer {
-        LayerArg::S6 => SsmLayer::S6,
-        LayerArg::S4d => SsmLayer::S4d,
-    };
-    let arch = match args.arch {
-        ArchArg::Mamba => BlockArch::Mamba,
-        ArchArg::Nogate => BlockArch::Nogate,
-    };
+    let (layer, arch) = (args.layer, args.arch);
     let init = args
         .init
         .as_deref()

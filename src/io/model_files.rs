@@ -1,0 +1,222 @@
+//! Reading and writing a language model's files: `config.json` (either
+//! dialect, docs/DESIGN.md §7.4) with `model.safetensors`, a sharded
+//! `model.safetensors.index.json`, or the original `pytorch_model.bin`.
+//! These are methods of [`Mamba`] defined here, so that the model itself
+//! (src/nn/) knows nothing of files.
+
+use std::path::Path;
+
+use super::safetensors::{encode, write_safetensors, DType, SafetensorsFile, TensorSource};
+use super::torch::TorchCheckpoint;
+use super::write_atomically;
+use crate::error::{Error, Result};
+use crate::nn::{BlockScalar, Mamba, MambaConfig, MambaParams};
+
+impl<T: BlockScalar> Mamba<T> {
+    /// Loads `dir/config.json` (either dialect) and the weights:
+    /// `model.safetensors`, a sharded `model.safetensors.index.json`, or
+    /// the original `pytorch_model.bin`.
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let (config, _) = MambaConfig::from_json_str(&text, &config_path.display().to_string())?;
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let torch = dir.join("pytorch_model.bin");
+        if single.exists() {
+            Self::from_source(config, &SafetensorsFile::open(&single)?)
+        } else if index.exists() {
+            Self::from_source(config, &ShardedSafetensors::open(&index)?)
+        } else if torch.exists() {
+            Self::from_source(config, &TorchCheckpoint::open(&torch)?)
+        } else {
+            Err(Error::Format {
+                file: dir.display().to_string(),
+                message: "no model.safetensors, model.safetensors.index.json or pytorch_model.bin in this directory"
+                    .into(),
+            })
+        }
+    }
+
+    /// Builds the model from named tensors, checking every name, shape and
+    /// dtype. Accepts both spellings of the embedding, a stored or absent
+    /// tied head, conv1d weights as (E, 1, K) or (E, K), and an embedding
+    /// with fewer rows than the padded vocabulary (padded with zeros).
+    ///
+    /// Every tensor is checked against the configuration's shape before
+    /// anything of the configuration's size is allocated, so a config.json
+    /// that contradicts its weights (or claims an impossible size) is an
+    /// error naming the tensor and the sizes, never an allocation failure.
+    pub fn from_source(config: MambaConfig, source: &dyn TensorSource) -> Result<Self> {
+        config.validate()?;
+        let file = source.file().to_string();
+        let c = &config;
+        let sizes = format!(
+            "config: vocab_size {}, d_model {}, d_inner {}, d_state {}, dt_rank {}, d_conv {}, n_layer {}",
+            c.vocab_size, c.d_model, c.d_inner, c.d_state, c.dt_rank, c.d_conv, c.n_layer
+        );
+        // 0. before a tree of n_layer layers is built: every layer has at
+        // least 9 tensors, so more layers than stored tensors is impossible
+        // (a smaller shortfall is named tensor by tensor below)
+        let stored = source.names().len();
+        if c.n_layer > stored {
+            return Err(Error::Format {
+                file,
+                message: format!(
+                    "config.json says n_layer {}, but this file holds only {stored} tensors",
+                    c.n_layer
+                ),
+            });
+        }
+        // 1. names and shapes against the header, nothing allocated yet
+        let mut stored_names = Vec::new();
+        for info in MambaParams::<T>::infos(c) {
+            let names: &[&str] = if info.name == "backbone.embeddings.weight" {
+                &["backbone.embeddings.weight", "backbone.embedding.weight"]
+            } else {
+                &[info.name.as_str()]
+            };
+            let mut found = None;
+            for name in names {
+                if let Some(t) = source.tensor(name)? {
+                    found = Some((name.to_string(), t.shape.clone(), t.dtype));
+                    break;
+                }
+            }
+            let (name, t_shape, t_dtype) = found.ok_or_else(|| Error::Tensor {
+                file: file.clone(),
+                tensor: info.name.clone(),
+                message: format!("missing (expected shape {:?}; {sizes})", info.shape),
+            })?;
+            let fits = if info.name == "backbone.embeddings.weight" {
+                // fewer stored rows than the padded vocabulary: padded with zeros
+                t_shape.len() == 2 && t_shape[1] == info.shape[1] && t_shape[0] <= info.shape[0]
+            } else {
+                let conv_2d = info.shape.len() == 3 && t_shape == [info.shape[0], info.shape[2]];
+                t_shape == info.shape || conv_2d
+            };
+            if !fits {
+                return Err(Error::Tensor {
+                    file: file.clone(),
+                    tensor: name,
+                    message: format!(
+                        "expected shape {:?}, found {:?} ({}); {sizes}",
+                        info.shape,
+                        t_shape,
+                        t_dtype.name()
+                    ),
+                });
+            }
+            stored_names.push(name);
+        }
+        // 2. the copy
+        let mut params = MambaParams::<T>::zeros(c);
+        let mut used = std::collections::BTreeSet::new();
+        for ((_, dst), name) in params.tensors_mut(c).into_iter().zip(stored_names) {
+            let t = source.tensor(&name)?.ok_or_else(|| Error::Tensor {
+                file: file.clone(),
+                tensor: name.clone(),
+                message: "vanished while loading".into(),
+            })?;
+            let values = t.to_vec::<T>(&file, &name)?;
+            drop(t);
+            source.release(&name);
+            // the embedding may have fewer rows (zeros after them)
+            dst[..values.len()].copy_from_slice(&values);
+            used.insert(name);
+        }
+        for name in source.names() {
+            if used.contains(&name) {
+                continue;
+            }
+            // A tied head stored anyway (the official checkpoints do) is the embedding.
+            if name == "lm_head.weight" && config.tie_embeddings {
+                continue;
+            }
+            return Err(Error::Tensor {
+                file,
+                tensor: name,
+                message: "is not a parameter of this configuration (check config.json)".into(),
+            });
+        }
+        Ok(Self { config, params })
+    }
+
+    /// Writes `dir/config.json` (Hugging Face dialect) and
+    /// `dir/model.safetensors` with the weights in `dtype`, each atomically.
+    pub fn save(&self, dir: impl AsRef<Path>, dtype: DType) -> Result<()> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let tensors: Vec<(String, DType, Vec<usize>, Vec<u8>)> = self
+            .params
+            .tensors(&self.config)
+            .into_iter()
+            .map(|(info, data)| (info.name, dtype, info.shape, encode(data, dtype)))
+            .collect();
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        write_safetensors(&dir.join("model.safetensors"), &tensors, Some(meta))?;
+        let mut config = self.config.to_hugging_face_json();
+        config["torch_dtype"] = match dtype {
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            DType::F64 => "float64",
+        }
+        .into();
+        let text = serde_json::to_string_pretty(&config).expect("a JSON value serialises");
+        write_atomically(&dir.join("config.json"), text.as_bytes())
+    }
+}
+
+/// A Hugging Face sharded checkpoint: `model.safetensors.index.json` with a
+/// `weight_map` from tensor name to shard file.
+struct ShardedSafetensors {
+    path: String,
+    shards: Vec<SafetensorsFile>,
+}
+
+impl ShardedSafetensors {
+    fn open(index: &Path) -> Result<Self> {
+        let shown = index.display().to_string();
+        let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Format {
+            file: shown.clone(),
+            message: format!("not valid JSON: {e}"),
+        })?;
+        let map = v["weight_map"].as_object().ok_or_else(|| Error::Format {
+            file: shown.clone(),
+            message: "no `weight_map` object".into(),
+        })?;
+        let mut files: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
+        files.sort_unstable();
+        files.dedup();
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let shards = files
+            .iter()
+            .map(|f| SafetensorsFile::open(dir.join(f)))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            path: shown,
+            shards,
+        })
+    }
+}
+
+impl TensorSource for ShardedSafetensors {
+    fn file(&self) -> &str {
+        &self.path
+    }
+    fn names(&self) -> Vec<String> {
+        self.shards.iter().flat_map(|s| s.names()).collect()
+    }
+    fn tensor(&self, name: &str) -> Result<Option<super::safetensors::StoredTensor<'_>>> {
+        for s in &self.shards {
+            if let Some(t) = s.tensor(name)? {
+                return Ok(Some(t));
+            }
+        }
+        Ok(None)
+    }
+}
