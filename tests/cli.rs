@@ -677,3 +677,54 @@ fn a_freshly_trained_padded_char_model_generates_for_every_seed() {
     assert!(!bad.status.success() && err.contains("padding id"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The built-in model is compiled in: `score` and `generate` use it without
+/// --model, from a directory that has no models/ folder, and score it as
+/// the model of models/shakespeare-char scores (the same numbers).
+#[test]
+fn score_and_generate_use_the_compiled_in_model_without_model() {
+    let work = std::env::temp_dir().join(format!("selective-builtin-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let text = work.join("verse.txt");
+    std::fs::write(
+        &text,
+        "ROMEO:\nBut, soft! what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n",
+    )
+    .unwrap();
+    let score = |model: Option<&Path>| -> serde_json::Value {
+        let mut cmd = selective();
+        cmd.current_dir(&work)
+            .args(["score", "--json", "--text-file"])
+            .arg(&text);
+        if let Some(m) = model {
+            cmd.arg("--model").arg(m);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let builtin = score(None);
+    let from_dir = score(Some(&root().join("models/shakespeare-char")));
+    assert_eq!(builtin["mean_nll"], from_dir["mean_nll"]);
+    let nll = builtin["mean_nll"].as_f64().unwrap();
+    assert!(
+        nll < 2.5,
+        "the built-in model scores Shakespeare at {nll} nats/char"
+    );
+    let out = selective()
+        .current_dir(&work)
+        .args(["generate", "--prompt", "ROMEO:", "-n", "40", "--seed", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).trim().len() > 10);
+    std::fs::remove_dir_all(&work).unwrap();
+}
