@@ -377,8 +377,10 @@ impl Weights {
 
     /// out (n) [+]= W[j0 .. j0 + n] · x (cols) on the calling thread: one
     /// thread's share of a matrix-vector product whose rows the caller
-    /// splits (the decoding step's thread team).
-    pub fn matvec_rows(&self, x: &[f32], j0: usize, out: &mut [f32], accumulate: bool) {
+    /// splits (the decoding step's thread team). Callers outside the crate
+    /// use `Linear::forward_rows` (src/nn/block.rs), which checks the
+    /// shapes first and returns an error instead of reaching this assert.
+    pub(crate) fn matvec_rows(&self, x: &[f32], j0: usize, out: &mut [f32], accumulate: bool) {
         assert!(
             x.len() == self.cols && j0 + out.len() <= self.rows,
             "matvec_rows: x has {} values for {} columns; rows {j0}..{} of {}",

@@ -9,9 +9,9 @@ use serde::Serialize;
 
 use super::data::{Answer, InductionSequence, TaskBatch, TaskKind, TaskSpec};
 use super::model::{TaskModel, TaskModelConfig, TaskParams, TaskScalar};
-use crate::bench::generation::peak_resident_bytes;
 use crate::error::{invalid, Result};
 use crate::float::Float;
+use crate::memory::peak_resident_bytes;
 use crate::rng::Rng;
 use crate::train::progress::{Reporter, StepLine};
 use crate::train::{clip_global_norm, AdamW, AdamWConfig, LrSchedule, ProgressMode};
