@@ -208,144 +208,123 @@ pub struct TensorInfo {
     pub decays: bool,
 }
 
-impl<T: TaskScalar> TaskParams<T> {
-    /// Every tensor with its name, shape and decay group, in a fixed order.
-    pub fn tensors(&self, config: &TaskModelConfig) -> Vec<(TensorInfo, &[T])> {
-        let mut out = Vec::new();
-        let shapes = tensor_infos(config);
-        let mut data: Vec<&[T]> = vec![&self.embedding];
-        for l in &self.layers {
-            data.push(&l.norm_weight);
-            data.push(&l.in_proj_weight);
-            if config.arch == BlockArch::Mamba {
-                data.push(&l.conv1d_weight);
-                data.push(&l.conv1d_bias);
+/// The one declaration of a task model's tree: every tensor's name, shape
+/// and decay group beside the field that holds it. Expanded over `&` and
+/// `&mut` (`[$($m)?]`, `$iter`); `$f(info, tensor)` for each tensor.
+macro_rules! for_each_task_tensor {
+    ($params:expr, $config:expr, [$($m:tt)?], $iter:ident, $f:expr) => {{
+        let c: &TaskModelConfig = $config;
+        let (d, e, n, r, k) = (c.d_model, c.d_inner(), c.d_state, c.dt_rank, c.d_conv);
+        let p = $params;
+        let mut f = $f;
+        let mut t = |name: String, shape: Vec<usize>, decays: bool, tensor| {
+            f(TensorInfo { name, shape, decays }, tensor)
+        };
+        t("embedding.weight".into(), vec![c.vocab_size, d], false, & $($m)? p.embedding);
+        for (i, l) in p.layers.$iter().enumerate() {
+            let pre = format!("layers.{i}");
+            t(format!("{pre}.norm.weight"), vec![d], false, & $($m)? l.norm_weight);
+            t(format!("{pre}.mixer.in_proj.weight"), vec![in_proj_rows(c), d], true, & $($m)? l.in_proj_weight);
+            if c.arch == BlockArch::Mamba {
+                t(format!("{pre}.mixer.conv1d.weight"), vec![e, k], true, & $($m)? l.conv1d_weight);
+                t(format!("{pre}.mixer.conv1d.bias"), vec![e], false, & $($m)? l.conv1d_bias);
             }
-            match &l.ssm {
+            match & $($m)? l.ssm {
                 SsmParams::S6(s) => {
-                    data.extend([
-                        &s.x_proj_weight[..],
-                        &s.dt_proj_weight,
-                        &s.dt_proj_bias,
-                        &s.a_log,
-                        &s.d,
-                    ]);
+                    t(format!("{pre}.mixer.x_proj.weight"), vec![r + 2 * n, e], true, & $($m)? s.x_proj_weight);
+                    t(format!("{pre}.mixer.dt_proj.weight"), vec![e, r], true, & $($m)? s.dt_proj_weight);
+                    t(format!("{pre}.mixer.dt_proj.bias"), vec![e], false, & $($m)? s.dt_proj_bias);
+                    t(format!("{pre}.mixer.A_log"), vec![e, n], false, & $($m)? s.a_log);
+                    t(format!("{pre}.mixer.D"), vec![e], false, & $($m)? s.d);
                 }
                 SsmParams::S4d(s) => {
-                    data.extend([
-                        &s.log_dt[..],
-                        &s.log_a_real,
-                        &s.a_imag,
-                        &s.b_re,
-                        &s.b_im,
-                        &s.c_re,
-                        &s.c_im,
-                        &s.d,
-                    ]);
+                    let m = n / 2;
+                    t(format!("{pre}.mixer.s4d.log_dt"), vec![e], false, & $($m)? s.log_dt);
+                    t(format!("{pre}.mixer.s4d.log_a_real"), vec![e, m], false, & $($m)? s.log_a_real);
+                    t(format!("{pre}.mixer.s4d.a_imag"), vec![e, m], false, & $($m)? s.a_imag);
+                    t(format!("{pre}.mixer.s4d.b_re"), vec![e, m], false, & $($m)? s.b_re);
+                    t(format!("{pre}.mixer.s4d.b_im"), vec![e, m], false, & $($m)? s.b_im);
+                    t(format!("{pre}.mixer.s4d.c_re"), vec![e, m], false, & $($m)? s.c_re);
+                    t(format!("{pre}.mixer.s4d.c_im"), vec![e, m], false, & $($m)? s.c_im);
+                    t(format!("{pre}.mixer.s4d.D"), vec![e], false, & $($m)? s.d);
                 }
             }
-            data.push(&l.out_proj_weight);
+            t(format!("{pre}.mixer.out_proj.weight"), vec![d, e], true, & $($m)? l.out_proj_weight);
         }
-        data.push(&self.norm_f_weight);
-        for (info, d) in shapes.into_iter().zip(data) {
-            out.push((info, d));
+        t("norm_f.weight".into(), vec![d], false, & $($m)? p.norm_f_weight);
+    }};
+}
+
+impl<T> TaskParams<T> {
+    /// The tree of `config` with every tensor empty (nothing allocated).
+    fn skeleton(config: &TaskModelConfig) -> Self {
+        let (e, n) = (config.d_inner(), config.d_state);
+        TaskParams {
+            embedding: Vec::new(),
+            layers: (0..config.n_layer)
+                .map(|_| BlockParams {
+                    norm_weight: Vec::new(),
+                    in_proj_weight: Vec::new(),
+                    conv1d_weight: Vec::new(),
+                    conv1d_bias: Vec::new(),
+                    ssm: match config.layer {
+                        SsmLayer::S6 => SsmParams::S6(S6Params {
+                            x_proj_weight: Vec::new(),
+                            dt_proj_weight: Vec::new(),
+                            dt_proj_bias: Vec::new(),
+                            a_log: Vec::new(),
+                            d: Vec::new(),
+                        }),
+                        SsmLayer::S4d => SsmParams::S4d(S4dParams {
+                            kind: S4dInit::Lin,
+                            channels: e,
+                            modes: n / 2,
+                            log_dt: Vec::new(),
+                            log_a_real: Vec::new(),
+                            a_imag: Vec::new(),
+                            b_re: Vec::new(),
+                            b_im: Vec::new(),
+                            c_re: Vec::new(),
+                            c_im: Vec::new(),
+                            d: Vec::new(),
+                        }),
+                    },
+                    out_proj_weight: Vec::new(),
+                })
+                .collect(),
+            norm_f_weight: Vec::new(),
         }
+    }
+
+    /// Every tensor with its name, shape and decay group, in a fixed order.
+    pub fn tensors<'a>(&'a self, config: &TaskModelConfig) -> Vec<(TensorInfo, &'a [T])> {
+        let mut out = Vec::new();
+        for_each_task_tensor!(self, config, [], iter, |info, t: &'a Vec<T>| out
+            .push((info, t.as_slice())));
         out
     }
 
     /// As [`Self::tensors`], mutably.
-    pub fn tensors_mut(&mut self, config: &TaskModelConfig) -> Vec<(TensorInfo, &mut Vec<T>)> {
-        let shapes = tensor_infos(config);
-        let mut data: Vec<&mut Vec<T>> = vec![&mut self.embedding];
-        for l in &mut self.layers {
-            data.push(&mut l.norm_weight);
-            data.push(&mut l.in_proj_weight);
-            if config.arch == BlockArch::Mamba {
-                data.push(&mut l.conv1d_weight);
-                data.push(&mut l.conv1d_bias);
-            }
-            match &mut l.ssm {
-                SsmParams::S6(s) => {
-                    data.push(&mut s.x_proj_weight);
-                    data.push(&mut s.dt_proj_weight);
-                    data.push(&mut s.dt_proj_bias);
-                    data.push(&mut s.a_log);
-                    data.push(&mut s.d);
-                }
-                SsmParams::S4d(s) => {
-                    data.push(&mut s.log_dt);
-                    data.push(&mut s.log_a_real);
-                    data.push(&mut s.a_imag);
-                    data.push(&mut s.b_re);
-                    data.push(&mut s.b_im);
-                    data.push(&mut s.c_re);
-                    data.push(&mut s.c_im);
-                    data.push(&mut s.d);
-                }
-            }
-            data.push(&mut l.out_proj_weight);
-        }
-        data.push(&mut self.norm_f_weight);
-        shapes.into_iter().zip(data).collect()
+    pub fn tensors_mut<'a>(
+        &'a mut self,
+        config: &TaskModelConfig,
+    ) -> Vec<(TensorInfo, &'a mut Vec<T>)> {
+        let mut out = Vec::new();
+        for_each_task_tensor!(self, config, [mut], iter_mut, |info, t: &'a mut Vec<T>| out
+            .push((info, t)));
+        out
     }
+}
 
-    /// Zeros in every tensor (a gradient accumulator).
+impl<T: TaskScalar> TaskParams<T> {
+    /// Zeros in every tensor (a gradient accumulator), every size from the
+    /// declaration above.
     pub fn zeros(config: &TaskModelConfig) -> Self {
-        let (d, e, n, r, k) = (
-            config.d_model,
-            config.d_inner(),
-            config.d_state,
-            config.dt_rank,
-            config.d_conv,
-        );
-        let z = |len: usize| vec![T::ZERO; len];
-        let layers = (0..config.n_layer)
-            .map(|_| BlockParams {
-                norm_weight: z(d),
-                in_proj_weight: z(in_proj_rows(config) * d),
-                conv1d_weight: if config.arch == BlockArch::Mamba {
-                    z(e * k)
-                } else {
-                    Vec::new()
-                },
-                conv1d_bias: if config.arch == BlockArch::Mamba {
-                    z(e)
-                } else {
-                    Vec::new()
-                },
-                ssm: match config.layer {
-                    SsmLayer::S6 => SsmParams::S6(S6Params {
-                        x_proj_weight: z((r + 2 * n) * e),
-                        dt_proj_weight: z(e * r),
-                        dt_proj_bias: z(e),
-                        a_log: z(e * n),
-                        d: z(e),
-                    }),
-                    SsmLayer::S4d => {
-                        let m = n / 2;
-                        SsmParams::S4d(S4dParams {
-                            kind: S4dInit::Lin,
-                            channels: e,
-                            modes: m,
-                            log_dt: z(e),
-                            log_a_real: z(e * m),
-                            a_imag: z(e * m),
-                            b_re: z(e * m),
-                            b_im: z(e * m),
-                            c_re: z(e * m),
-                            c_im: z(e * m),
-                            d: z(e),
-                        })
-                    }
-                },
-                out_proj_weight: z(d * e),
-            })
-            .collect();
-        Self {
-            embedding: z(config.vocab_size * d),
-            layers,
-            norm_f_weight: z(d),
+        let mut p = Self::skeleton(config);
+        for (info, t) in p.tensors_mut(config) {
+            t.resize(info.shape.iter().product(), T::ZERO);
         }
+        p
     }
 
     /// Number of scalars.
@@ -363,62 +342,14 @@ fn in_proj_rows(config: &TaskModelConfig) -> usize {
 }
 
 /// Names, shapes and decay groups of every tensor, in the order of
-/// [`TaskParams::tensors`].
+/// [`TaskParams::tensors`] (nothing allocated).
 pub fn tensor_infos(config: &TaskModelConfig) -> Vec<TensorInfo> {
-    let (d, e, n, r, k) = (
-        config.d_model,
-        config.d_inner(),
-        config.d_state,
-        config.dt_rank,
-        config.d_conv,
-    );
-    let info = |name: String, shape: Vec<usize>, decays: bool| TensorInfo {
-        name,
-        shape,
-        decays,
-    };
-    let mut out = vec![info(
-        "embedding.weight".into(),
-        vec![config.vocab_size, d],
-        false,
-    )];
-    for i in 0..config.n_layer {
-        let p = format!("layers.{i}");
-        out.push(info(format!("{p}.norm.weight"), vec![d], false));
-        out.push(info(
-            format!("{p}.mixer.in_proj.weight"),
-            vec![in_proj_rows(config), d],
-            true,
-        ));
-        if config.arch == BlockArch::Mamba {
-            out.push(info(format!("{p}.mixer.conv1d.weight"), vec![e, k], true));
-            out.push(info(format!("{p}.mixer.conv1d.bias"), vec![e], false));
-        }
-        match config.layer {
-            SsmLayer::S6 => {
-                out.push(info(
-                    format!("{p}.mixer.x_proj.weight"),
-                    vec![r + 2 * n, e],
-                    true,
-                ));
-                out.push(info(format!("{p}.mixer.dt_proj.weight"), vec![e, r], true));
-                out.push(info(format!("{p}.mixer.dt_proj.bias"), vec![e], false));
-                out.push(info(format!("{p}.mixer.A_log"), vec![e, n], false));
-                out.push(info(format!("{p}.mixer.D"), vec![e], false));
-            }
-            SsmLayer::S4d => {
-                let m = n / 2;
-                out.push(info(format!("{p}.mixer.s4d.log_dt"), vec![e], false));
-                for name in ["log_a_real", "a_imag", "b_re", "b_im", "c_re", "c_im"] {
-                    out.push(info(format!("{p}.mixer.s4d.{name}"), vec![e, m], false));
-                }
-                out.push(info(format!("{p}.mixer.s4d.D"), vec![e], false));
-            }
-        }
-        out.push(info(format!("{p}.mixer.out_proj.weight"), vec![d, e], true));
-    }
-    out.push(info("norm_f.weight".into(), vec![d], false));
-    out
+    let skeleton = TaskParams::<f32>::skeleton(config);
+    skeleton
+        .tensors(config)
+        .into_iter()
+        .map(|(info, _)| info)
+        .collect()
 }
 
 impl crate::train::ParamTree for TaskParams<f32> {
