@@ -18,6 +18,7 @@
 pub mod bench;
 pub mod error;
 pub mod float;
+pub mod fuzzing;
 pub mod generate;
 pub mod io;
 pub mod kernels;

@@ -51,7 +51,7 @@ fn score_ids_reports_the_reference_perplexity() {
     let out = selective()
         .args(["score", "--model"])
         .arg(&dir)
-        .arg("--ids")
+        .arg("--ids-file")
         .arg(&ids_file)
         .arg("--json")
         .arg("--logits-out")
@@ -94,7 +94,7 @@ fn score_ids_reports_the_reference_perplexity() {
     let out = selective()
         .args(["score", "--dtype", "f32", "--stepwise", "--json", "--model"])
         .arg(&dir)
-        .arg("--ids")
+        .arg("--ids-file")
         .arg(&ids_file)
         .output()
         .unwrap();
@@ -168,7 +168,7 @@ fn score_errors_are_clear() {
             "score",
             "--model",
             "/nonexistent/model",
-            "--ids",
+            "--ids-file",
             "/nonexistent/ids.json",
         ])
         .output()
@@ -182,14 +182,14 @@ fn score_errors_are_clear() {
     let out = selective()
         .args(["score", "--model"])
         .arg(root().join("tests/data/models/tiny-hf"))
-        .arg("--ids")
+        .arg("--ids-file")
         .arg(tmp.join("ids.json"))
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("ids.json") && err.contains("JSON array"),
+        err.contains("ids.json") && err.contains("item 2") && err.contains("\"x\""),
         "{err}"
     );
     std::fs::remove_dir_all(&tmp).unwrap();
@@ -463,6 +463,18 @@ fn bench_reports_prefill_and_decode_speed_and_scaling() {
     let rows: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["model"], "random mamba-130m (seed 0)");
+    // with neither --model nor a size: the built-in model, as generate and score
+    let (builtin, _) = run_ok(&["bench", "-p", "8", "-n", "2", "--reps", "1", "--json"]);
+    let builtin: serde_json::Value = serde_json::from_str(&builtin).unwrap();
+    assert_eq!(
+        builtin[0]["model"],
+        "the built-in model (models/shakespeare-char)"
+    );
+    assert_eq!(
+        builtin[0]["n_params"], 1_770_752,
+        "d_model 256, 4 layers, vocab 72"
+    );
     for (row, dtype) in rows.iter().zip(["f32", "q8"]) {
         assert_eq!(row["dtype"], dtype);
         assert!(row["prefill_tokens_per_second"].as_f64().unwrap() > 0.0);
@@ -668,7 +680,7 @@ fn a_freshly_trained_padded_char_model_generates_for_every_seed() {
             "score",
             "--model",
             model,
-            "--ids",
+            "--ids-file",
             dir.join("ids.json").to_str().unwrap(),
         ])
         .output()
@@ -727,4 +739,65 @@ fn score_and_generate_use_the_compiled_in_model_without_model() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).trim().len() > 10);
     std::fs::remove_dir_all(&work).unwrap();
+}
+
+/// issue 23: `score --ids` took a path while `generate --prompt-ids` took a
+/// list. Both take a list now, and both have a file flag that reads the
+/// list, a JSON array or whitespace-separated ids: every form gives the
+/// same numbers.
+#[test]
+fn score_and_generate_take_token_ids_in_the_same_forms() {
+    let model = root().join("tests/data/models/small-hf");
+    let model = model.to_str().unwrap();
+    let tmp = temp_dir("id-forms");
+    let forms = [
+        ("list.txt", "5,6,7,8"),
+        ("array.json", "[5, 6, 7, 8]"),
+        ("lines.txt", "5\n6\n7\n8\n"),
+    ];
+    for (name, text) in forms {
+        std::fs::write(tmp.join(name), text).unwrap();
+    }
+    let file = |name: &str| tmp.join(name).to_str().unwrap().to_string();
+    let score =
+        |flag: &str, value: &str| run_ok(&["score", "--model", model, "--json", flag, value]).0;
+    let nll = |out: String| -> f64 {
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["mean_nll"].as_f64().unwrap()
+    };
+    let listed = nll(score("--ids", "5,6,7,8"));
+    for (name, _) in forms {
+        assert_eq!(nll(score("--ids-file", &file(name))), listed, "{name}");
+    }
+    let generate = |flag: &str, value: &str| {
+        run_ok(&[
+            "generate",
+            "--model",
+            model,
+            "-n",
+            "4",
+            "--greedy",
+            "--print-ids",
+            flag,
+            value,
+        ])
+        .0
+    };
+    let listed = generate("--prompt-ids", "5,6,7,8");
+    for (name, _) in forms {
+        assert_eq!(generate("--prompt-ids-file", &file(name)), listed, "{name}");
+    }
+    // a bad item is named, in either command
+    for args in [
+        vec!["score", "--model", model, "--ids", "5,six,7"],
+        vec!["generate", "--model", model, "--prompt-ids", "5,six,7"],
+    ] {
+        let out = selective().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("item 1") && err.contains("six"),
+            "{err}"
+        );
+    }
+    std::fs::remove_dir_all(&tmp).unwrap();
 }

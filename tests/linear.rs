@@ -132,7 +132,7 @@ fn multiplies_quantised_x(w: &Weights, kernel: Kernel, m: usize) -> bool {
 fn check_all_paths(w: &Weights, m: usize, seed: u64) {
     let (n, k) = (w.rows(), w.cols());
     let x = random(m * k, seed);
-    let want_f32_x = linear_reference(w, &x, m);
+    let want_f32_x = linear_reference(w, &x, m).unwrap();
     let abs_sum_f32_x = abs_sums(w, &x, m);
     let (want_q8_x, abs_sum_q8_x) = q8_gemv_reference(w, &x, m);
     let y0 = random(m * n, seed + 1);
@@ -281,6 +281,11 @@ fn shape_errors_are_errors() {
         assert!(w.matmul_xwt(&[0.0; 8], 2, &mut y[..5], false).is_err());
         assert!(w.matmul_xwt(&[0.0; 8], 3, &mut y, true).is_err());
         assert!(w.matmul_xwt(&[0.0; 8], 2, &mut y, false).is_ok());
+        // a row past the end, or into a buffer of the wrong width
+        assert!(w.row_to_f32(3, &mut [0.0; 4]).is_err());
+        assert!(w.row_to_f32(2, &mut [0.0; 5]).is_err());
+        assert!(w.row_to_f32(2, &mut [0.0; 4]).is_ok());
+        assert!(linear_reference(&w, &[0.0; 7], 2).is_err());
         for m in [9, 20] {
             let mut y = vec![0.0; m * 3];
             assert!(w
@@ -334,7 +339,7 @@ fn rows_decode_exactly() {
             let all = w.to_f32();
             let mut row = vec![f32::NAN; cols];
             for r in 0..rows {
-                w.row_to_f32(r, &mut row);
+                w.row_to_f32(r, &mut row).unwrap();
                 for c in 0..cols {
                     let v = values[r * cols + c];
                     let want = match format {
@@ -440,7 +445,7 @@ fn q8_zero_blocks_and_outliers() {
     let mut x = random(3 * cols, 6);
     x[cols..cols + 32].fill(0.0); // row 1 of x, block 0: all zero
     x[2 * cols + 70] = -5.0e3; // row 2 of x, block 2: an outlier
-    let want = linear_reference(&w, &x, 3);
+    let want = linear_reference(&w, &x, 3).unwrap();
     let abs_sum = abs_sums(&w, &x, 3);
     let (want_q, abs_sum_q) = q8_gemv_reference(&w, &x, 3);
     for kernel in KERNELS {
@@ -461,10 +466,12 @@ fn q8_activation_quantisation_written_out() {
     x[32..64].fill(0.0); // row 0, block 1: zero
     x[k + 99] = 40.0; // row 1, short last block: outlier
     x[2 * k + 5] = -1e-30; // tiny
-    let xq = QuantizedRows::new(&x, m, k);
+    let xq = QuantizedRows::new(&x, m, k).unwrap();
+    assert!(QuantizedRows::new(&x[1..], m, k).is_err());
+    assert!(xq.row(m).is_none() && xq.scales(m).is_none());
     let want = x_quantised_by_hand(&x, m, k);
     for i in 0..m {
-        let (q, s) = (xq.row(i), xq.scales(i));
+        let (q, s) = (xq.row(i).unwrap(), xq.scales(i).unwrap());
         assert_eq!(q.len(), 128, "padded to 64 columns");
         assert_eq!(s.len(), 16, "padded to 16 blocks");
         assert!(q[k..].iter().all(|&v| v == 0) && s[4..].iter().all(|&v| v == 0.0));
@@ -479,8 +486,8 @@ fn q8_activation_quantisation_written_out() {
             );
         }
     }
-    assert!(xq.row(0)[32..64].iter().all(|&v| v == 0) && xq.scales(0)[1] == 0.0);
-    assert_eq!(xq.row(1)[99], 127);
+    assert!(xq.row(0).unwrap()[32..64].iter().all(|&v| v == 0) && xq.scales(0).unwrap()[1] == 0.0);
+    assert_eq!(xq.row(1).unwrap()[99], 127);
 }
 
 /// The q8 GEMV's distance from the f32-x product is the activations'
@@ -499,8 +506,8 @@ fn q8_gemv_stays_within_the_activation_quantisation_bound() {
         let wf = w.to_f32();
         for m in [1, 2, 8] {
             let x = random(m * cols, 22 + m as u64);
-            let exact = linear_reference(&w, &x, m);
-            let xq = QuantizedRows::new(&x, m, cols);
+            let exact = linear_reference(&w, &x, m).unwrap();
+            let xq = QuantizedRows::new(&x, m, cols).unwrap();
             let abs = abs_sums(&w, &x, m);
             for kernel in [Kernel::Gemv, Kernel::Portable] {
                 let mut y = vec![0.0; m * rows];
@@ -510,7 +517,8 @@ fn q8_gemv_stays_within_the_activation_quantisation_bound() {
                     for j in 0..rows {
                         let bound: f64 = (0..cols)
                             .map(|l| {
-                                wf[j * cols + l].abs() as f64 * xq.scales(i)[l / Q8_BLOCK] as f64
+                                wf[j * cols + l].abs() as f64
+                                    * xq.scales(i).unwrap()[l / Q8_BLOCK] as f64
                                     / 2.0
                             })
                             .sum();

@@ -89,3 +89,101 @@ fn another_architecture_is_refused_with_the_supported_list() {
         assert!(err.contains("MambaForCausalLM"), "{tag}: {err}");
     }
 }
+
+#[test]
+fn a_vocab_size_beyond_the_padding_of_the_embedding_is_refused() {
+    // tiny-hf's embedding has 40 rows: 40 is a multiple of 8, so any other
+    // vocab_size contradicts it (issue 23: vocab_size 128 on 64 rows)
+    for vocab in [48, 80] {
+        let dir = edited_copy(&format!("vocab{vocab}"), |c| c["vocab_size"] = vocab.into());
+        let err = load_error(&dir);
+        assert!(
+            err.contains("backbone.embeddings.weight")
+                && err.contains(&format!("vocab_size {vocab}")),
+            "{vocab}: {err}"
+        );
+    }
+}
+
+#[test]
+fn an_embedding_padded_to_a_multiple_of_eight_loads_with_zero_rows() {
+    use selective::io::{write_safetensors, DType, SafetensorsFile, TensorSource};
+    // 37 stored rows under vocab_size 40: mamba_ssm's padding
+    let dir = edited_copy("padded", |_| {});
+    let file = SafetensorsFile::open(dir.join("model.safetensors")).unwrap();
+    let mut tensors = Vec::new();
+    for name in file.names() {
+        let t = file.tensor(&name).unwrap().unwrap();
+        let mut values = t.to_vec::<f32>("tiny-hf", &name).unwrap();
+        let mut shape = t.shape.clone();
+        if name == "backbone.embeddings.weight" {
+            shape[0] = 37;
+            values.truncate(37 * 16);
+        }
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        tensors.push((name, DType::F32, shape, bytes));
+    }
+    drop(file);
+    write_safetensors(&dir.join("model.safetensors"), &tensors, None).unwrap();
+    let model = Mamba::<f32>::from_dir(&dir).unwrap();
+    let full = Mamba::<f32>::from_dir(models_dir().join("tiny-hf")).unwrap();
+    assert_eq!(
+        model.params.embedding[..37 * 16],
+        full.params.embedding[..37 * 16]
+    );
+    assert!(model.params.embedding[37 * 16..].iter().all(|&v| v == 0.0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn an_expand_that_only_duplicates_intermediate_size_is_a_note_not_an_error() {
+    // as tiiuae/falcon-mamba-7b ships: expand 16, hidden 4096, intermediate 8192
+    let dir = edited_copy("expand-note", |c| c["expand"] = 16.into());
+    let model = Mamba::<f32>::from_dir(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(model.config.d_inner, 32, "intermediate_size decides");
+    let notes = model.config.disagreements();
+    assert_eq!(notes.len(), 1);
+    assert!(
+        notes[0].contains("expand 16") && notes[0].contains("intermediate_size 32"),
+        "{notes:?}"
+    );
+    let plain = Mamba::<f32>::from_dir(models_dir().join("tiny-hf")).unwrap();
+    assert!(plain.config.disagreements().is_empty());
+}
+
+#[test]
+fn more_layers_than_the_file_holds_and_non_finite_weights_are_refused() {
+    let dir = edited_copy("layers", |c| c["num_hidden_layers"] = 100_000.into());
+    let err = load_error(&dir);
+    assert!(err.contains("n_layer 100000"), "{err}");
+    for (tag, bits) in [
+        ("nan", f32::NAN.to_bits()),
+        ("inf", f32::INFINITY.to_bits()),
+    ] {
+        let dir = edited_copy(tag, |_| {});
+        // the last 4 bytes of the file are the last value of some tensor
+        let path = dir.join("model.safetensors");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let n = bytes.len();
+        bytes[n - 4..].copy_from_slice(&bits.to_le_bytes());
+        std::fs::write(&path, bytes).unwrap();
+        let err = load_error(&dir);
+        assert!(err.contains("weights must be finite"), "{tag}: {err}");
+    }
+}
+
+#[test]
+fn a_tokenizer_larger_than_the_embedding_is_refused() {
+    use selective::generate::{CharVocab, Tokenizer};
+    let chars: Vec<char> = (0..200u32)
+        .map(|i| char::from_u32(0x100 + i).unwrap())
+        .collect();
+    let tokenizer = Tokenizer::Chars(CharVocab::new(chars).unwrap());
+    let err = tokenizer.check_fits(64).unwrap_err().to_string();
+    assert!(
+        err.contains("200 tokens") && err.contains("64 rows"),
+        "{err}"
+    );
+    tokenizer.check_fits(200).unwrap();
+}

@@ -74,8 +74,8 @@ fn adamw_two_steps_match_the_hand_computed_update() {
         params.filled(&config, g1 as f32),
         params.filled(&config, g2 as f32),
     );
-    opt.update(&config, &mut params, &grads1, lr);
-    opt.update(&config, &mut params, &grads2, lr);
+    opt.update(&config, &mut params, &grads1, lr).unwrap();
+    opt.update(&config, &mut params, &grads2, lr).unwrap();
     assert_eq!(opt.step, 2);
 
     // PyTorch AdamW written out for one element.

@@ -33,7 +33,7 @@ use super::generation::{generate, FinishReason, GenerateOptions, GenerationOutpu
 use super::sampling::SamplingConfig;
 use super::text_stream::{StopStrings, TextStream};
 use super::tokenizer::Tokenizer;
-use crate::error::{invalid, Result};
+use crate::error::Result;
 use crate::nn::{InferenceModel, Sequence};
 
 /// The generation options for `model` read with `tokenizer`: its
@@ -48,18 +48,11 @@ pub fn options_for(
     ignore_eos: bool,
 ) -> Result<GenerateOptions> {
     sampling.validate()?;
-    let rows = model.config.vocab_size;
     let vocab_size = match tokenizer {
-        Some(t) if t.vocab_size() > rows => {
-            return Err(invalid(
-                "TextGenerator",
-                format!(
-                    "the tokenizer has {} tokens but the embedding only {rows} rows",
-                    t.vocab_size()
-                ),
-            ))
+        Some(t) => {
+            t.check_fits(model.config.vocab_size)?;
+            Some(t.vocab_size())
         }
-        Some(t) => Some(t.vocab_size()),
         None => None,
     };
     let eos = if ignore_eos {

@@ -121,12 +121,20 @@ impl Tokenizer {
     /// A Hugging Face `tokenizer.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let shown = path.display().to_string();
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Format {
-            file: shown.clone(),
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json_bytes(&bytes, &path.display().to_string())
+    }
+
+    /// A Hugging Face tokenizer.json's contents; `file` names it in errors.
+    pub fn from_json_bytes(bytes: &[u8], file: &str) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| Error::Format {
+            file: file.to_string(),
             message: format!("not a usable tokenizer.json: {e}"),
         })?;
-        Ok(Tokenizer::HuggingFace(HfTokenizer { inner, path: shown }))
+        Ok(Tokenizer::HuggingFace(HfTokenizer {
+            inner,
+            path: file.to_string(),
+        }))
     }
 
     /// The tokenizer a model directory names:
@@ -239,5 +247,22 @@ impl Tokenizer {
             Tokenizer::Bytes => 256,
             Tokenizer::Chars(vocab) => vocab.chars.len(),
         }
+    }
+
+    /// An error unless every id this tokenizer produces has a row in an
+    /// embedding of `rows` rows (a model's vocab_size): a tokenizer of
+    /// another model, say, is refused before any text is encoded.
+    pub fn check_fits(&self, rows: usize) -> Result<()> {
+        if self.vocab_size() > rows {
+            return Err(invalid(
+                "Tokenizer",
+                format!(
+                    "the tokenizer has {} tokens but the model's embedding only {rows} rows \
+                     (vocab_size): it belongs to another model",
+                    self.vocab_size()
+                ),
+            ));
+        }
+        Ok(())
     }
 }

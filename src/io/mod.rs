@@ -4,6 +4,7 @@
 //! described in docs/DESIGN.md §7 and §9.
 
 pub mod atomic;
+pub mod json;
 pub mod model_files;
 pub mod npy;
 pub mod safetensors;
@@ -11,9 +12,11 @@ pub mod state_file;
 pub mod torch;
 
 pub use atomic::write_atomically;
+pub use json::{from_object_str, read_object};
 pub use npy::NpyWriter;
 pub use safetensors::{
-    encode, write_safetensors, DType, SafetensorsFile, StoredTensor, TensorSource,
+    encode, safetensors_bytes, write_safetensors, DType, SafetensorsFile, StoredTensor,
+    TensorSource,
 };
-pub use state_file::{load_sequence, save_sequence};
+pub use state_file::{load_sequence, save_sequence, sequence_from_bytes};
 pub use torch::TorchCheckpoint;

@@ -12,6 +12,11 @@ use super::write_atomically;
 use crate::error::{Error, Result};
 use crate::nn::{BlockScalar, Mamba, MambaConfig, MambaParams};
 
+/// An embedding stored with fewer rows than config.json's vocab_size is
+/// accepted when vocab_size is its rows rounded up to a multiple of this
+/// (mamba_ssm's `pad_vocab_size_multiple`).
+pub const VOCAB_PAD_MULTIPLE: usize = 8;
+
 impl<T: BlockScalar> Mamba<T> {
     /// Loads `dir/config.json` (either dialect) and the weights:
     /// `model.safetensors`, a sharded `model.safetensors.index.json`, or
@@ -42,7 +47,8 @@ impl<T: BlockScalar> Mamba<T> {
     /// Builds the model from named tensors, checking every name, shape and
     /// dtype. Accepts both spellings of the embedding, a stored or absent
     /// tied head, conv1d weights as (E, 1, K) or (E, K), and an embedding
-    /// with fewer rows than the padded vocabulary (padded with zeros).
+    /// with fewer rows than vocab_size when vocab_size is those rows padded
+    /// to a multiple of [`VOCAB_PAD_MULTIPLE`] (zeros are added).
     ///
     /// Every tensor is checked against the configuration's shape before
     /// anything of the configuration's size is allocated, so a config.json
@@ -90,8 +96,14 @@ impl<T: BlockScalar> Mamba<T> {
                 message: format!("missing (expected shape {:?}; {sizes})", info.shape),
             })?;
             let fits = if info.name == "backbone.embeddings.weight" {
-                // fewer stored rows than the padded vocabulary: padded with zeros
-                t_shape.len() == 2 && t_shape[1] == info.shape[1] && t_shape[0] <= info.shape[0]
+                // fewer stored rows than vocab_size only as mamba_ssm pads
+                // (pad_vocab_size_multiple 8): the rows added are zeros, and
+                // never sampled (src/generate/sampling.rs). A vocab_size
+                // further from the rows contradicts the file.
+                t_shape.len() == 2
+                    && t_shape[1] == info.shape[1]
+                    && t_shape[0] <= info.shape[0]
+                    && t_shape[0].div_ceil(VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE >= info.shape[0]
             } else {
                 let conv_2d = info.shape.len() == 3 && t_shape == [info.shape[0], info.shape[2]];
                 t_shape == info.shape || conv_2d
@@ -121,6 +133,18 @@ impl<T: BlockScalar> Mamba<T> {
             })?;
             let values = t.to_vec::<T>(&file, &name)?;
             drop(t);
+            // a NaN or infinite weight makes every output NaN: refused
+            // here, naming where, rather than scored as a NaN loss
+            if let Some(i) = values.iter().position(|v| !v.to_f64().is_finite()) {
+                return Err(Error::Tensor {
+                    file: file.clone(),
+                    tensor: name,
+                    message: format!(
+                        "value {i} is {} (weights must be finite numbers)",
+                        values[i].to_f64()
+                    ),
+                });
+            }
             source.release(&name);
             // the embedding may have fewer rows (zeros after them)
             dst[..values.len()].copy_from_slice(&values);
@@ -170,6 +194,40 @@ impl<T: BlockScalar> Mamba<T> {
     }
 }
 
+/// The shard files a `model.safetensors.index.json` (text, from `file`)
+/// names in its `weight_map`, each once, sorted. A shard must be a plain
+/// file name beside the index: a path that leaves the directory is refused.
+pub fn shard_files(text: &str, file: &str) -> Result<Vec<String>> {
+    let bad = |message: String| Error::Format {
+        file: file.to_string(),
+        message,
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let mut files = Vec::new();
+    for (tensor, shard) in map {
+        let shard = shard.as_str().ok_or_else(|| {
+            bad(format!(
+                "weight_map[{tensor:?}] is not a file name: {shard}"
+            ))
+        })?;
+        let plain = Path::new(shard).file_name().and_then(|n| n.to_str()) == Some(shard);
+        if !plain {
+            return Err(bad(format!(
+                "weight_map[{tensor:?}] = {shard:?} is not a file name beside the index"
+            )));
+        }
+        files.push(shard.to_string());
+    }
+    files.sort_unstable();
+    files.dedup();
+    Ok(files)
+}
+
 /// A Hugging Face sharded checkpoint: `model.safetensors.index.json` with a
 /// `weight_map` from tensor name to shard file.
 struct ShardedSafetensors {
@@ -181,17 +239,7 @@ impl ShardedSafetensors {
     fn open(index: &Path) -> Result<Self> {
         let shown = index.display().to_string();
         let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Format {
-            file: shown.clone(),
-            message: format!("not valid JSON: {e}"),
-        })?;
-        let map = v["weight_map"].as_object().ok_or_else(|| Error::Format {
-            file: shown.clone(),
-            message: "no `weight_map` object".into(),
-        })?;
-        let mut files: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
-        files.sort_unstable();
-        files.dedup();
+        let files = shard_files(&text, &shown)?;
         let dir = index.parent().unwrap_or(Path::new("."));
         let shards = files
             .iter()

@@ -128,6 +128,7 @@ pub trait TensorSource {
 enum Bytes {
     Mapped(Mmap),
     Static(&'static [u8]),
+    Owned(Vec<u8>),
 }
 
 impl std::ops::Deref for Bytes {
@@ -136,6 +137,7 @@ impl std::ops::Deref for Bytes {
         match self {
             Bytes::Mapped(m) => m,
             Bytes::Static(b) => b,
+            Bytes::Owned(b) => b,
         }
     }
 }
@@ -164,6 +166,12 @@ impl SafetensorsFile {
     /// (`include_bytes!`); `name` stands for its path in error messages.
     pub fn from_static(name: &str, bytes: &'static [u8]) -> Result<Self> {
         Self::parse(name.to_string(), Bytes::Static(bytes))
+    }
+
+    /// A safetensors file's bytes held in memory; `name` stands for its
+    /// path in error messages.
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Self> {
+        Self::parse(name.to_string(), Bytes::Owned(bytes))
     }
 
     fn parse(shown: String, mmap: Bytes) -> Result<Self> {
@@ -251,6 +259,17 @@ pub fn write_safetensors(
     tensors: &[(String, DType, Vec<usize>, Vec<u8>)],
     metadata: Option<std::collections::HashMap<String, String>>,
 ) -> Result<()> {
+    let bytes = safetensors_bytes(&path.display().to_string(), tensors, metadata)?;
+    write_atomically(path, &bytes)
+}
+
+/// The bytes of a safetensors file of `tensors` (name, dtype, shape,
+/// little-endian data); `file` names it in errors.
+pub fn safetensors_bytes(
+    file: &str,
+    tensors: &[(String, DType, Vec<usize>, Vec<u8>)],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let views: Vec<(String, StView<'_>)> = tensors
         .iter()
         .map(|(name, dtype, shape, bytes)| {
@@ -263,17 +282,16 @@ pub fn write_safetensors(
             StView::new(dt, shape.clone(), bytes)
                 .map(|v| (name.clone(), v))
                 .map_err(|e| Error::Tensor {
-                    file: path.display().to_string(),
+                    file: file.to_string(),
                     tensor: name.clone(),
                     message: format!("cannot be written: {e}"),
                 })
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, metadata).map_err(|e| Error::Format {
-        file: path.display().to_string(),
+    safetensors::serialize(views, metadata).map_err(|e| Error::Format {
+        file: file.to_string(),
         message: format!("serialising: {e}"),
-    })?;
-    write_atomically(path, &bytes)
+    })
 }
 
 /// Little-endian bytes of `data` converted to `dtype`.

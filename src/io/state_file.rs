@@ -116,13 +116,18 @@ pub fn save_sequence(path: impl AsRef<Path>, seq: &Sequence, config: &MambaConfi
 /// Reads a state written by [`save_sequence`] for a model of `config`.
 pub fn load_sequence(path: impl AsRef<Path>, config: &MambaConfig) -> Result<Sequence> {
     let path = path.as_ref();
-    let file = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    sequence_from_bytes(&bytes, &path.display().to_string(), config)
+}
+
+/// [`load_sequence`] of a state file's bytes; `file` names it in errors.
+pub fn sequence_from_bytes(bytes: &[u8], file: &str, config: &MambaConfig) -> Result<Sequence> {
+    let file = file.to_string();
     let format_err = |message: String| Error::Format {
         file: file.clone(),
         message,
     };
-    let (_, meta) = SafeTensors::read_metadata(&bytes)
+    let (_, meta) = SafeTensors::read_metadata(bytes)
         .map_err(|e| format_err(format!("not a safetensors file: {e}")))?;
     let meta = meta.metadata().clone().unwrap_or_default();
     if meta.get("format").map(String::as_str) != Some(FORMAT) {
@@ -143,7 +148,7 @@ pub fn load_sequence(path: impl AsRef<Path>, config: &MambaConfig) -> Result<Seq
             meta.get("model").map(String::as_str).unwrap_or("nothing")
         )));
     }
-    let st = SafeTensors::deserialize(&bytes)
+    let st = SafeTensors::deserialize(bytes)
         .map_err(|e| format_err(format!("not a safetensors file: {e}")))?;
     let tensor = |name: &str, dtype: Dtype, shape: &[usize]| -> Result<Vec<u8>> {
         let view = st.tensor(name).map_err(|_| Error::Tensor {

@@ -211,17 +211,29 @@ impl Weights {
     }
 
     /// Row `r` expanded to f32 into `out` (cols): an embedding lookup.
-    pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
-        assert!(
-            r < self.rows && out.len() == self.cols,
-            "row {r} of a {}x{} matrix",
-            self.rows,
-            self.cols
-        );
+    pub fn row_to_f32(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        if r >= self.rows || out.len() != self.cols {
+            return Err(invalid(
+                "Weights::row_to_f32",
+                format!(
+                    "row {r} into {} values, of a {}x{} matrix",
+                    out.len(),
+                    self.rows,
+                    self.cols
+                ),
+            ));
+        }
+        self.row_to_f32_checked(r, out);
+        Ok(())
+    }
+
+    /// [`Self::row_to_f32`] once r < rows and out.len() == cols are known.
+    fn row_to_f32_checked(&self, r: usize, out: &mut [f32]) {
+        debug_assert!(r < self.rows && out.len() == self.cols);
         #[cfg(target_arch = "x86_64")]
         if avx512::available() {
             let (fmt, raw) = self.raw();
-            // SAFETY: r < rows and out has cols elements (asserted above);
+            // SAFETY: r < rows and out has cols elements (checked by callers);
             // the features were detected at run time.
             unsafe { avx512::decode_row(fmt, raw, r, out) };
             return;
@@ -281,7 +293,7 @@ impl Weights {
         let chunk_rows = (PARALLEL_WEIGHTS / k).max(1);
         if out.len() <= chunk_rows * k || rayon::current_num_threads() == 1 {
             for (r, row) in out.chunks_mut(k).enumerate() {
-                self.row_to_f32(r0 + r, row);
+                self.row_to_f32_checked(r0 + r, row);
             }
             return;
         }
@@ -289,7 +301,7 @@ impl Weights {
             .enumerate()
             .for_each(|(t, panel)| {
                 for (r, row) in panel.chunks_mut(k).enumerate() {
-                    self.row_to_f32(r0 + t * chunk_rows + r, row);
+                    self.row_to_f32_checked(r0 + t * chunk_rows + r, row);
                 }
             });
     }
@@ -399,7 +411,7 @@ impl Weights {
     /// Q8: the rows of x quantised for the integer GEMV; other formats: None.
     fn quantize_for_q8(&self, x: &[f32], m: usize) -> Option<QuantizedRows> {
         match self.storage {
-            Storage::Q8 { .. } => Some(QuantizedRows::new(x, m, self.cols)),
+            Storage::Q8 { .. } => Some(QuantizedRows::of_checked(x, m, self.cols)),
             _ => None,
         }
     }
@@ -546,10 +558,10 @@ impl Weights {
                     let (c0, c1) = (b * Q8_BLOCK, ((b + 1) * Q8_BLOCK).min(k));
                     let dot: i32 = quants[j * k + c0..j * k + c1]
                         .iter()
-                        .zip(&xq.row(i)[c0..c1])
+                        .zip(&xq.q_row(i)[c0..c1])
                         .map(|(&w, &v)| w as i32 * v as i32)
                         .sum();
-                    let s = f16::from_bits(scales[j * blocks + b]).to_f32() * xq.scales(i)[b];
+                    let s = f16::from_bits(scales[j * blocks + b]).to_f32() * xq.scale_row(i)[b];
                     acc += s * dot as f32;
                 }
                 let o = &mut out[r * m + i];
@@ -639,8 +651,14 @@ pub struct QuantizedRows {
 
 impl QuantizedRows {
     /// x (m, cols) quantised row by row.
-    pub fn new(x: &[f32], m: usize, cols: usize) -> Self {
-        assert_eq!(x.len(), m * cols, "QuantizedRows: x is not (m, cols)");
+    pub fn new(x: &[f32], m: usize, cols: usize) -> Result<Self> {
+        check_len("QuantizedRows::new", "x", x, &[("m", m), ("cols", cols)])?;
+        Ok(Self::of_checked(x, m, cols))
+    }
+
+    /// [`Self::new`] once x.len() == m * cols is known.
+    fn of_checked(x: &[f32], m: usize, cols: usize) -> Self {
+        debug_assert_eq!(x.len(), m * cols);
         let padded_cols = cols.next_multiple_of(64);
         let padded_blocks = cols.div_ceil(Q8_BLOCK).next_multiple_of(16);
         let mut q = vec![0i8; m * padded_cols];
@@ -690,14 +708,27 @@ impl QuantizedRows {
         }
     }
 
-    /// Row i's 8-bit values (padded_cols, zeros past cols).
-    pub fn row(&self, i: usize) -> &[i8] {
+    /// Row i < m's 8-bit values, for the kernels (which know i < m).
+    fn q_row(&self, i: usize) -> &[i8] {
         &self.q[i * self.padded_cols..(i + 1) * self.padded_cols]
     }
 
-    /// Row i's block scales (padded_blocks, zeros past the last block).
-    pub fn scales(&self, i: usize) -> &[f32] {
+    /// Row i < m's block scales, for the kernels.
+    fn scale_row(&self, i: usize) -> &[f32] {
         &self.scales[i * self.padded_blocks..(i + 1) * self.padded_blocks]
+    }
+
+    /// Row i's 8-bit values (padded_cols, zeros past cols); None past the
+    /// last row.
+    pub fn row(&self, i: usize) -> Option<&[i8]> {
+        self.q.get(i * self.padded_cols..(i + 1) * self.padded_cols)
+    }
+
+    /// Row i's block scales (padded_blocks, zeros past the last block);
+    /// None past the last row.
+    pub fn scales(&self, i: usize) -> Option<&[f32]> {
+        self.scales
+            .get(i * self.padded_blocks..(i + 1) * self.padded_blocks)
     }
 }
 
@@ -1047,8 +1078,8 @@ mod avx512 {
                 }
             }
         }
-        let xrow: [*const i8; M] = std::array::from_fn(|i| xq.row(i).as_ptr());
-        let xscale: [*const f32; M] = std::array::from_fn(|i| xq.scales(i).as_ptr());
+        let xrow: [*const i8; M] = std::array::from_fn(|i| xq.q_row(i).as_ptr());
+        let xscale: [*const f32; M] = std::array::from_fn(|i| xq.scale_row(i).as_ptr());
         let mut c = 0;
         while c < k {
             let b = c / Q8_BLOCK;
@@ -1180,7 +1211,7 @@ mod avx512 {
         out: &mut [f32],
         accumulate: bool,
     ) {
-        debug_assert!(out.len() == n * m && xq.row(m - 1).len() >= raw.cols);
+        debug_assert!(out.len() == n * m && xq.q_row(m - 1).len() >= raw.cols);
         let out = out.as_mut_ptr();
         match (vnni_available(), prefetch) {
             (true, true) => gemv_q8_vnni::<true>(raw, xq, m, j0, n, out, accumulate),
@@ -1303,7 +1334,8 @@ mod avx512 {
 
 /// y (m, n) = x (m, k) · Wᵀ written as plain loops over the f32 values of
 /// W, for the tests.
-pub fn linear_reference(w: &Weights, x: &[f32], m: usize) -> Vec<f32> {
+pub fn linear_reference(w: &Weights, x: &[f32], m: usize) -> Result<Vec<f32>> {
+    check_len("linear_reference", "x", x, &[("m", m), ("cols", w.cols)])?;
     let wf = w.to_f32();
     let (n, k) = (w.rows, w.cols);
     let mut y = vec![0.0f32; m * n];
@@ -1316,5 +1348,5 @@ pub fn linear_reference(w: &Weights, x: &[f32], m: usize) -> Vec<f32> {
             y[i * n + j] = acc as f32;
         }
     }
-    y
+    Ok(y)
 }

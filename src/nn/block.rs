@@ -146,6 +146,21 @@ pub struct BlockShape {
     pub norm_eps: f64,
 }
 
+impl BlockShape {
+    /// (D, E, N, R): the sizes every buffer of the block is made of.
+    pub fn dims(&self) -> (usize, usize, usize, usize) {
+        (self.d_model, self.d_inner, self.d_state, self.dt_rank)
+    }
+
+    /// Values per token that the training forward keeps for the backward
+    /// ([`BlockCache`]: D + 3E + R + 2N, at least), in u128 so that a
+    /// memory estimate from a file's sizes cannot overflow.
+    pub fn cached_values_per_token(&self) -> u128 {
+        let w = |v: usize| v as u128;
+        w(self.d_model) + 3 * w(self.d_inner) + w(self.dt_rank) + 2 * w(self.d_state)
+    }
+}
+
 /// A weight W (rows, cols) in some storage, applied as y = x Wᵀ.
 pub trait Linear<T> {
     fn rows(&self) -> usize;
@@ -389,6 +404,9 @@ pub struct ChunkBuffers<T> {
     y: Vec<T>,
     /// the scan's states every SCAN_CHUNK positions, training only
     checkpoints: Vec<T>,
+    /// a copy of the carried scan state (B, E, N): the scan reads its
+    /// initial state from here while it writes the final one in place
+    initial_state: Vec<T>,
 }
 
 fn sized<T: Float>(v: &mut Vec<T>, len: usize) -> &mut Vec<T> {
@@ -461,13 +479,7 @@ pub struct StepBuffers<T> {
 
 impl<T: Float> StepBuffers<T> {
     pub fn new(shape: &BlockShape, batch: usize) -> Self {
-        let BlockShape {
-            d_model: d,
-            d_inner: e,
-            d_state: n,
-            dt_rank: r,
-            ..
-        } = *shape;
+        let (d, e, n, r) = shape.dims();
         Self {
             normed: vec![T::ZERO; batch * d],
             xz: vec![T::ZERO; batch * 2 * e],
@@ -660,13 +672,7 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
         keep: bool,
     ) -> Result<()> {
         const OP: &str = "Block::forward";
-        let BlockShape {
-            d_model: d,
-            d_inner: e,
-            d_state: n,
-            dt_rank: r,
-            ..
-        } = self.shape;
+        let (d, e, n, r) = self.shape.dims();
         let rows = batch * len;
         check_len(
             OP,
@@ -747,7 +753,14 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
                 s6.dt_proj
                     .forward(&bufs.dt_low, rows, sized(&mut bufs.delta, rows * e), false)?;
                 let shape = self.scan_shape(batch, len);
-                let initial = state.as_ref().map(|st| st.ssm.to_vec());
+                let initial = match &state {
+                    Some(st) => {
+                        let copy = sized(&mut bufs.initial_state, st.ssm.len());
+                        copy.copy_from_slice(st.ssm);
+                        Some(copy.as_slice())
+                    }
+                    None => None,
+                };
                 let inputs = ScanInputs {
                     u: &bufs.v,
                     delta: &bufs.delta,
@@ -757,7 +770,7 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
                     d: Some(s6.d),
                     z: gated.then_some(bufs.z.as_slice()),
                     delta_bias: Some(s6.dt_bias),
-                    initial_state: initial.as_deref(),
+                    initial_state: initial,
                 };
                 let checkpoints = if keep {
                     Some(
@@ -875,13 +888,7 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
         bufs: &mut StepBuffers<T>,
     ) -> Result<()> {
         const OP: &str = "Block::step";
-        let BlockShape {
-            d_model: d,
-            d_inner: e,
-            d_state: n,
-            dt_rank: r,
-            ..
-        } = self.shape;
+        let (d, e, n, r) = self.shape.dims();
         let b = states.len();
         check_len(OP, "h", h, &[("sequences", b), ("d_model", d)])?;
         if bufs.normed.len() < b * d {
@@ -1045,14 +1052,8 @@ impl<T: BlockScalar> Block<'_, T, Dense<'_, T>> {
         dh: &mut [T],
     ) -> Result<BlockGradients<T>> {
         const OP: &str = "Block::backward";
-        let BlockShape {
-            d_model: d,
-            d_inner: e,
-            d_state: n,
-            dt_rank: r,
-            norm_eps,
-            ..
-        } = self.shape;
+        let (d, e, n, r) = self.shape.dims();
+        let norm_eps = self.shape.norm_eps;
         let rows = batch * len;
         check_len(
             OP,

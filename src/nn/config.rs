@@ -105,27 +105,17 @@ impl MambaConfig {
                 return fail(field, "must be at least 1");
             }
         }
-        // Any size a file gives goes through this bound before a tree is
-        // built: products in u128 cannot overflow, and 2^40 parameters
-        // (4 TiB of f32; the largest Mamba has 2.8e9) is far past any model.
-        let count = self.param_count_wide();
-        if count > MAX_PARAMETERS {
-            return Err(invalid(
-                "config",
-                format!(
-                    "these sizes make {count} parameters, more than the {MAX_PARAMETERS} this \
-                     library accepts (d_model {}, n_layer {}, vocab_size {}, d_inner {}, \
-                     d_state {}, dt_rank {}, d_conv {})",
-                    self.d_model,
-                    self.n_layer,
-                    self.vocab_size,
-                    self.d_inner,
-                    self.d_state,
-                    self.dt_rank,
-                    self.d_conv
-                ),
-            ));
-        }
+        let sizes = [
+            ("d_model", self.d_model),
+            ("n_layer", self.n_layer),
+            ("vocab_size", self.vocab_size),
+            ("d_inner", self.d_inner),
+            ("d_state", self.d_state),
+            ("dt_rank", self.dt_rank),
+            ("d_conv", self.d_conv),
+            ("expand", self.expand),
+        ];
+        check_sizes("config", &sizes, || self.param_count_wide())?;
         if !(self.norm_eps > 0.0 && self.norm_eps.is_finite()) {
             return fail(
                 "norm_eps",
@@ -197,6 +187,25 @@ impl MambaConfig {
             self.vocab_size * d
         };
         self.vocab_size * d + self.n_layer * layer + norm + head
+    }
+
+    /// Fields that duplicate others and disagree with them, as sentences
+    /// for the user: not errors, because released checkpoints carry such a
+    /// disagreement (tiiuae/falcon-mamba-7b: expand 16 with hidden_size
+    /// 4096 and intermediate_size 8192). `intermediate_size` is what the
+    /// weights have and what transformers uses (a config.json value
+    /// overrides the one its constructor derives from expand); `expand` is
+    /// kept only to be written back.
+    pub fn disagreements(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if self.expand.checked_mul(self.d_model) != Some(self.d_inner) {
+            notes.push(format!(
+                "expand {} x hidden_size {} is not intermediate_size {}: intermediate_size (the \
+                 weights' width) is used, as transformers does",
+                self.expand, self.d_model, self.d_inner
+            ));
+        }
+        notes
     }
 
     /// Parses either dialect from JSON text; `source` names the file in errors.
@@ -281,9 +290,22 @@ impl Reader<'_> {
     fn usize_in(&self, obj: &Map<String, Value>, field: &str) -> Result<Option<usize>> {
         match obj.get(field) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
-                self.err(field, format!("expected a non-negative integer, found {v}"))
-            }),
+            Some(v) => {
+                let x = v.as_u64().ok_or_else(|| {
+                    self.err(field, format!("expected a non-negative integer, found {v}"))
+                })?;
+                // the first gate of check_sizes, here so that the parser's own
+                // products (expand x d_model, padding) cannot overflow
+                if x as u128 > MAX_PARAMETERS {
+                    return Err(self.err(
+                        field,
+                        format!(
+                            "{x} is larger than any model ({MAX_PARAMETERS} parameters at most)"
+                        ),
+                    ));
+                }
+                Ok(Some(x as usize))
+            }
         }
     }
 
@@ -345,11 +367,16 @@ impl Reader<'_> {
             }
         }
         let expand = self.usize_in(ssm, "expand")?.unwrap_or(2);
-        let mut c = MambaConfig::new(d_model, n_layer, vocab.div_ceil(pad) * pad, 16);
+        let mut c = MambaConfig::new(
+            d_model,
+            n_layer,
+            vocab.div_ceil(pad).saturating_mul(pad),
+            16,
+        );
         c.d_state = self.usize_in(ssm, "d_state")?.unwrap_or(16);
         c.d_conv = self.usize_in(ssm, "d_conv")?.unwrap_or(4);
         c.expand = expand;
-        c.d_inner = expand * d_model;
+        c.d_inner = expand.saturating_mul(d_model);
         c.dt_rank = self.rank(ssm, "dt_rank", d_model)?;
         c.conv_bias = self.bool_or(ssm, "conv_bias", true)?;
         c.proj_bias = self.bool_or(ssm, "bias", false)?;
@@ -375,7 +402,7 @@ impl Reader<'_> {
         c.expand = expand;
         c.d_inner = self
             .usize_in(self.obj, "intermediate_size")?
-            .unwrap_or(expand * d_model);
+            .unwrap_or(expand.saturating_mul(d_model));
         c.dt_rank = self.rank(self.obj, "time_step_rank", d_model)?;
         // transformers' own defaults where the file is silent.
         c.proj_bias = self.bool_or(self.obj, "use_bias", false)?;
@@ -456,8 +483,51 @@ mod tests {
     }
 }
 
-/// The most parameters a configuration may have (see [`MambaConfig::validate`]).
+/// The most parameters a configuration may have: 2^40 (4 TiB of f32; the
+/// largest Mamba has 2.8e9) is far past any model, and far below where
+/// products of sizes in u128 could overflow.
 pub const MAX_PARAMETERS: u128 = 1 << 40;
+
+/// The one gate for sizes that a file gives (config.json, task-model.json),
+/// passed before anything of those sizes is allocated or multiplied in
+/// `usize`: each size is at most [`MAX_PARAMETERS`], and so is the
+/// parameter count, which `count` computes in u128 (no product of sizes
+/// that passed the first check can overflow it). The error names every
+/// size.
+pub fn check_sizes(
+    op: &'static str,
+    sizes: &[(&str, usize)],
+    count: impl FnOnce() -> u128,
+) -> Result<()> {
+    let listed = || {
+        sizes
+            .iter()
+            .map(|(name, v)| format!("{name} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if let Some((name, v)) = sizes.iter().find(|(_, v)| *v as u128 > MAX_PARAMETERS) {
+        return Err(invalid(
+            op,
+            format!(
+                "`{name}` {v} is larger than any model ({MAX_PARAMETERS} parameters at most; {})",
+                listed()
+            ),
+        ));
+    }
+    let count = count();
+    if count > MAX_PARAMETERS {
+        return Err(invalid(
+            op,
+            format!(
+                "these sizes make {count} parameters, more than the {MAX_PARAMETERS} this \
+                 library accepts ({})",
+                listed()
+            ),
+        ));
+    }
+    Ok(())
+}
 
 /// The architectures this library reads, as config.json names them.
 pub const SUPPORTED_ARCHITECTURES: &str = "model_type \"mamba\" (architectures MambaForCausalLM, \

@@ -387,7 +387,7 @@ impl InferenceModel {
             // h = E[ids]  (L, D)
             let mut h = vec![0.0f32; len * d];
             for (row, &id) in h.chunks_mut(d).zip(chunk) {
-                self.embedding.row_to_f32(id as usize, row);
+                self.embedding.row_to_f32(id as usize, row)?;
             }
             for (layer, state) in self.layers.iter().zip(seq.layers.iter_mut()) {
                 let state = BlockStateMut {
@@ -442,7 +442,7 @@ impl InferenceModel {
         let buf = buffers;
         let h = &mut buf.h[..b * d];
         for (row, &id) in h.chunks_mut(d).zip(tokens) {
-            self.embedding.row_to_f32(id as usize, row);
+            self.embedding.row_to_f32(id as usize, row)?;
         }
         for (li, layer) in self.layers.iter().enumerate() {
             let mut states: Vec<BlockStateMut<'_, f32>> = seqs
@@ -515,7 +515,7 @@ impl InferenceModel {
         );
         let x_dbl_len = r + 2 * n;
         let buf = buffers;
-        self.embedding.row_to_f32(token as usize, &mut buf.h[..d]);
+        self.embedding.row_to_f32(token as usize, &mut buf.h[..d])?;
         let threads = rayon::current_num_threads();
         // [start, end) of thread t's share of `total`, in multiples of `align`.
         let share = move |total: usize, t: usize, align: usize| -> (usize, usize) {
@@ -645,10 +645,10 @@ impl InferenceModel {
         let mut seq = Sequence::new(&self.config);
         self.prefill(&mut seq, &ids[..1])?;
         let mut buffers = DecodeBuffers::new(&self.config, 1);
-        let mut nll = token_nll(&seq.logits, ids[1]);
+        let mut nll = token_nll(&seq.logits, ids[1])?;
         for t in 1..ids.len() - 1 {
             self.decode_step(&mut [&mut seq], &[ids[t]], &mut buffers)?;
-            nll += token_nll(&seq.logits, ids[t + 1]);
+            nll += token_nll(&seq.logits, ids[t + 1])?;
         }
         Ok(Perplexity::from_total_nll(nll, ids.len() - 1))
     }
@@ -679,7 +679,7 @@ impl InferenceModel {
                     if t + 1 >= ids.len() {
                         break;
                     }
-                    nll += token_nll(row, ids[t + 1]);
+                    nll += token_nll(row, ids[t + 1])?;
                 }
             }
             Ok(())

@@ -230,6 +230,7 @@ impl<T: BlockScalar> Mamba<T> {
         cache: &ForwardCache<T>,
         d_logits: &[T],
     ) -> Result<MambaParams<T>> {
+        self.check_ids("Mamba::backward", ids, cache.batch, cache.len)?;
         let c = &self.config;
         let (d, v) = (c.d_model, c.vocab_size);
         let rows = cache.batch * cache.len;

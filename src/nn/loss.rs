@@ -43,7 +43,7 @@ pub fn perplexity<T: BlockScalar>(
         let logits = model.logits_from_hidden(&hidden[start * d..end * d])?;
         for t in start..end.min(ids.len() - 1) {
             let row = &logits[(t - start) * v..(t - start + 1) * v];
-            nll += token_nll(row, ids[t + 1]);
+            nll += token_nll(row, ids[t + 1])?;
         }
         on_logits(&logits)?;
     }
@@ -51,12 +51,21 @@ pub fn perplexity<T: BlockScalar>(
 }
 
 /// -ln softmax(logits)[target] in f64, for one row of logits.
-pub fn token_nll<T: Float>(logits: &[T], target: u32) -> f64 {
+pub fn token_nll<T: Float>(logits: &[T], target: u32) -> Result<f64> {
+    let Some(target_logit) = logits.get(target as usize) else {
+        return Err(invalid(
+            "token_nll",
+            format!(
+                "target id {target} is not among the {} logits",
+                logits.len()
+            ),
+        ));
+    };
     let max = logits
         .iter()
         .fold(f64::NEG_INFINITY, |m, x| m.max(x.to_f64()));
     let sum: f64 = logits.iter().map(|x| (x.to_f64() - max).exp()).sum();
-    max + sum.ln() - logits[target as usize].to_f64()
+    Ok(max + sum.ln() - target_logit.to_f64())
 }
 
 impl Perplexity {

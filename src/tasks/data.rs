@@ -117,6 +117,27 @@ impl TaskSpec {
                         "the number of tokens to memorise M must be at least 1",
                     ));
                 }
+                if self.seq_len == 0 {
+                    return Err(invalid(
+                        OP,
+                        format!(
+                            "{} needs at least one blank between the data and the markers \
+                             (seq_len L >= 1), got 0",
+                            self.kind.name()
+                        ),
+                    ));
+                }
+                if self.kind == TaskKind::SelectiveCopying && self.memorize > self.seq_len {
+                    return Err(invalid(
+                        OP,
+                        format!(
+                            "selective copying scatters M = {} data tokens among L + M positions, \
+                             so at most as many as the L = {} noise tokens: lower memorize or \
+                             raise seq_len",
+                            self.memorize, self.seq_len
+                        ),
+                    ));
+                }
             }
             TaskKind::InductionHeads => {
                 if self.vocab < 3 {
@@ -141,6 +162,18 @@ impl TaskSpec {
         }
         if self.vocab > u32::MAX as usize {
             return Err(invalid(OP, "vocabulary too large for u32 token ids"));
+        }
+        // L + 2M is formed in usize by input_len: a row of at most 2^40
+        // tokens (the memory check of a run refuses far shorter ones)
+        let row = self.seq_len as u128 + 2 * self.memorize as u128;
+        if row > 1 << 40 {
+            return Err(invalid(
+                OP,
+                format!(
+                    "a row of seq_len {} + 2 x memorize {} tokens is longer than any run",
+                    self.seq_len, self.memorize
+                ),
+            ));
         }
         Ok(())
     }

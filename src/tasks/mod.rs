@@ -12,7 +12,7 @@ pub mod train;
 pub use data::{Answer, InductionSequence, TaskBatch, TaskKind, TaskSpec};
 pub use model::{
     BlockArch, BlockParams, BlockState, S6Params, SsmLayer, SsmParams, TaskCache, TaskModel,
-    TaskModelConfig, TaskParams, TaskScalar, TaskState, TensorInfo,
+    TaskModelConfig, TaskParams, TaskScalar, TaskState, TaskStepper, TensorInfo,
 };
 pub use train::{
     answer_loss_and_grads, answer_score, evaluate, evaluate_induction_lengths, train_task,

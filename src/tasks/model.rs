@@ -42,12 +42,13 @@ use serde::{Deserialize, Serialize};
 use crate::error::{check_len, invalid, Error, Result};
 use crate::float::Float;
 use crate::io::{encode, write_atomically, write_safetensors, DType};
-use crate::io::{SafetensorsFile, TensorSource};
+use crate::io::{read_object, SafetensorsFile, TensorSource};
 use crate::kernels::{matmul_xwt, rms_norm_backward, rms_norm_forward, S4dInit, S4dParams};
 use crate::nn::block::{
     Block, BlockCache, BlockGradients, BlockScalar, BlockShape, BlockStateMut, ChunkBuffers, Conv,
     Dense, Mixer, MixerGradients, StepBuffers, Values, S6,
 };
+use crate::nn::config::check_sizes;
 use crate::rng::Rng;
 
 /// Scalar types of the task models: those the matmul and FFT kernels take.
@@ -115,6 +116,27 @@ impl TaskModelConfig {
         }
     }
 
+    /// The parameter count in u128, from the tensors of one block (whose
+    /// shapes are products of two sizes that passed the first gate of
+    /// [`check_sizes`]) times n_layer, plus the rest.
+    fn parameter_count_wide(&self) -> u128 {
+        let count = |c: &TaskModelConfig| -> u128 {
+            tensor_infos(c)
+                .iter()
+                .map(|info| info.shape.iter().map(|&v| v as u128).product::<u128>())
+                .sum()
+        };
+        let outside = count(&TaskModelConfig {
+            n_layer: 0,
+            ..*self
+        });
+        let one_block = count(&TaskModelConfig {
+            n_layer: 1,
+            ..*self
+        }) - outside;
+        outside + self.n_layer as u128 * one_block
+    }
+
     pub fn validate(&self) -> Result<()> {
         const OP: &str = "TaskModelConfig";
         for (name, v) in [
@@ -128,6 +150,20 @@ impl TaskModelConfig {
                 return Err(invalid(OP, format!("{name} must be at least 1")));
             }
         }
+        // sizes a task-model.json gives pass the gate a config.json does
+        // before a tree of n_layer blocks is built (or E = expand·D formed)
+        let d_inner = self.d_model as u128 * self.expand as u128;
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("d_model", self.d_model),
+            ("n_layer", self.n_layer),
+            ("d_state", self.d_state),
+            ("expand", self.expand),
+            ("d_conv", self.d_conv),
+            ("dt_rank", self.dt_rank),
+            ("d_inner", usize::try_from(d_inner).unwrap_or(usize::MAX)),
+        ];
+        check_sizes(OP, &sizes, || self.parameter_count_wide())?;
         if self.arch == BlockArch::Mamba && self.d_conv == 0 {
             return Err(invalid(OP, "d_conv must be at least 1 for the mamba block"));
         }
@@ -368,6 +404,12 @@ impl crate::train::ParamTree for TaskParams<f32> {
     }
     fn zeros_of(config: &TaskModelConfig) -> Self {
         TaskParams::zeros(config)
+    }
+    fn expected_sizes(config: &TaskModelConfig) -> Vec<(String, usize)> {
+        tensor_infos(config)
+            .into_iter()
+            .map(|info| (info.name, info.shape.iter().product()))
+            .collect()
     }
 }
 
@@ -680,10 +722,19 @@ impl<T: TaskScalar> TaskModel<T> {
                 .iter()
                 .zip(&want.blocks)
                 .all(|(a, b)| a.conv.len() == b.conv.len() && a.ssm.len() == b.ssm.len());
+        if state.batch != batch {
+            return Err(invalid(
+                op,
+                format!(
+                    "{batch} sequences of ids for a state of batch {}",
+                    state.batch
+                ),
+            ));
+        }
         if !fits {
             return Err(invalid(
                 op,
-                format!("the state is not one of this model for batch={batch} (make it with zero_state)"),
+                format!("the state is not one of this model for batch={batch}: its blocks' sizes differ (make it with zero_state)"),
             ));
         }
         Ok(())
@@ -757,30 +808,27 @@ impl<T: TaskScalar> TaskModel<T> {
     /// One token for every sequence of `state` (ids_t: (batch)): returns the
     /// final hidden (batch, D) and advances the state. The step kernels
     /// (conv shift, one scan step, one S4D step) on the caller's thread.
+    /// For many steps, [`TaskModel::stepper`] builds the blocks and buffers
+    /// once.
     pub fn step(&self, state: &mut TaskState<T>, ids_t: &[u32]) -> Result<Vec<T>> {
-        const OP: &str = "TaskModel::step";
-        let batch = ids_t.len();
-        self.check_ids(OP, ids_t, batch.max(1), 1)?;
-        self.check_state(OP, state, batch)?;
-        let c = &self.config;
-        let (e, n, k) = (c.d_inner(), c.d_state, c.d_conv);
-        let mut h = self.embed(ids_t);
-        let shape = c.block_shape();
-        let mut bufs = StepBuffers::new(&shape, batch);
-        for (layer, st) in self.params.layers.iter().zip(state.blocks.iter_mut()) {
-            // one state per sequence: (E, K) of conv (none for nogate) and (E, N)
-            let conv_len = if st.conv.is_empty() { 0 } else { e * k };
-            let mut conv_rest = st.conv.as_mut_slice();
-            let mut states = Vec::with_capacity(batch);
-            for ssm in st.ssm.chunks_mut(e * n) {
-                let (conv, rest) = std::mem::take(&mut conv_rest).split_at_mut(conv_len);
-                conv_rest = rest;
-                states.push(BlockStateMut { conv, ssm });
-            }
-            layer.block(c)?.step(&mut h, &mut states, &mut bufs)?;
-        }
-        state.position += 1;
-        self.rms_norm(&h, &self.params.norm_f_weight)
+        self.stepper(ids_t.len())?.step(state, ids_t)
+    }
+
+    /// The blocks (with A = −exp(A_log) computed) and the step buffers for
+    /// `batch` sequences, to take many steps with.
+    pub fn stepper(&self, batch: usize) -> Result<TaskStepper<'_, T>> {
+        let blocks = self
+            .params
+            .layers
+            .iter()
+            .map(|layer| layer.block(&self.config))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TaskStepper {
+            model: self,
+            blocks,
+            buffers: StepBuffers::new(&self.config.block_shape(), batch),
+            batch,
+        })
     }
 
     /// Writes `dir/task-model.json` (the configuration) and
@@ -801,12 +849,11 @@ impl<T: TaskScalar> TaskModel<T> {
     /// Loads what [`Self::save`] wrote, checking every name and shape.
     pub fn load(dir: &Path) -> Result<Self> {
         let config_path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-        let config: TaskModelConfig = serde_json::from_str(&text).map_err(|e| Error::Format {
+        let config: TaskModelConfig = read_object(&config_path, "a task model configuration")?;
+        config.validate().map_err(|e| Error::Format {
             file: config_path.display().to_string(),
-            message: format!("not a task model configuration: {e}"),
+            message: e.to_string(),
         })?;
-        config.validate()?;
         let file = SafetensorsFile::open(dir.join("model.safetensors"))?;
         let shown = file.file().to_string();
         let mut params = TaskParams::<T>::zeros(&config);
@@ -842,3 +889,46 @@ impl<T: TaskScalar> TaskModel<T> {
 
 /// The configuration file of a saved task model.
 pub const CONFIG_FILE: &str = "task-model.json";
+
+/// A task model's blocks and step buffers for `batch` sequences
+/// ([`TaskModel::stepper`]): each [`TaskStepper::step`] is one token.
+pub struct TaskStepper<'a, T: TaskScalar> {
+    model: &'a TaskModel<T>,
+    blocks: Vec<Block<'a, T, Dense<'a, T>>>,
+    buffers: StepBuffers<T>,
+    batch: usize,
+}
+
+impl<T: TaskScalar> TaskStepper<'_, T> {
+    /// As [`TaskModel::step`]: ids_t (batch) → the final hidden (batch, D).
+    pub fn step(&mut self, state: &mut TaskState<T>, ids_t: &[u32]) -> Result<Vec<T>> {
+        const OP: &str = "TaskModel::step";
+        let model = self.model;
+        let batch = ids_t.len();
+        model.check_ids(OP, ids_t, batch.max(1), 1)?;
+        model.check_state(OP, state, batch)?;
+        if batch != self.batch {
+            return Err(invalid(
+                OP,
+                format!("{batch} ids for a stepper of batch {}", self.batch),
+            ));
+        }
+        let c = &model.config;
+        let (e, n, k) = (c.d_inner(), c.d_state, c.d_conv);
+        let mut h = model.embed(ids_t);
+        for (block, st) in self.blocks.iter().zip(state.blocks.iter_mut()) {
+            // one state per sequence: (E, K) of conv (none for nogate) and (E, N)
+            let conv_len = if st.conv.is_empty() { 0 } else { e * k };
+            let mut conv_rest = st.conv.as_mut_slice();
+            let mut states = Vec::with_capacity(batch);
+            for ssm in st.ssm.chunks_mut(e * n) {
+                let (conv, rest) = std::mem::take(&mut conv_rest).split_at_mut(conv_len);
+                conv_rest = rest;
+                states.push(BlockStateMut { conv, ssm });
+            }
+            block.step(&mut h, &mut states, &mut self.buffers)?;
+        }
+        state.position += 1;
+        model.rms_norm(&h, &model.params.norm_f_weight)
+    }
+}

@@ -315,6 +315,24 @@ pub fn train_task(settings: &TrainSettings) -> Result<TrainOutcome> {
     if !(settings.adam_eps > 0.0) {
         return Err(invalid(OP, "AdamW's ε must be positive"));
     }
+    // what a step keeps at once, at least: the blocks' caches for the
+    // backward and the hidden states, in f32
+    let tokens = settings.batch as u128 * settings.spec.input_len() as u128;
+    let per_token = settings.model.n_layer as u128
+        * settings.model.block_shape().cached_values_per_token()
+        + 2 * settings.model.d_model as u128;
+    crate::memory::check_fits(
+        OP,
+        tokens * per_token * 4,
+        &format!(
+            "a training step of batch {} x {} tokens (seq_len {} + 2 x memorize {})",
+            settings.batch,
+            settings.spec.input_len(),
+            settings.spec.seq_len,
+            settings.spec.memorize
+        ),
+        "--batch, --seq-len or --memorize",
+    )?;
     let t0 = Instant::now();
     let mut model = match &settings.init {
         Some(m) if m.config != settings.model => {
@@ -362,7 +380,7 @@ pub fn train_task(settings: &TrainSettings) -> Result<TrainOutcome> {
         }
         clip_global_norm(&settings.model, &mut grads, settings.clip);
         let lr = schedule.lr(step);
-        opt.update(&settings.model, &mut model.params, &grads, lr);
+        opt.update(&settings.model, &mut model.params, &grads, lr)?;
         since.add(score);
         steps_run = step + 1;
         let elapsed = t0.elapsed().as_secs_f64();
@@ -499,6 +517,10 @@ pub fn evaluate_induction_lengths<T: TaskScalar>(
                 .map(|s| (s.conv.len() + s.ssm.len()) * std::mem::size_of::<T>())
                 .sum();
             let mut last_hidden = Vec::new();
+            let mut stepper = match mode {
+                EvalMode::Step => Some(model.stepper(b)?),
+                EvalMode::Chunked => None,
+            };
             while seqs[0].remaining() > 0 {
                 let n = match mode {
                     EvalMode::Chunked => chunk.min(seqs[0].remaining()),
@@ -508,9 +530,9 @@ pub fn evaluate_induction_lengths<T: TaskScalar>(
                 for s in seqs.iter_mut() {
                     ids.extend(s.next_chunk(n));
                 }
-                let hidden = match mode {
-                    EvalMode::Chunked => model.forward_chunk(&mut state, &ids, b, n)?,
-                    EvalMode::Step => model.step(&mut state, &ids)?,
+                let hidden = match stepper.as_mut() {
+                    None => model.forward_chunk(&mut state, &ids, b, n)?,
+                    Some(stepper) => stepper.step(&mut state, &ids)?,
                 };
                 if seqs[0].remaining() == 0 {
                     // the last position of every row

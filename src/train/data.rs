@@ -4,9 +4,42 @@
 
 use std::path::Path;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{invalid, Error, Result};
 use crate::generate::tokenizer::Tokenizer;
 use crate::rng::Rng;
+
+/// The size and 64-bit FNV-1a hash of a training file's bytes, saved with
+/// every checkpoint: a resumed run whose text has changed since (an edit,
+/// a character added that shifts a character vocabulary) is told so
+/// instead of continuing on other data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataFingerprint {
+    pub bytes: u64,
+    /// 16 hexadecimal digits
+    pub fnv1a_64: String,
+}
+
+impl DataFingerprint {
+    pub fn of_bytes(data: &[u8]) -> Self {
+        // FNV-1a: offset basis and prime of the 64-bit variant
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for &b in data {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        Self {
+            bytes: data.len() as u64,
+            fnv1a_64: format!("{hash:016x}"),
+        }
+    }
+
+    pub fn of_file(path: &Path) -> Result<Self> {
+        let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Ok(Self::of_bytes(&data))
+    }
+}
 
 /// A tokenised text split into a training part (the first tokens) and a
 /// validation part (the last `val_fraction` of them).
@@ -27,7 +60,9 @@ impl TextData {
             }
             _ => {
                 let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-                tokenizer.encode(&text)?
+                tokenizer
+                    .encode(&text)
+                    .map_err(|e| invalid("TextData::load", format!("{}: {e}", path.display())))?
             }
         };
         Self::split(ids, val_fraction)

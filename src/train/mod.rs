@@ -9,13 +9,14 @@ pub(crate) mod progress;
 pub mod schedule;
 pub mod trainer;
 
-pub use data::{random_windows, TextData};
+pub use data::{random_windows, DataFingerprint, TextData};
 pub use optimizer::{
     add_into, clip_global_norm, clip_tensors_global_norm, decays, global_norm, AdamW, AdamWConfig,
-    AdamWStep, ParamTree,
+    ParamTree,
 };
 pub use progress::ProgressMode;
 pub use schedule::LrSchedule;
 pub use trainer::{
-    training_step, RunOptions, StepOutcome, TrainConfig, TrainReport, Trainer, TrainerState,
+    training_step, ResumeOptions, RunOptions, StepOutcome, TrainConfig, TrainReport, Trainer,
+    TrainerState,
 };

@@ -7,6 +7,7 @@
 //! `torch.nn.utils.clip_grad_norm_`. One optimiser and one clipper serve
 //! every model.
 
+use crate::error::{invalid, Result};
 use crate::nn::{MambaConfig, MambaParams, ParamInfo, ParamKind};
 
 /// The hyper-parameters that stay fixed through a run (the learning rate
@@ -48,6 +49,35 @@ pub trait ParamTree: Sized {
     fn tensor_slices_mut(&mut self, config: &Self::Config) -> Vec<&mut [f32]>;
     /// A tree of zeros of `config`'s shapes.
     fn zeros_of(config: &Self::Config) -> Self;
+    /// Every tensor's name and element count as `config` implies them, in
+    /// the same order.
+    fn expected_sizes(config: &Self::Config) -> Vec<(String, usize)>;
+
+    /// An error naming the first tensor whose size is not what `config`
+    /// implies (a tree of another configuration), as the `what` of `op`.
+    fn check_fits(&self, config: &Self::Config, op: &'static str, what: &str) -> Result<()> {
+        let expected = Self::expected_sizes(config);
+        let held = self.tensors_with_decay(config);
+        if held.len() != expected.len() {
+            return Err(invalid(
+                op,
+                format!(
+                    "the {what} hold {} tensors; the configuration has {}",
+                    held.len(),
+                    expected.len()
+                ),
+            ));
+        }
+        for ((name, want), (_, t)) in expected.iter().zip(&held) {
+            if t.len() != *want {
+                return Err(invalid(
+                    op,
+                    format!("{what}: {name} has {} values, expected {want}", t.len()),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ParamTree for MambaParams<f32> {
@@ -66,6 +96,12 @@ impl ParamTree for MambaParams<f32> {
     }
     fn zeros_of(config: &MambaConfig) -> Self {
         MambaParams::zeros(config)
+    }
+    fn expected_sizes(config: &MambaConfig) -> Vec<(String, usize)> {
+        MambaParams::<f32>::infos(config)
+            .into_iter()
+            .map(|info| (info.name, info.shape.iter().product()))
+            .collect()
     }
 }
 
@@ -100,7 +136,20 @@ impl<P: ParamTree> AdamW<P> {
     /// m ← β1 m + (1 − β1) g;   v ← β2 v + (1 − β2) g²
     /// p ← p − lr · (m / (1 − β1ᵗ)) / (sqrt(v / (1 − β2ᵗ)) + ε)
     /// ```
-    pub fn update(&mut self, model_config: &P::Config, params: &mut P, grads: &P, lr: f64) {
+    /// The parameters, gradients and moments must all have `model_config`'s
+    /// shapes; if not, nothing changes and the error names the tensor.
+    pub fn update(
+        &mut self,
+        model_config: &P::Config,
+        params: &mut P,
+        grads: &P,
+        lr: f64,
+    ) -> Result<()> {
+        const OP: &str = "AdamW::update";
+        params.check_fits(model_config, OP, "parameters")?;
+        grads.check_fits(model_config, OP, "gradients")?;
+        self.m.check_fits(model_config, OP, "first moments")?;
+        self.v.check_fits(model_config, OP, "second moments")?;
         self.step += 1;
         let step = AdamWStep::new(&self.config, self.step, lr);
         let tensors = params
@@ -112,6 +161,7 @@ impl<P: ParamTree> AdamW<P> {
         for (((p, (decays, g)), m), v) in tensors {
             step.apply(decays, p, g, m, v);
         }
+        Ok(())
     }
 }
 
@@ -119,7 +169,7 @@ impl<P: ParamTree> AdamW<P> {
 /// f64 once, for [`AdamWStep::apply`] on each tensor. Shared by every
 /// parameter tree (the language model's and the task models').
 #[derive(Clone, Copy, Debug)]
-pub struct AdamWStep {
+pub(crate) struct AdamWStep {
     /// lr / (1 − β1ᵗ)
     step_size: f32,
     /// 1 / sqrt(1 − β2ᵗ)
@@ -151,7 +201,9 @@ impl AdamWStep {
     /// m ← β1 m + (1 − β1) g;   v ← β2 v + (1 − β2) g²
     /// p ← p − lr · (m / (1 − β1ᵗ)) / (sqrt(v / (1 − β2ᵗ)) + ε)
     /// ```
-    pub fn apply(&self, decays: bool, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+    /// The four slices have one length (the trees are checked first).
+    fn apply(&self, decays: bool, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        debug_assert!(p.len() == g.len() && p.len() == m.len() && p.len() == v.len());
         let keep = if decays { self.decay_keep } else { 1.0 };
         let (b1, b2) = (self.b1, self.b2);
         for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
@@ -202,8 +254,11 @@ pub fn clip_global_norm<P: ParamTree>(config: &P::Config, grads: &mut P, max_nor
     clip_tensors_global_norm(grads.tensor_slices_mut(config), max_norm)
 }
 
-/// a += b, tensor by tensor.
-pub fn add_into<P: ParamTree>(config: &P::Config, a: &mut P, b: &P) {
+/// a += b, tensor by tensor (both of `config`'s shapes, or an error and
+/// no change).
+pub fn add_into<P: ParamTree>(config: &P::Config, a: &mut P, b: &P) -> Result<()> {
+    a.check_fits(config, "add_into", "sum")?;
+    b.check_fits(config, "add_into", "addend")?;
     for (a, (_, b)) in a
         .tensor_slices_mut(config)
         .into_iter()
@@ -211,4 +266,5 @@ pub fn add_into<P: ParamTree>(config: &P::Config, a: &mut P, b: &P) {
     {
         a.iter_mut().zip(b.iter()).for_each(|(x, &y)| *x += y);
     }
+    Ok(())
 }

@@ -23,13 +23,13 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::data::{random_windows, TextData};
+use super::data::{random_windows, DataFingerprint, TextData};
 use super::optimizer::{add_into, clip_global_norm, global_norm, AdamW, AdamWConfig};
 use super::progress::{ProgressMode, Reporter, StepLine};
 use super::schedule::LrSchedule;
 use crate::error::{invalid, Error, Result};
 use crate::generate::tokenizer::{CharVocab, Tokenizer};
-use crate::io::{encode, write_atomically, write_safetensors};
+use crate::io::{encode, read_object, write_atomically, write_safetensors};
 use crate::io::{DType, SafetensorsFile, TensorSource};
 use crate::nn::MambaParams;
 use crate::nn::{next_token_cross_entropy, Mamba, MambaConfig};
@@ -123,11 +123,7 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Reads a JSON file of settings (unknown fields are errors).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::Format {
-            file: path.display().to_string(),
-            message: format!("not a training config: {e}"),
-        })
+        read_object(path, "a training config")
     }
 
     pub fn warmup(&self) -> usize {
@@ -141,6 +137,29 @@ impl TrainConfig {
             warmup_steps: self.warmup(),
             total_steps: self.steps,
         }
+    }
+
+    /// An error before any work when a training step of these settings
+    /// cannot fit in the memory available: at least the parameters with
+    /// their gradients and AdamW moments (4 copies), the blocks' caches for
+    /// the backward, and the logits with their gradient, in f32, for a
+    /// vocabulary of at least `vocab_size` (the tokenizer's is not known
+    /// yet where this is called).
+    pub fn check_memory(&self, vocab_size: usize) -> Result<()> {
+        let model = self.model_config(vocab_size);
+        let tokens = self.batch_size as u128 * self.seq_len as u128;
+        let per_token = model.n_layer as u128 * model.block_shape().cached_values_per_token()
+            + 2 * vocab_size as u128;
+        let weights = 4 * model.n_params() as u128;
+        crate::memory::check_fits(
+            "train",
+            (tokens * per_token + weights) * 4,
+            &format!(
+                "a training step of batch_size {} x seq_len {} on d_model {}, n_layer {}",
+                self.batch_size, self.seq_len, self.d_model, self.n_layer
+            ),
+            "--batch-size (with --grad-accum to keep the tokens per step), --seq-len or the model size",
+        )
     }
 
     /// The model these settings describe, for a vocabulary of `vocab_size` ids.
@@ -217,7 +236,21 @@ impl TrainConfig {
                 self.val_fraction
             ));
         }
-        Ok(())
+        // the model's sizes through the gate a config.json passes, before
+        // model_config forms expand x d_model
+        crate::nn::config::check_sizes(
+            "train",
+            &[
+                ("d_model", self.d_model),
+                ("n_layer", self.n_layer),
+                ("d_state", self.d_state),
+                ("expand", self.expand),
+                ("batch_size", self.batch_size),
+                ("seq_len", self.seq_len),
+            ],
+            || self.d_model as u128 * self.expand as u128,
+        )?;
+        self.model_config(256).validate()
     }
 
     fn adamw(&self) -> AdamWConfig {
@@ -240,6 +273,19 @@ pub struct TrainerState {
     pub tokens_seen: u64,
     pub last_loss: Option<f32>,
     pub last_val_loss: Option<f32>,
+    /// The training text when the run started ([`DataFingerprint`]);
+    /// absent in checkpoints written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataFingerprint>,
+}
+
+/// How to resume (not part of the run's settings).
+#[derive(Clone, Debug, Default)]
+pub struct ResumeOptions {
+    /// Continue although the training text differs from the one the run
+    /// started with (its size or hash); it must still encode with the
+    /// run's vocabulary.
+    pub allow_changed_data: bool,
 }
 
 /// How to run (not part of the run's settings).
@@ -288,6 +334,7 @@ impl Trainer {
     /// A fresh run in `run_dir` (created; must not hold a checkpoint yet).
     pub fn new(config: TrainConfig, run_dir: impl Into<PathBuf>) -> Result<Self> {
         config.validate()?;
+        config.check_memory(256)?;
         let run_dir = run_dir.into();
         if run_dir.join("checkpoint").exists() || run_dir.join(".checkpoint.old").exists() {
             return Err(invalid(
@@ -298,7 +345,7 @@ impl Trainer {
                 ),
             ));
         }
-        let (tokenizer, data) = load_data(&config)?;
+        let (tokenizer, data) = load_data(&config, None)?;
         let vocab = padded_vocab(&tokenizer);
         let model = Mamba::<f32>::init(config.model_config(vocab), config.seed)?;
         let optimizer = AdamW::<MambaParams<f32>>::new(&model.config, config.adamw());
@@ -316,6 +363,7 @@ impl Trainer {
                 tokens_seen: 0,
                 last_loss: None,
                 last_val_loss: None,
+                data: Some(DataFingerprint::of_file(&config.data)?),
             },
             config,
             run_dir,
@@ -328,6 +376,14 @@ impl Trainer {
 
     /// Continues the run in `run_dir` from its checkpoint, with its settings.
     pub fn resume(run_dir: impl Into<PathBuf>) -> Result<Self> {
+        Self::resume_with(run_dir, &ResumeOptions::default())
+    }
+
+    /// [`Trainer::resume`]: the text is encoded with the run's own
+    /// vocabulary (the one saved in its checkpoint, never rebuilt from the
+    /// text), must be the text the run started with unless `options` allow
+    /// a change, and the checkpoint must agree with the run's settings.
+    pub fn resume_with(run_dir: impl Into<PathBuf>, options: &ResumeOptions) -> Result<Self> {
         let run_dir = run_dir.into();
         let config = TrainConfig::from_file(&run_dir.join("config.json"))?;
         config.validate()?;
@@ -341,14 +397,56 @@ impl Trainer {
                 format!("{}: no checkpoint to resume from", run_dir.display()),
             ));
         }
-        let (tokenizer, data) = load_data(&config)?;
-        let model = Mamba::<f32>::from_dir(&ckpt)?;
+        let shown = ckpt.display().to_string();
+        let contradiction = |message: String| Error::Format {
+            file: shown.clone(),
+            message,
+        };
+        config.check_memory(256)?;
         let state_path = ckpt.join("trainer_state.json");
-        let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
-        let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::Format {
-            file: state_path.display().to_string(),
-            message: format!("not a trainer state: {e}"),
-        })?;
+        let state: TrainerState = read_object(&state_path, "a trainer state")?;
+        if state.step > config.steps {
+            return Err(contradiction(format!(
+                "the checkpoint is at step {}, past the run's {} steps",
+                state.step, config.steps
+            )));
+        }
+        if let Some(saved) = &state.data {
+            let now = DataFingerprint::of_file(&config.data)?;
+            if &now != saved && !options.allow_changed_data {
+                return Err(invalid(
+                    "train",
+                    format!(
+                        "{}: the training text changed since the run started ({} bytes, \
+                         FNV-1a {}; now {} bytes, {}): restore it, or resume with \
+                         --allow-changed-data to continue on the new text",
+                        config.data.display(),
+                        saved.bytes,
+                        saved.fnv1a_64,
+                        now.bytes,
+                        now.fnv1a_64
+                    ),
+                ));
+            }
+        }
+        let saved_tokenizer = Tokenizer::for_model_dir(&ckpt)?;
+        let (tokenizer, data) = load_data(&config, saved_tokenizer)?;
+        let model = Mamba::<f32>::from_dir(&ckpt)?;
+        let want = config.model_config(padded_vocab(&tokenizer));
+        let m = &model.config;
+        for (field, saved, settings) in [
+            ("d_model", m.d_model, want.d_model),
+            ("n_layer", m.n_layer, want.n_layer),
+            ("d_state", m.d_state, want.d_state),
+            ("d_inner", m.d_inner, want.d_inner),
+            ("vocab_size", m.vocab_size, want.vocab_size),
+        ] {
+            if saved != settings {
+                return Err(contradiction(format!(
+                    "the checkpoint's model has {field} {saved}, the run's settings make {settings}"
+                )));
+            }
+        }
         let mut optimizer = AdamW::<MambaParams<f32>>::new(&model.config, config.adamw());
         optimizer.step = state.step as u64;
         let opt_path = ckpt.join("optimizer.safetensors");
@@ -649,7 +747,7 @@ pub fn training_step(
         drop(cache);
         match grads.as_mut() {
             None => grads = Some(g),
-            Some(acc) => add_into(&model.config, acc, &g),
+            Some(acc) => add_into(&model.config, acc, &g)?,
         }
     }
     let mut grads =
@@ -662,7 +760,7 @@ pub fn training_step(
     };
     let updated = loss.is_finite() && grad_norm.is_finite();
     if updated {
-        optimizer.update(&model.config, &mut model.params, &grads, lr);
+        optimizer.update(&model.config, &mut model.params, &grads, lr)?;
     }
     Ok(StepOutcome {
         loss,
@@ -714,17 +812,20 @@ fn write_loss_plot(metrics_path: &Path, png_path: &Path) -> Result<()> {
 }
 
 /// The tokenizer of the run and its text, split.
-fn load_data(config: &TrainConfig) -> Result<(Tokenizer, TextData)> {
-    let tokenizer = match &config.tokenizer {
-        Some(path) => Tokenizer::from_file(path)?,
-        None if config.char_vocab => {
+/// The run's tokenizer (`saved`, when resuming: the one in its checkpoint)
+/// and its text encoded with it.
+fn load_data(config: &TrainConfig, saved: Option<Tokenizer>) -> Result<(Tokenizer, TextData)> {
+    let tokenizer = match (saved, &config.tokenizer) {
+        (Some(tokenizer), _) => tokenizer,
+        (None, Some(path)) => Tokenizer::from_file(path)?,
+        (None, None) if config.char_vocab => {
             let path = &config.data;
             let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
             let vocab = CharVocab::from_text(&text)
                 .map_err(|e| invalid("train", format!("{}: {e}", path.display())))?;
             Tokenizer::Chars(vocab)
         }
-        None => Tokenizer::Bytes,
+        (None, None) => Tokenizer::Bytes,
     };
     let data = TextData::load(&config.data, &tokenizer, config.val_fraction)?;
     for (name, part) in [("training", &data.train), ("validation", &data.val)] {

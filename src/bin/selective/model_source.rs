@@ -33,7 +33,17 @@ impl ModelSource {
         }
     }
 
+    /// The model; fields of its config.json that disagree without being
+    /// errors ([`MambaConfig::disagreements`]) are printed as warnings.
     pub fn load(&self) -> selective::Result<Mamba<f32>> {
+        let model = self.load_quietly()?;
+        for note in model.config.disagreements() {
+            eprintln!("warning: {}: config.json: {note}", self.name());
+        }
+        Ok(model)
+    }
+
+    fn load_quietly(&self) -> selective::Result<Mamba<f32>> {
         match self {
             ModelSource::Dir(dir) => Mamba::from_dir(dir),
             ModelSource::Builtin => {

@@ -1,0 +1,167 @@
+//! `selective score`: mean negative log-likelihood per token and perplexity
+//! of a text or of token ids, through the training forward or (--dtype) the
+//! inference path.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use selective::io::NpyWriter;
+use selective::kernels::WeightFormat;
+use selective::nn::{perplexity, InferenceModel};
+
+use crate::model_source::ModelSource;
+use crate::CliResult;
+
+#[derive(clap::Args)]
+pub struct ScoreArgs {
+    /// Model directory: config.json + model.safetensors (or
+    /// pytorch_model.bin); default: the built-in Shakespeare model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Text to score, tokenised with the model's tokenizer.
+    #[arg(
+        long,
+        conflicts_with_all = ["ids", "ids_file"],
+        required_unless_present_any = ["ids", "ids_file"]
+    )]
+    pub text_file: Option<PathBuf>,
+    /// Token ids to score: a list, e.g. 5,6,7 (as `generate --prompt-ids`).
+    #[arg(long, conflicts_with = "ids_file")]
+    pub ids: Option<String>,
+    /// Token ids to score in a file: a list as --ids takes, a JSON array,
+    /// or ids separated by whitespace (as `generate --prompt-ids-file`).
+    #[arg(long)]
+    pub ids_file: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write every position's logits, (tokens, vocab) f32, as .npy.
+    #[arg(long)]
+    pub logits_out: Option<PathBuf>,
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Score with the weights in this format (f32 arithmetic), through
+    /// the inference path (f32, bf16, f16 or q8); without it, the f32
+    /// training forward.
+    #[arg(long)]
+    pub dtype: Option<WeightFormat>,
+    /// With --dtype: score one token at a time through the decoding
+    /// step, the path generation takes, instead of chunked prefill.
+    #[arg(long, requires = "dtype")]
+    pub stepwise: bool,
+}
+
+pub fn run(args: ScoreArgs) -> CliResult {
+    let ScoreArgs {
+        model,
+        text_file,
+        ids,
+        ids_file,
+        json,
+        logits_out,
+        threads: _,
+        dtype,
+        stepwise,
+    } = args;
+    let source = &ModelSource::new(model);
+    if dtype.is_some() && logits_out.is_some() {
+        return Err("--logits-out works with the f32 training forward only; drop --dtype".into());
+    }
+    let t0 = Instant::now();
+    let model = source.load()?;
+    let tokenizer = source.tokenizer()?;
+    if let Some(t) = &tokenizer {
+        t.check_fits(model.config.vocab_size)?;
+    }
+    let inference = match dtype {
+        Some(t) => Some(InferenceModel::from_mamba(model.clone(), t.into())?),
+        None => None,
+    };
+    let load_s = t0.elapsed().as_secs_f64();
+    let listed = crate::token_ids::from_flags(ids.as_deref(), "--ids", ids_file.as_deref())?;
+    let ids: Vec<u32> = match (text_file, listed) {
+        (Some(path), _) => {
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let tokenizer = tokenizer.as_ref().ok_or_else(|| {
+                format!(
+                    "{}: no tokenizer.json to tokenise the text; pass --ids or --ids-file instead",
+                    source.name()
+                )
+            })?;
+            tokenizer.encode(&text)?
+        }
+        (None, Some(ids)) => ids,
+        (None, None) => return Err("give --text-file, --ids or --ids-file".into()),
+    };
+    let vocab = model.config.vocab_size;
+    // Padding rows of the embedding are not tokens: scoring one is an error,
+    // not a count (the text path cannot produce them).
+    if let Some(tokenizer) = &tokenizer {
+        let real = tokenizer.vocab_size().min(vocab);
+        if let Some(pos) = ids.iter().position(|&id| id as usize >= real) {
+            return Err(format!(
+                "token {pos} is id {}, a padding id: the tokenizer has {} tokens (the embedding {vocab} rows)",
+                ids[pos],
+                tokenizer.vocab_size()
+            )
+            .into());
+        }
+    }
+    let mut writer = match &logits_out {
+        Some(path) => Some(NpyWriter::create(path, &[ids.len(), vocab])?),
+        None => None,
+    };
+    let t1 = Instant::now();
+    let result = match &inference {
+        Some(m) if stepwise => m.perplexity_stepwise(&ids)?,
+        Some(m) => m.perplexity(&ids)?,
+        None => perplexity(&model, &ids, |block| match writer.as_mut() {
+            Some(w) => w.write(block.iter().copied()),
+            None => Ok(()),
+        })?,
+    };
+    let score_s = t1.elapsed().as_secs_f64();
+    if !result.mean_nll.is_finite() {
+        return Err(format!(
+            "{}: the mean NLL is {} (the model's outputs are not finite numbers)",
+            source.name(),
+            result.mean_nll
+        )
+        .into());
+    }
+    if let Some(w) = writer {
+        w.finish()?;
+    }
+    if json {
+        let v = serde_json::json!({
+            "model": source.name(),
+            "dtype": inference.as_ref().map_or("f32 (training forward)", |m| m.format().name()),
+            "path": match (&inference, stepwise) {
+                (None, _) => "training forward",
+                (Some(_), false) => "chunked prefill",
+                (Some(_), true) => "decoding step",
+            },
+            "tokens": ids.len(),
+            "predicted_tokens": result.predicted_tokens,
+            "mean_nll": result.mean_nll,
+            "perplexity": result.perplexity,
+            "load_seconds": load_s,
+            "score_seconds": score_s,
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "tokens {}  predicted {}  mean NLL {:.6} nats/token  perplexity {:.4}",
+            ids.len(),
+            result.predicted_tokens,
+            result.mean_nll,
+            result.perplexity
+        );
+        eprintln!(
+            "load {load_s:.2} s, score {score_s:.2} s ({:.1} tokens/s)",
+            ids.len() as f64 / score_s
+        );
+    }
+    Ok(())
+}

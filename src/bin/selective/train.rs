@@ -1,0 +1,193 @@
+//! `selective train`: a language model on a text file, with checkpoints and
+//! exact --resume (the library's Trainer does the work).
+
+use std::path::PathBuf;
+
+use selective::train::{ProgressMode, ResumeOptions, RunOptions, TrainConfig, Trainer};
+
+use crate::CliResult;
+
+/// Settings left out take the config file's value, else the default
+/// (char-small: d_model 256, 4 layers, d_state 16, byte-level).
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// Run directory: config.json, metrics.jsonl, checkpoint/, model/.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue the run in --out from its checkpoint, with its settings.
+    #[arg(long)]
+    pub resume: bool,
+    /// With --resume: continue although the training text differs from the
+    /// one the run started with (it must still encode with the run's
+    /// vocabulary).
+    #[arg(long, requires = "resume")]
+    pub allow_changed_data: bool,
+    /// Training settings as JSON (the fields of RUN/config.json; any subset).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Training text.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// A tokenizer.json (default: byte-level, vocabulary 256).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// A character vocabulary: the distinct characters of the text (65 for
+    /// Tiny Shakespeare), as nanoGPT's shakespeare_char.
+    #[arg(long)]
+    pub char_vocab: bool,
+    #[arg(long)]
+    pub d_model: Option<usize>,
+    #[arg(long)]
+    pub n_layer: Option<usize>,
+    #[arg(long)]
+    pub d_state: Option<usize>,
+    #[arg(long)]
+    pub expand: Option<usize>,
+    /// Sequences per micro-batch.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Tokens per sequence.
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Optimizer steps of the whole run.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub min_lr: Option<f64>,
+    /// Default: 10% of the steps.
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// AdamW betas, e.g. 0.9,0.95.
+    #[arg(long, value_delimiter = ',')]
+    pub betas: Option<Vec<f64>>,
+    /// Maximum global gradient norm (0: no clipping).
+    #[arg(long)]
+    pub grad_clip: Option<f64>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    #[arg(long)]
+    pub eval_batches: Option<usize>,
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Log line every this many steps when stderr is not a terminal.
+    #[arg(long)]
+    pub log_every: Option<usize>,
+    /// Fraction of the text (its end) held out for validation.
+    #[arg(long)]
+    pub val_fraction: Option<f64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop (with a checkpoint) after this step; continue later with --resume.
+    #[arg(long)]
+    pub stop_after: Option<usize>,
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+pub fn run(args: TrainArgs) -> CliResult {
+    let options = RunOptions {
+        stop_after: args.stop_after,
+        progress: ProgressMode::Auto,
+    };
+    let mut config = match &args.config {
+        Some(path) => TrainConfig::from_file(path)?,
+        None => TrainConfig::default(),
+    };
+    // Each flag given overrides the setting; `given` names them.
+    let mut given: Vec<&str> = Vec::new();
+    macro_rules! set {
+        ($($field:ident),*) => {$(
+            if let Some(v) = args.$field.clone() {
+                config.$field = v.into();
+                given.push(stringify!($field));
+            }
+        )*};
+    }
+    set!(
+        data,
+        tokenizer,
+        d_model,
+        n_layer,
+        d_state,
+        expand,
+        batch_size,
+        seq_len,
+        steps,
+        lr,
+        min_lr,
+        warmup_steps,
+        weight_decay,
+        grad_clip,
+        grad_accum,
+        eval_every,
+        eval_batches,
+        save_every,
+        log_every,
+        val_fraction,
+        seed
+    );
+    if args.char_vocab {
+        config.char_vocab = true;
+        given.push("char_vocab");
+    }
+    if let Some(b) = &args.betas {
+        let [beta1, beta2] = b[..] else {
+            return Err(format!("--betas takes two numbers, e.g. 0.9,0.95; got {b:?}").into());
+        };
+        (config.beta1, config.beta2) = (beta1, beta2);
+        given.push("betas");
+    }
+    let mut trainer = if args.resume {
+        if args.config.is_some() || !given.is_empty() {
+            return Err(format!(
+                "--resume continues with the run's own settings ({}); drop --config and --{}",
+                args.out.join("config.json").display(),
+                given.join(", --").replace('_', "-")
+            )
+            .into());
+        }
+        Trainer::resume_with(
+            &args.out,
+            &ResumeOptions {
+                allow_changed_data: args.allow_changed_data,
+            },
+        )?
+    } else {
+        Trainer::new(config, &args.out)?
+    };
+    eprintln!(
+        "{} {}: {} parameters, {} training and {} validation tokens, step {}/{}",
+        if args.resume { "resuming" } else { "training" },
+        args.out.display(),
+        trainer.model.config.n_params(),
+        trainer.train_tokens(),
+        trainer.val_tokens(),
+        trainer.state.step,
+        trainer.config.steps
+    );
+    let report = trainer.run(&options)?;
+    eprintln!(
+        "steps {}..{} in {:.1} s, {:.0} training tokens/s; last loss {}; validation loss {}",
+        report.start_step,
+        report.end_step,
+        report.seconds,
+        report.tokens_per_second,
+        report
+            .losses
+            .last()
+            .map_or("-".into(), |l| format!("{l:.4}")),
+        report
+            .val_losses
+            .last()
+            .map_or("-".into(), |(_, l)| format!("{l:.4}")),
+    );
+    Ok(())
+}
