@@ -394,3 +394,17 @@ fn the_mutation_corpus_gets_errors_and_never_a_panic() {
     assert!(refused * 2 > cases, "only {refused} of {cases} refused");
     println!("mutation corpus: {cases} cases, {refused} refused with an error, 0 panics");
 }
+
+/// Found by fuzz/tokenizer_json: a tokenizer.json whose `decoder` value is
+/// not JSON (`'null`) made the tokenizers crate panic (an `expect` in its
+/// decoder deserializer); now an error naming the file.
+#[test]
+fn a_tokenizer_json_that_is_not_json_is_an_error_not_a_panic() {
+    let text = br#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null, "decoder":'null, "model": {"type": "WordLevel!,
+        "vocab": {"[UNK]": 0, "the": 1, "king": 2, ",": 3}, "unk_token": "[UNK]"}}"#;
+    let result = catch_unwind(|| selective::generate::Tokenizer::from_json_bytes(text, "t.json"));
+    let e = result.expect("no panic").err().unwrap().to_string();
+    assert!(e.contains("t.json") && e.contains("not valid JSON"), "{e}");
+}

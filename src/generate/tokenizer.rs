@@ -127,10 +127,19 @@ impl Tokenizer {
 
     /// A Hugging Face tokenizer.json's contents; `file` names it in errors.
     pub fn from_json_bytes(bytes: &[u8], file: &str) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| Error::Format {
+        let bad = |message: String| Error::Format {
             file: file.to_string(),
-            message: format!("not a usable tokenizer.json: {e}"),
-        })?;
+            message: format!("not a usable tokenizer.json: {message}"),
+        };
+        // The tokenizers crate (0.21) panics, instead of returning its
+        // error, on some malformed sections (an `expect` in the decoder's
+        // deserializer, found by fuzz/tokenizer_json): the text must be
+        // JSON first, and a panic left in the crate becomes this error.
+        serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+            .map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes))
+            .map_err(|_| bad("the tokenizers crate could not read it (it panicked)".into()))?;
+        let inner = parsed.map_err(|e| bad(e.to_string()))?;
         Ok(Tokenizer::HuggingFace(HfTokenizer {
             inner,
             path: file.to_string(),
