@@ -407,4 +407,9 @@ fn a_tokenizer_json_that_is_not_json_is_an_error_not_a_panic() {
     let result = catch_unwind(|| selective::generate::Tokenizer::from_json_bytes(text, "t.json"));
     let e = result.expect("no panic").err().unwrap().to_string();
     assert!(e.contains("t.json") && e.contains("not valid JSON"), "{e}");
+    // the second one it found: a string of invalid UTF-8 in the decoder
+    let text = b"{\"decoder\":\"\xff\"}";
+    let result = catch_unwind(|| selective::generate::Tokenizer::from_json_bytes(text, "u.json"));
+    let e = result.expect("no panic").err().unwrap().to_string();
+    assert!(e.contains("u.json") && e.contains("not UTF-8"), "{e}");
 }

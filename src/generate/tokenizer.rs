@@ -135,7 +135,10 @@ impl Tokenizer {
         // error, on some malformed sections (an `expect` in the decoder's
         // deserializer, found by fuzz/tokenizer_json): the text must be
         // JSON first, and a panic left in the crate becomes this error.
-        serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+        // (a Value, not IgnoredAny: IgnoredAny lets a string of invalid
+        // UTF-8 through, which the crate's decoder then panics on)
+        let text = std::str::from_utf8(bytes).map_err(|e| bad(format!("not UTF-8: {e}")))?;
+        serde_json::from_str::<serde_json::Value>(text)
             .map_err(|e| bad(format!("not valid JSON: {e}")))?;
         let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes))
             .map_err(|_| bad("the tokenizers crate could not read it (it panicked)".into()))?;
