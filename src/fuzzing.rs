@@ -64,10 +64,17 @@ pub fn model_config_with_weights(bytes: &[u8]) -> Result<()> {
 
 /// A safetensors file: the header, then every tensor converted to f32.
 pub fn safetensors(bytes: &[u8]) -> Result<()> {
-    let file = SafetensorsFile::from_bytes("fuzz.safetensors", bytes.to_vec())?;
-    for name in file.names() {
-        if let Some(t) = file.tensor(&name)? {
-            t.to_vec::<f32>("fuzz.safetensors", &name)?;
+    read_every_tensor(&SafetensorsFile::from_bytes(
+        "fuzz.safetensors",
+        bytes.to_vec(),
+    )?)
+}
+
+/// Every tensor of `source` converted to f32, as a loader would.
+fn read_every_tensor(source: &dyn TensorSource) -> Result<()> {
+    for name in source.names() {
+        if let Some(t) = source.tensor(&name)? {
+            t.to_vec::<f32>(source.file(), &name)?;
         }
     }
     Ok(())
@@ -90,13 +97,7 @@ pub fn shard_index(bytes: &[u8]) -> Result<()> {
 
 /// A `pytorch_model.bin` (zip archive with a pickle): every tensor read.
 pub fn torch_checkpoint(bytes: &[u8]) -> Result<()> {
-    let ck = TorchCheckpoint::from_bytes("fuzz.bin", bytes.to_vec())?;
-    for name in ck.names() {
-        if let Some(t) = ck.tensor(&name)? {
-            t.to_vec::<f32>("fuzz.bin", &name)?;
-        }
-    }
-    Ok(())
+    read_every_tensor(&TorchCheckpoint::from_bytes("fuzz.bin", bytes.to_vec())?)
 }
 
 /// A config.json of either dialect, its tokenizer entry, and its sizes'
