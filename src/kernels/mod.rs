@@ -2,12 +2,14 @@
 //! (the `*_reference` modules) that the tests compare it with.
 
 pub mod activation;
+pub mod attention;
 pub mod conv1d;
 pub mod embedding;
 pub mod huge_pages;
 pub mod linear;
 pub mod matmul;
 pub mod norm;
+pub mod rope;
 pub mod s4d;
 pub mod selective_scan;
 pub mod selective_scan_reference;
@@ -20,7 +22,14 @@ pub(crate) mod shared;
 /// resumed training run repeats an uninterrupted one exactly.
 pub const REDUCTION_PARTS: usize = 64;
 
-pub use activation::{silu_backward, silu_forward, softplus_backward, softplus_forward};
+pub use activation::{
+    silu_backward, silu_forward, softplus_backward, softplus_forward, swiglu_backward,
+    swiglu_forward,
+};
+pub use attention::{
+    causal_attention_backward, causal_attention_backward_reference, causal_attention_forward,
+    causal_attention_reference, AttentionGrads, AttentionShape,
+};
 pub use conv1d::{
     causal_conv1d_backward, causal_conv1d_forward, causal_conv1d_forward_continuing,
     causal_conv1d_reference, causal_conv1d_state, causal_conv1d_step, ConvGrads, ConvShape,
@@ -31,6 +40,7 @@ pub use matmul::{matmul_xtw, matmul_xw, matmul_xwt, MatmulScalar};
 pub use norm::{
     layer_norm_backward, layer_norm_forward, rms_norm_backward, rms_norm_forward, NormGrads,
 };
+pub use rope::Rotary;
 pub use s4d::{
     s4d_backward_conv, s4d_backward_recurrent, s4d_forward_conv, s4d_forward_recurrent, s4d_kernel,
     s4d_step, FftFloat, S4dDiscrete, S4dGrads, S4dInit, S4dParams, S4dRecurrentOutput,
