@@ -13,8 +13,16 @@ if there is one, else on fixed ids, and compares with the ``logits`` stored ther
 difference; exit status 1 when it is above --tol (or anything else is off),
 0 otherwise. Without a reference it only prints a summary of the logits.
 
+A Llama (Transformer++) directory -- config.json with "model_type": "llama" or
+"architectures": ["LlamaForCausalLM"] -- is loaded with
+``LlamaForCausalLM.from_pretrained(DIR, attn_implementation="eager")`` instead and
+run in float64 the way scripts/make_transformer_reference.py does (its softmax
+hook and float64 rotary frequencies on top of exact_float64()); the same
+comparisons follow, plus ``decode_logits`` when DIR/kv_decode.safetensors exists.
+
 Needs: pip install torch transformers safetensors numpy (versions: see
-make_model_reference.py). Runs on CPU, nothing is downloaded.
+make_model_reference.py / make_transformer_reference.py). Runs on CPU, nothing is
+downloaded.
 """
 
 import os
@@ -23,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -45,19 +54,37 @@ def main():
     args = ap.parse_args()
     d = args.dir
 
-    model, info = MambaForCausalLM.from_pretrained(str(d), output_loading_info=True)
+    raw_cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
+    is_llama = raw_cfg.get("model_type") == "llama" or "LlamaForCausalLM" in (raw_cfg.get("architectures") or [])
+    if is_llama:
+        # importing it also installs its softmax hook (active only inside exact_float64())
+        import make_transformer_reference as mtr
+        from transformers import LlamaForCausalLM
+
+        model, info = LlamaForCausalLM.from_pretrained(str(d), attn_implementation="eager", output_loading_info=True)
+        cfg = model.config
+        print(
+            f"{d}: llama, loaded dtype {model.dtype}; hidden {cfg.hidden_size}, layers {cfg.num_hidden_layers}, "
+            f"vocab {cfg.vocab_size}, intermediate {cfg.intermediate_size}, heads {cfg.num_attention_heads}, "
+            f"kv_heads {cfg.num_key_value_heads}, head_dim {mtr.head_dim_of(cfg)}, rope theta {mtr.rope_theta_of(cfg)}, "
+            f"eps {cfg.rms_norm_eps}, tied {cfg.tie_word_embeddings}, attention {cfg._attn_implementation}"
+        )
+    else:
+        model, info = MambaForCausalLM.from_pretrained(str(d), output_loading_info=True)
+        cfg = model.config
+        print(
+            f"{d}: loaded dtype {model.dtype}; hidden {cfg.hidden_size}, layers {cfg.num_hidden_layers}, "
+            f"vocab {cfg.vocab_size}, state {cfg.state_size}, conv {cfg.conv_kernel}, expand {cfg.expand}, "
+            f"dt_rank {cfg.time_step_rank}, use_bias {cfg.use_bias}, conv_bias {cfg.use_conv_bias}, "
+            f"eps {cfg.layer_norm_epsilon}, tied {cfg.tie_word_embeddings}"
+        )
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    cfg = model.config
-    print(
-        f"{d}: loaded dtype {model.dtype}; hidden {cfg.hidden_size}, layers {cfg.num_hidden_layers}, "
-        f"vocab {cfg.vocab_size}, state {cfg.state_size}, conv {cfg.conv_kernel}, expand {cfg.expand}, "
-        f"dt_rank {cfg.time_step_rank}, use_bias {cfg.use_bias}, conv_bias {cfg.use_conv_bias}, "
-        f"eps {cfg.layer_norm_epsilon}, tied {cfg.tie_word_embeddings}"
-    )
     if problems:
         print(f"FAIL: loading problems {problems}")
         sys.exit(1)
     model = model.double().eval()
+    if is_llama:
+        mtr.exact_rope(model)  # rotary inverse frequencies in float64
 
     ref_path = d / "reference.safetensors"
     ref = load_file(str(ref_path)) if ref_path.exists() else {}
@@ -99,6 +126,14 @@ def main():
             same = False
             print(f"greedy failed: {e}")
         ok &= same
+    kv_path = d / "kv_decode.safetensors"
+    if is_llama and kv_path.exists():
+        kv = load_file(str(kv_path))
+        t = int(kv["decode_position"].item())
+        dec = mtr.kv_decode_logits(model, ids[0], t)
+        kdiff = (dec - kv["decode_logits"].to(torch.float64)).abs().max().item()
+        print(f"kv decode at position {t}: max abs logits diff {kdiff:.3e}")
+        ok &= kdiff <= args.tol
     print("OK" if ok else "FAIL")
     sys.exit(0 if ok else 1)
 

@@ -215,9 +215,9 @@ fn rope_by_matrix(
         let p = (start + row % len) as f64;
         let mut r = vec![vec![0.0; dh]; dh];
         for i in 0..half {
-            // θ_i as transformers keeps it, in f32
-            let theta = 1.0f32 / (base as f32).powf((2 * i) as f32 / dh as f32);
-            let phi = p * theta as f64;
+            // θ_i = base^(−2i/Dh) in f64
+            let theta = 1.0 / base.powf((2 * i) as f64 / dh as f64);
+            let phi = p * theta;
             r[i][i] = phi.cos();
             r[i + half][i + half] = phi.cos();
             r[i][i + half] = -phi.sin();

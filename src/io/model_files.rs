@@ -1,5 +1,5 @@
 //! Reading and writing a language model's files: `config.json` (either
-//! dialect, docs/DESIGN.md §7.4) with `model.safetensors`, a sharded
+//! Mamba dialect, docs/DESIGN.md §7.4, or transformers' Llama, §15.6) with `model.safetensors`, a sharded
 //! `model.safetensors.index.json`, or the original `pytorch_model.bin`.
 //! These are methods of [`Mamba`] defined here, so that the model itself
 //! (src/nn/) knows nothing of files.
@@ -10,7 +10,9 @@ use super::safetensors::{encode, write_safetensors, DType, SafetensorsFile, Tens
 use super::torch::TorchCheckpoint;
 use super::write_atomically;
 use crate::error::{Error, Result};
+use crate::kernels::MatmulScalar;
 use crate::nn::{BlockScalar, Mamba, MambaConfig, MambaParams};
+use crate::nn::{Transformer, TransformerConfig, TransformerParams};
 
 /// An embedding stored with fewer rows than config.json's vocab_size is
 /// accepted when vocab_size is its rows rounded up to a multiple of this
@@ -26,22 +28,7 @@ impl<T: BlockScalar> Mamba<T> {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let (config, _) = MambaConfig::from_json_str(&text, &config_path.display().to_string())?;
-        let single = dir.join("model.safetensors");
-        let index = dir.join("model.safetensors.index.json");
-        let torch = dir.join("pytorch_model.bin");
-        if single.exists() {
-            Self::from_source(config, &SafetensorsFile::open(&single)?)
-        } else if index.exists() {
-            Self::from_source(config, &ShardedSafetensors::open(&index)?)
-        } else if torch.exists() {
-            Self::from_source(config, &TorchCheckpoint::open(&torch)?)
-        } else {
-            Err(Error::Format {
-                file: dir.display().to_string(),
-                message: "no model.safetensors, model.safetensors.index.json or pytorch_model.bin in this directory"
-                    .into(),
-            })
-        }
+        Self::from_source(config, open_weights(dir)?.as_ref())
     }
 
     /// Builds the model from named tensors, checking every name, shape and
@@ -131,66 +118,204 @@ impl<T: BlockScalar> Mamba<T> {
                 tensor: name.clone(),
                 message: "vanished while loading".into(),
             })?;
-            let values = t.to_vec::<T>(&file, &name)?;
-            drop(t);
-            // a NaN or infinite weight makes every output NaN: refused
-            // here, naming where, rather than scored as a NaN loss
-            if let Some(i) = values.iter().position(|v| !v.to_f64().is_finite()) {
-                return Err(Error::Tensor {
-                    file: file.clone(),
-                    tensor: name,
-                    message: format!(
-                        "value {i} is {} (weights must be finite numbers)",
-                        values[i].to_f64()
-                    ),
-                });
-            }
+            let values = finite_values::<T>(t, &file, &name)?;
             source.release(&name);
             // the embedding may have fewer rows (zeros after them)
             dst[..values.len()].copy_from_slice(&values);
             used.insert(name);
         }
-        for name in source.names() {
-            if used.contains(&name) {
-                continue;
-            }
-            // A tied head stored anyway (the official checkpoints do) is the embedding.
-            if name == "lm_head.weight" && config.tie_embeddings {
-                continue;
-            }
-            return Err(Error::Tensor {
-                file,
-                tensor: name,
-                message: "is not a parameter of this configuration (check config.json)".into(),
-            });
-        }
+        check_all_used(source, &used, config.tie_embeddings)?;
         Ok(Self { config, params })
     }
 
     /// Writes `dir/config.json` (Hugging Face dialect) and
     /// `dir/model.safetensors` with the weights in `dtype`, each atomically.
     pub fn save(&self, dir: impl AsRef<Path>, dtype: DType) -> Result<()> {
-        let dir = dir.as_ref();
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let tensors: Vec<(String, DType, Vec<usize>, Vec<u8>)> = self
+        let tensors = self
             .params
             .tensors(&self.config)
             .into_iter()
             .map(|(info, data)| (info.name, dtype, info.shape, encode(data, dtype)))
             .collect();
-        let mut meta = std::collections::HashMap::new();
-        meta.insert("format".to_string(), "pt".to_string());
-        write_safetensors(&dir.join("model.safetensors"), &tensors, Some(meta))?;
-        let mut config = self.config.to_hugging_face_json();
-        config["torch_dtype"] = match dtype {
-            DType::F32 => "float32",
-            DType::F16 => "float16",
-            DType::BF16 => "bfloat16",
-            DType::F64 => "float64",
+        write_model_dir(
+            dir.as_ref(),
+            tensors,
+            self.config.to_hugging_face_json(),
+            dtype,
+        )
+    }
+}
+
+/// A stored tensor's values in `T`, refused when one is not finite: a NaN
+/// or infinite weight makes every output NaN, so it is named here rather
+/// than scored as a NaN loss.
+fn finite_values<T: BlockScalar>(
+    t: super::safetensors::StoredTensor<'_>,
+    file: &str,
+    name: &str,
+) -> Result<Vec<T>> {
+    let values = t.to_vec::<T>(file, name)?;
+    if let Some(i) = values.iter().position(|v| !v.to_f64().is_finite()) {
+        return Err(Error::Tensor {
+            file: file.to_string(),
+            tensor: name.to_string(),
+            message: format!(
+                "value {i} is {} (weights must be finite numbers)",
+                values[i].to_f64()
+            ),
+        });
+    }
+    Ok(values)
+}
+
+/// Every stored tensor must have been read: one that is not a parameter
+/// means config.json describes another model. A tied head stored anyway
+/// (the official Mamba checkpoints do) is the embedding.
+fn check_all_used(
+    source: &dyn TensorSource,
+    used: &std::collections::BTreeSet<String>,
+    tied: bool,
+) -> Result<()> {
+    for name in source.names() {
+        if used.contains(&name) || (name == "lm_head.weight" && tied) {
+            continue;
         }
-        .into();
-        let text = serde_json::to_string_pretty(&config).expect("a JSON value serialises");
-        write_atomically(&dir.join("config.json"), text.as_bytes())
+        return Err(Error::Tensor {
+            file: source.file().to_string(),
+            tensor: name,
+            message: "is not a parameter of this configuration (check config.json)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The weights file of a model directory: `model.safetensors`, a sharded
+/// `model.safetensors.index.json`, or the original `pytorch_model.bin`.
+fn open_weights(dir: &Path) -> Result<Box<dyn TensorSource>> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let torch = dir.join("pytorch_model.bin");
+    if single.exists() {
+        Ok(Box::new(SafetensorsFile::open(&single)?))
+    } else if index.exists() {
+        Ok(Box::new(ShardedSafetensors::open(&index)?))
+    } else if torch.exists() {
+        Ok(Box::new(TorchCheckpoint::open(&torch)?))
+    } else {
+        Err(Error::Format {
+            file: dir.display().to_string(),
+            message: "no model.safetensors, model.safetensors.index.json or pytorch_model.bin in this directory"
+                .into(),
+        })
+    }
+}
+
+/// Writes `tensors` as `dir/model.safetensors` and `config` (with
+/// torch_dtype set) as `dir/config.json`, each atomically.
+fn write_model_dir(
+    dir: &Path,
+    tensors: Vec<(String, DType, Vec<usize>, Vec<u8>)>,
+    mut config: serde_json::Value,
+    dtype: DType,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    write_safetensors(&dir.join("model.safetensors"), &tensors, Some(meta))?;
+    config["torch_dtype"] = match dtype {
+        DType::F32 => "float32",
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        DType::F64 => "float64",
+    }
+    .into();
+    let text = serde_json::to_string_pretty(&config).expect("a JSON value serialises");
+    write_atomically(&dir.join("config.json"), text.as_bytes())
+}
+
+impl<T: MatmulScalar + BlockScalar> Transformer<T> {
+    /// Loads a transformers Llama directory: `config.json` and the weights
+    /// (model.safetensors, sharded, or pytorch_model.bin).
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let config = TransformerConfig::from_json_str(&text, &config_path.display().to_string())?;
+        Self::from_source(config, open_weights(dir)?.as_ref())
+    }
+
+    /// Builds the model from named tensors: every name and shape is checked
+    /// against the configuration before anything of its size is allocated;
+    /// a tied head may be stored or absent.
+    pub fn from_source(config: TransformerConfig, source: &dyn TensorSource) -> Result<Self> {
+        config.validate()?;
+        let file = source.file().to_string();
+        let c = &config;
+        let sizes = format!(
+            "config: vocab_size {}, hidden_size {}, heads {} x head_dim {}, intermediate_size {}, layers {}",
+            c.vocab_size, c.d_model, c.n_head, c.head_dim, c.d_ff, c.n_layer
+        );
+        let stored = source.names().len();
+        if c.n_layer > stored {
+            return Err(Error::Format {
+                file,
+                message: format!(
+                    "config.json says num_hidden_layers {}, but this file holds only {stored} tensors",
+                    c.n_layer
+                ),
+            });
+        }
+        let infos = TransformerParams::<T>::infos(c);
+        for info in &infos {
+            let t = source.tensor(&info.name)?.ok_or_else(|| Error::Tensor {
+                file: file.clone(),
+                tensor: info.name.clone(),
+                message: format!("missing (expected shape {:?}; {sizes})", info.shape),
+            })?;
+            if t.shape != info.shape {
+                return Err(Error::Tensor {
+                    file: file.clone(),
+                    tensor: info.name.clone(),
+                    message: format!(
+                        "expected shape {:?}, found {:?} ({}); {sizes}",
+                        info.shape,
+                        t.shape,
+                        t.dtype.name()
+                    ),
+                });
+            }
+        }
+        let mut params = TransformerParams::<T>::zeros(c);
+        let mut used = std::collections::BTreeSet::new();
+        for (info, dst) in params.tensors_mut(c) {
+            let t = source.tensor(&info.name)?.ok_or_else(|| Error::Tensor {
+                file: file.clone(),
+                tensor: info.name.clone(),
+                message: "vanished while loading".into(),
+            })?;
+            *dst = finite_values::<T>(t, &file, &info.name)?;
+            source.release(&info.name);
+            used.insert(info.name);
+        }
+        check_all_used(source, &used, c.tie_embeddings)?;
+        Transformer::new(config, params)
+    }
+
+    /// Writes `dir/config.json` (LlamaForCausalLM) and `dir/model.safetensors`
+    /// with the weights in `dtype`, each atomically.
+    pub fn save(&self, dir: impl AsRef<Path>, dtype: DType) -> Result<()> {
+        let tensors = self
+            .params
+            .tensors(&self.config)
+            .into_iter()
+            .map(|(info, data)| (info.name, dtype, info.shape, encode(data, dtype)))
+            .collect();
+        write_model_dir(
+            dir.as_ref(),
+            tensors,
+            self.config.to_hugging_face_json(),
+            dtype,
+        )
     }
 }
 

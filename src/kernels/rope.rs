@@ -3,7 +3,7 @@
 //! dimension i + Dh/2, not with its neighbour), docs/DESIGN.md §15.3:
 //!
 //! ```text
-//! θ_i = base^(−2i / Dh)                       i < Dh/2  (inv_freq, rounded to f32 as HF keeps it)
+//! θ_i = base^(−2i / Dh)                       i < Dh/2  (inv_freq, in f64)
 //! φ   = p θ_i                                 p the token's absolute position
 //! x'_i        = x_i cos φ − x_{i+Dh/2} sin φ
 //! x'_{i+Dh/2} = x_{i+Dh/2} cos φ + x_i sin φ
@@ -23,13 +23,15 @@ use crate::float::Float;
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rotary {
     pub head_dim: usize,
-    /// θ_i (Dh/2), rounded to f32 as transformers' `inv_freq` buffer is.
-    pub inv_freq: Vec<f32>,
+    /// θ_i (Dh/2) in f64: the equation's value. transformers builds its
+    /// `inv_freq` buffer in f32, so its angles differ from these by at most
+    /// p·θ_i·2^-24 (1e-4 rad at p = 2048); the f64 fixtures recompute it in
+    /// f64 (scripts/make_transformer_reference.py, `exact_rope`).
+    pub inv_freq: Vec<f64>,
 }
 
 impl Rotary {
-    /// θ_i = base^(−2i/Dh), computed as transformers does
-    /// (`1 / base ** (arange(0, Dh, 2).float() / Dh)` in f32).
+    /// θ_i = base^(−2i/Dh), as `1 / base ** (arange(0, Dh, 2) / Dh)`.
     pub fn new(head_dim: usize, base: f64) -> Result<Self> {
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(invalid(
@@ -44,7 +46,7 @@ impl Rotary {
             ));
         }
         let inv_freq = (0..head_dim / 2)
-            .map(|i| 1.0f32 / (base as f32).powf((2 * i) as f32 / head_dim as f32))
+            .map(|i| 1.0 / base.powf((2 * i) as f64 / head_dim as f64))
             .collect();
         Ok(Self { head_dim, inv_freq })
     }
@@ -53,7 +55,7 @@ impl Rotary {
     fn angles(&self, p: usize, out: &mut Vec<(f64, f64)>) {
         out.clear();
         out.extend(self.inv_freq.iter().map(|&f| {
-            let phi = p as f64 * f as f64;
+            let phi = p as f64 * f;
             (phi.cos(), phi.sin())
         }));
     }

@@ -5,6 +5,7 @@
 
 use serde_json::{json, Map, Value};
 
+use super::transformer::{Positions, TransformerConfig};
 use crate::error::{invalid, Error, Result};
 
 /// Everything that fixes a Mamba language model's shapes and arithmetic.
@@ -210,14 +211,8 @@ impl MambaConfig {
 
     /// Parses either dialect from JSON text; `source` names the file in errors.
     pub fn from_json_str(text: &str, source: &str) -> Result<(Self, ConfigFormat)> {
-        let value: Value = serde_json::from_str(text).map_err(|e| Error::Format {
-            file: source.to_string(),
-            message: format!("not valid JSON: {e}"),
-        })?;
-        let obj = value.as_object().ok_or_else(|| Error::Format {
-            file: source.to_string(),
-            message: "the top level is not a JSON object".into(),
-        })?;
+        let value = parse_object(text, source)?;
+        let obj = value.as_object().expect("checked to be an object");
         check_model_type(obj, source)?;
         let r = Reader { obj, source };
         let (config, format) = if obj.contains_key("d_model") {
@@ -417,6 +412,206 @@ impl Reader<'_> {
     }
 }
 
+impl Reader<'_> {
+    /// transformers `LlamaConfig` (configuration_llama.py), the
+    /// Transformer++ baseline: multi-head attention (num_key_value_heads =
+    /// num_attention_heads), no biases, SiLU, rotary positions with the
+    /// default rope type (theta as `rope_theta`, or in `rope_parameters`
+    /// as transformers 5 writes it). `"position_embedding": "learned"` is
+    /// this library's extension (not loadable by transformers).
+    fn llama(&self) -> Result<TransformerConfig> {
+        let d_model = self.usize_req("hidden_size")?;
+        let n_layer = self.usize_req("num_hidden_layers")?;
+        let vocab = self.usize_req("vocab_size")?;
+        let n_head = self.usize_req("num_attention_heads")?;
+        if n_head == 0 {
+            return Err(self.err("num_attention_heads", "must be at least 1"));
+        }
+        let mut c = TransformerConfig::new(d_model, n_layer, vocab, n_head);
+        c.d_ff = self.usize_req("intermediate_size")?;
+        c.head_dim = self
+            .usize_in(self.obj, "head_dim")?
+            .unwrap_or(d_model / n_head);
+        if let Some(kv) = self.usize_in(self.obj, "num_key_value_heads")? {
+            if kv != n_head {
+                return Err(self.err(
+                    "num_key_value_heads",
+                    format!(
+                        "{kv} is not num_attention_heads {n_head}: grouped-query attention is not supported"
+                    ),
+                ));
+            }
+        }
+        for field in ["attention_bias", "mlp_bias"] {
+            if self.bool_or(self.obj, field, false)? {
+                return Err(self.err(field, "biases are not supported (Llama has none)"));
+            }
+        }
+        match self.obj.get("hidden_act") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(a)) if a == "silu" => {}
+            Some(v) => {
+                return Err(self.err(
+                    "hidden_act",
+                    format!("only \"silu\" is supported, found {v}"),
+                ))
+            }
+        }
+        c.norm_eps = self.f64_or(self.obj, "rms_norm_eps", 1e-6)?;
+        c.tie_embeddings = self.bool_or(self.obj, "tie_word_embeddings", false)?;
+        c.max_position_embeddings = self
+            .usize_in(self.obj, "max_position_embeddings")?
+            .unwrap_or(2048);
+        c.rope_theta = self.f64_or(self.obj, "rope_theta", 10000.0)?;
+        for field in ["rope_parameters", "rope_scaling"] {
+            match self.obj.get(field) {
+                None | Some(Value::Null) => {}
+                Some(Value::Object(rope)) => {
+                    if let Some(t) = rope.get("rope_type").or(rope.get("type")) {
+                        if t.as_str() != Some("default") {
+                            return Err(self.err(
+                                field,
+                                format!("rope type {t} is not supported (only \"default\")"),
+                            ));
+                        }
+                    }
+                    c.rope_theta = self.f64_or(rope, "rope_theta", c.rope_theta)?;
+                }
+                Some(v) => return Err(self.err(field, format!("expected an object, found {v}"))),
+            }
+        }
+        c.positions = match self.obj.get("position_embedding") {
+            None | Some(Value::Null) => Positions::Rotary,
+            Some(Value::String(p)) => p
+                .parse()
+                .map_err(|e: Error| self.err("position_embedding", e))?,
+            Some(v) => {
+                return Err(self.err(
+                    "position_embedding",
+                    format!("expected a string, found {v}"),
+                ))
+            }
+        };
+        Ok(c)
+    }
+}
+
+impl TransformerConfig {
+    /// Parses a transformers Llama `config.json`; `source` names the file
+    /// in errors.
+    pub fn from_json_str(text: &str, source: &str) -> Result<Self> {
+        let value = parse_object(text, source)?;
+        let obj = value.as_object().expect("checked to be an object");
+        let config = Reader { obj, source }.llama()?;
+        config.validate().map_err(|e| Error::Format {
+            file: source.to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(config)
+    }
+
+    /// The `config.json` that transformers' `LlamaForCausalLM` reads
+    /// (learned positions add this library's `position_embedding` key,
+    /// which transformers does not know).
+    pub fn to_hugging_face_json(&self) -> Value {
+        let mut v = json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.d_model,
+            "intermediate_size": self.d_ff,
+            "num_hidden_layers": self.n_layer,
+            "num_attention_heads": self.n_head,
+            "num_key_value_heads": self.n_head,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": null,
+            "attention_bias": false,
+            "attention_dropout": 0.0,
+            "mlp_bias": false,
+            "pretraining_tp": 1,
+            "tie_word_embeddings": self.tie_embeddings,
+            "initializer_range": 0.02,
+            "use_cache": true,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+            "pad_token_id": 0,
+            "torch_dtype": "float32",
+        });
+        if self.positions == Positions::Learned {
+            v["position_embedding"] = "learned".into();
+        }
+        v
+    }
+}
+
+/// The architecture a `config.json` describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Architecture {
+    Mamba,
+    /// Llama, the Transformer++ baseline.
+    Transformer,
+}
+
+impl Architecture {
+    pub fn name(self) -> &'static str {
+        match self {
+            Architecture::Mamba => "mamba",
+            Architecture::Transformer => "transformer",
+        }
+    }
+
+    /// Which of the two a config.json is: `model_type` "llama" (or
+    /// architectures LlamaForCausalLM) is the Transformer, anything else
+    /// is read as Mamba (whose reader refuses what it does not know).
+    pub fn of_config(text: &str, source: &str) -> Result<Self> {
+        let value = parse_object(text, source)?;
+        let obj = value.as_object().expect("checked to be an object");
+        let llama = obj.get("model_type").and_then(Value::as_str) == Some("llama")
+            || obj
+                .get("architectures")
+                .and_then(Value::as_array)
+                .is_some_and(|a| a.iter().any(|n| n.as_str() == Some("LlamaForCausalLM")));
+        Ok(if llama {
+            Architecture::Transformer
+        } else {
+            Architecture::Mamba
+        })
+    }
+}
+
+impl std::str::FromStr for Architecture {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "mamba" => Ok(Architecture::Mamba),
+            "transformer" | "llama" => Ok(Architecture::Transformer),
+            _ => Err(invalid(
+                "arch",
+                format!("unknown architecture {s:?} (expected mamba or transformer)"),
+            )),
+        }
+    }
+}
+
+/// JSON text that must be an object.
+fn parse_object(text: &str, source: &str) -> Result<Value> {
+    let value: Value = serde_json::from_str(text).map_err(|e| Error::Format {
+        file: source.to_string(),
+        message: format!("not valid JSON: {e}"),
+    })?;
+    if !value.is_object() {
+        return Err(Error::Format {
+            file: source.to_string(),
+            message: "the top level is not a JSON object".into(),
+        });
+    }
+    Ok(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -531,7 +726,8 @@ pub fn check_sizes(
 
 /// The architectures this library reads, as config.json names them.
 pub const SUPPORTED_ARCHITECTURES: &str = "model_type \"mamba\" (architectures MambaForCausalLM, \
-MambaModel, MambaLMHeadModel), or a state-spaces config.json without model_type";
+MambaModel, MambaLMHeadModel), a state-spaces config.json without model_type, or model_type \"llama\" \
+(LlamaForCausalLM, the Transformer++ baseline)";
 
 /// `model_type` and `architectures`, when given, must name Mamba-1: a
 /// Mamba-2, Falcon-Mamba or other model read as Mamba-1 would load its
@@ -546,6 +742,14 @@ fn check_model_type(obj: &serde_json::Map<String, Value>, source: &str) -> Resul
     match obj.get("model_type") {
         None => {}
         Some(Value::String(t)) if t == "mamba" => {}
+        Some(Value::String(t)) if t == "llama" => {
+            return Err(Error::Format {
+                file: source.to_string(),
+                message: "model_type \"llama\" is a Transformer, not a Mamba model: read it \
+                          with Transformer::from_dir (the command line tells the two apart)"
+                    .into(),
+            })
+        }
         Some(other) => return refuse(format!("model_type {other}")),
     }
     match obj.get("architectures") {

@@ -1,21 +1,31 @@
-//! The models as mathematics (docs/DESIGN.md §6 and §7): configuration,
-//! parameter trees, the Mamba block, the language model for training and
-//! for inference, and the losses. Nothing here reads or writes a file;
+//! The models as mathematics (docs/DESIGN.md §6, §7 and §15):
+//! configuration, parameter trees, the Mamba block and the Transformer
+//! block, the language models for training and for inference, and the
+//! losses. Nothing here reads or writes a file;
 //! [`crate::io`] does that.
 
+pub mod attention_block;
 pub mod block;
 pub mod config;
 pub mod inference;
 pub mod lm;
 pub mod loss;
 pub mod params;
+pub mod transformer;
 
+pub use attention_block::{
+    AttentionBlock, AttentionBlockCache, AttentionBlockGradients, AttentionBlockShape, KvCache,
+};
 pub use block::{
     Block, BlockArch, BlockCache, BlockGradients, BlockScalar, BlockShape, BlockStateMut,
     ChunkBuffers, Conv, Dense, Linear, Mixer, MixerGradients, SsmLayer, StepBuffers, Values, S6,
 };
-pub use config::{ConfigFormat, MambaConfig};
+pub use config::{Architecture, ConfigFormat, MambaConfig};
 pub use inference::{DecodeBuffers, InferenceModel, LayerState, Sequence};
 pub use lm::{next_token_cross_entropy, ForwardCache, Mamba};
 pub use loss::{perplexity, token_nll, Perplexity};
 pub use params::{LayerParams, MambaParams, MixerParams, ParamInfo, ParamKind};
+pub use transformer::{
+    Positions, Transformer, TransformerCache, TransformerConfig, TransformerLayerParams,
+    TransformerParams,
+};

@@ -139,7 +139,16 @@ pub fn models_dir() -> std::path::PathBuf {
 
 /// Every tensor of a reference file as (shape, values in f64).
 pub fn read_reference(dir: &str) -> std::collections::HashMap<String, (Vec<usize>, Vec<f64>)> {
-    let bytes = std::fs::read(models_dir().join(dir).join("reference.safetensors")).unwrap();
+    read_reference_file(dir, "reference.safetensors")
+}
+
+/// Every tensor of `file` in fixture directory `dir`, as (shape, f64 values).
+#[allow(dead_code)]
+pub fn read_reference_file(
+    dir: &str,
+    file: &str,
+) -> std::collections::HashMap<String, (Vec<usize>, Vec<f64>)> {
+    let bytes = std::fs::read(models_dir().join(dir).join(file)).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     st.tensors()
         .into_iter()
