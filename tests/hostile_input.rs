@@ -8,6 +8,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
+use selective::nn::Mamba;
 use selective::rng::Rng;
 use selective::tasks::{
     train_task, BlockArch, SsmLayer, TaskKind, TaskModel, TaskModelConfig, TaskSpec, TrainSettings,
@@ -136,7 +137,7 @@ fn stopped_char_run(dir: &Path, text: &str) -> (PathBuf, PathBuf) {
         ..TrainConfig::default()
     };
     let run = dir.join("run");
-    let mut trainer = Trainer::new(config, &run).unwrap();
+    let mut trainer = Trainer::<Mamba<f32>>::new(config, &run).unwrap();
     trainer
         .run(&RunOptions {
             stop_after: Some(1),
@@ -153,7 +154,10 @@ fn resume_keeps_the_runs_vocabulary_and_notices_changed_text() {
     let (run, data) = stopped_char_run(&dir, &text);
     // issue 23: "##" at the top shifted every id of a rebuilt vocabulary
     std::fs::write(&data, format!("##{text}")).unwrap();
-    let e = Trainer::resume(&run).err().unwrap().to_string();
+    let e = Trainer::<Mamba<f32>>::resume(&run)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
         e.contains("changed since the run started") && e.contains("--allow-changed-data"),
         "{e}"
@@ -161,7 +165,7 @@ fn resume_keeps_the_runs_vocabulary_and_notices_changed_text() {
     let allowed = ResumeOptions {
         allow_changed_data: true,
     };
-    let e = Trainer::resume_with(&run, &allowed)
+    let e = Trainer::<Mamba<f32>>::resume_with(&run, &allowed)
         .err()
         .unwrap()
         .to_string();
@@ -170,7 +174,7 @@ fn resume_keeps_the_runs_vocabulary_and_notices_changed_text() {
     // vocabulary rebuilt from it would shift every id after them; the
     // run's own is kept to the end
     std::fs::write(&data, text.replace(" question", "")).unwrap();
-    let mut trainer = Trainer::resume_with(&run, &allowed).unwrap();
+    let mut trainer = Trainer::<Mamba<f32>>::resume_with(&run, &allowed).unwrap();
     trainer
         .run(&RunOptions {
             stop_after: None,
@@ -193,7 +197,10 @@ fn a_checkpoint_that_contradicts_its_run_is_refused() {
     let mut json: serde_json::Value = serde_json::from_str(&state).unwrap();
     json["step"] = 1_000_000.into();
     std::fs::write(&state_path, json.to_string()).unwrap();
-    let e = Trainer::resume(&run).err().unwrap().to_string();
+    let e = Trainer::<Mamba<f32>>::resume(&run)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("step 1000000") && e.contains("2 steps"), "{e}");
     std::fs::write(&state_path, &state).unwrap();
     // the run's settings say d_model 16; a checkpoint of another width
@@ -202,12 +209,18 @@ fn a_checkpoint_that_contradicts_its_run_is_refused() {
     let mut json: serde_json::Value = serde_json::from_str(&settings).unwrap();
     json["d_model"] = 24.into();
     std::fs::write(&config_path, json.to_string()).unwrap();
-    let e = Trainer::resume(&run).err().unwrap().to_string();
+    let e = Trainer::<Mamba<f32>>::resume(&run)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("d_model 16") && e.contains("make 24"), "{e}");
     // a training config that is not an object (issue 23: `[]` was taken as
     // every default)
     std::fs::write(&config_path, "[]").unwrap();
-    let e = Trainer::resume(&run).err().unwrap().to_string();
+    let e = Trainer::<Mamba<f32>>::resume(&run)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("expected a JSON object, found an array"), "{e}");
     let e = TrainConfig::from_file(&config_path)
         .unwrap_err()

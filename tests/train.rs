@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use selective::nn::{Mamba, MambaConfig, MambaParams};
+use selective::nn::{Architecture, Mamba, MambaConfig, MambaParams, Transformer};
 use selective::train::{
     clip_global_norm, decays, global_norm, AdamW, AdamWConfig, LrSchedule, ProgressMode,
-    RunOptions, TrainConfig, Trainer,
+    RunOptions, TrainConfig, TrainableModel, Trainer,
 };
 
 /// A fresh, empty directory for one test.
@@ -201,8 +201,8 @@ fn accumulating_two_micro_batches_equals_one_double_batch() {
         grad_accum: 2,
         ..double.clone()
     };
-    let mut a = Trainer::new(double, dir.join("a")).unwrap();
-    let mut b = Trainer::new(halves, dir.join("b")).unwrap();
+    let mut a = Trainer::<Mamba<f32>>::new(double, dir.join("a")).unwrap();
+    let mut b = Trainer::<Mamba<f32>>::new(halves, dir.join("b")).unwrap();
     let ra = a.run(&silent()).unwrap();
     let rb = b.run(&silent()).unwrap();
     for (x, y) in ra.losses.iter().zip(&rb.losses) {
@@ -235,14 +235,14 @@ fn a_resumed_run_gives_bit_identical_losses() {
         warmup_steps: Some(2),
         ..tiny_config(data)
     };
-    let straight = Trainer::new(config.clone(), dir.join("straight"))
+    let straight = Trainer::<Mamba<f32>>::new(config.clone(), dir.join("straight"))
         .unwrap()
         .run(&silent())
         .unwrap();
     assert_eq!(straight.losses.len(), 6);
     assert!(straight.finished);
 
-    let first = Trainer::new(config, dir.join("split"))
+    let first = Trainer::<Mamba<f32>>::new(config, dir.join("split"))
         .unwrap()
         .run(&RunOptions {
             stop_after: Some(3),
@@ -251,7 +251,7 @@ fn a_resumed_run_gives_bit_identical_losses() {
         .unwrap();
     assert_eq!((first.end_step, first.finished), (3, false));
     assert!(!dir.join("split/model").exists());
-    let mut resumed = Trainer::resume(dir.join("split")).unwrap();
+    let mut resumed = Trainer::<Mamba<f32>>::resume(dir.join("split")).unwrap();
     assert_eq!(resumed.state.step, 3);
     let second = resumed.run(&silent()).unwrap();
     assert!(second.finished);
@@ -298,7 +298,7 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
         ..tiny_config(data)
     };
     let run = dir.join("run");
-    let err = Trainer::new(config, &run)
+    let err = Trainer::<Mamba<f32>>::new(config, &run)
         .unwrap()
         .run(&silent())
         .unwrap_err()
@@ -331,7 +331,7 @@ fn the_loss_falls_on_a_repetitive_text() {
         eval_every: 30,
         ..tiny_config(data)
     };
-    let report = Trainer::new(config, dir.join("run"))
+    let report = Trainer::<Mamba<f32>>::new(config, dir.join("run"))
         .unwrap()
         .run(&silent())
         .unwrap();
@@ -349,7 +349,7 @@ fn bad_settings_and_missing_files_are_clear_errors() {
     let dir = temp_dir("errors");
     let data = write_text(&dir);
     let err = |config: TrainConfig| {
-        Trainer::new(config, dir.join("run"))
+        Trainer::<Mamba<f32>>::new(config, dir.join("run"))
             .err()
             .expect("an error")
             .to_string()
@@ -378,15 +378,15 @@ fn bad_settings_and_missing_files_are_clear_errors() {
     });
     assert!(e.contains("--data"), "{e}");
     // Resuming needs a checkpoint; a new run refuses a used directory.
-    assert!(Trainer::resume(dir.join("nothing")).is_err());
-    Trainer::new(tiny_config(data.clone()), dir.join("used"))
+    assert!(Trainer::<Mamba<f32>>::resume(dir.join("nothing")).is_err());
+    Trainer::<Mamba<f32>>::new(tiny_config(data.clone()), dir.join("used"))
         .unwrap()
         .run(&RunOptions {
             stop_after: Some(1),
             progress: ProgressMode::Silent,
         })
         .unwrap();
-    let e = Trainer::new(tiny_config(data), dir.join("used"))
+    let e = Trainer::<Mamba<f32>>::new(tiny_config(data), dir.join("used"))
         .err()
         .unwrap()
         .to_string();
@@ -488,7 +488,7 @@ fn a_tokenizer_json_run_carries_its_tokenizer_into_the_model_directory() {
         seq_len: 8,
         ..tiny_config(data)
     };
-    let report = Trainer::new(config, dir.join("run"))
+    let report = Trainer::<Mamba<f32>>::new(config, dir.join("run"))
         .unwrap()
         .run(&silent())
         .unwrap();
@@ -514,7 +514,7 @@ fn a_char_vocab_run_stores_its_characters_and_draws_its_loss() {
         eval_every: 2,
         ..tiny_config(data)
     };
-    let report = Trainer::new(config, dir.join("run"))
+    let report = Trainer::<Mamba<f32>>::new(config, dir.join("run"))
         .unwrap()
         .run(&silent())
         .unwrap();
@@ -547,10 +547,151 @@ fn a_char_vocab_run_stores_its_characters_and_draws_its_loss() {
         tokenizer: Some(dir.join("tokenizer.json")),
         ..tiny_config(dir.join("text.txt"))
     };
-    let err = Trainer::new(both, dir.join("run2"))
+    let err = Trainer::<Mamba<f32>>::new(both, dir.join("run2"))
         .err()
         .unwrap()
         .to_string();
     assert!(err.contains("not both"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The tiny run as a Transformer++ (two heads of 8).
+fn tiny_transformer_config(data: PathBuf) -> TrainConfig {
+    TrainConfig {
+        arch: Architecture::Transformer,
+        n_head: 2,
+        ..tiny_config(data)
+    }
+}
+
+#[test]
+fn a_transformer_trains_resumes_bit_identically_and_saves_a_model() {
+    let dir = temp_dir("transformer");
+    let data = write_text(&dir);
+    let config = TrainConfig {
+        eval_every: 2,
+        warmup_steps: Some(2),
+        ..tiny_transformer_config(data)
+    };
+    let straight = Trainer::<Transformer<f32>>::new(config.clone(), dir.join("straight"))
+        .unwrap()
+        .run(&silent())
+        .unwrap();
+    assert_eq!(straight.losses.len(), 6);
+    assert!(straight.losses.iter().all(|l| l.is_finite()));
+    let first = Trainer::<Transformer<f32>>::new(config.clone(), dir.join("split"))
+        .unwrap()
+        .run(&RunOptions {
+            stop_after: Some(3),
+            progress: ProgressMode::Silent,
+        })
+        .unwrap();
+    assert_eq!((first.end_step, first.finished), (3, false));
+    let second = Trainer::<Transformer<f32>>::resume(dir.join("split"))
+        .unwrap()
+        .run(&silent())
+        .unwrap();
+    let joined: Vec<f32> = first.losses.iter().chain(&second.losses).copied().collect();
+    assert_eq!(joined, straight.losses);
+    let weights = |run: &str| std::fs::read(dir.join(run).join("model/model.safetensors")).unwrap();
+    assert!(
+        weights("straight") == weights("split"),
+        "final weights differ"
+    );
+
+    // The saved model is a Llama directory the Transformer reads back,
+    // with the trained shapes, and its logits are finite.
+    let model =
+        <Transformer<f32> as TrainableModel>::from_dir(&dir.join("straight/model")).unwrap();
+    assert_eq!(model.config.d_model, 16);
+    assert_eq!(model.config.n_layer, 2);
+    assert_eq!(model.config.n_head, 2);
+    let hf: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("straight/model/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(hf["model_type"], "llama");
+    let logits = model.forward(&[1, 2, 3], 1, 3).unwrap();
+    assert_eq!(logits.len(), 3 * model.config.vocab_size);
+    assert!(logits.iter().all(|x| x.is_finite()));
+
+    // A Transformer run is not resumed as a Mamba one.
+    let err = Trainer::<Mamba<f32>>::resume(dir.join("split"))
+        .err()
+        .expect("a Transformer run resumed as Mamba")
+        .to_string();
+    assert!(err.contains("transformer"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_loss_falls_for_a_transformer_too() {
+    let dir = temp_dir("transformer-learn");
+    let data = write_text(&dir);
+    let config = TrainConfig {
+        d_model: 32,
+        steps: 60,
+        lr: 1e-2,
+        warmup_steps: Some(5),
+        ..tiny_transformer_config(data)
+    };
+    let report = Trainer::<Transformer<f32>>::new(config, dir.join("run"))
+        .unwrap()
+        .run(&silent())
+        .unwrap();
+    let first = report.losses[0];
+    let last = *report.losses.last().unwrap();
+    assert!(first > 5.0, "starts near ln 256 = 5.55: {first}");
+    assert!(last < 0.5 * first, "loss {first} -> {last}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_command_line_trains_a_transformer_and_resumes_it() {
+    let dir = temp_dir("cli-transformer");
+    let data = write_text(&dir);
+    let run = dir.join("run");
+    let selective = || Command::new(env!("CARGO_BIN_EXE_selective"));
+    let out = selective()
+        .arg("train")
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&run)
+        .args([
+            "--arch",
+            "transformer",
+            "--n-head",
+            "2",
+            "--positions",
+            "learned",
+        ])
+        .args(["--d-model", "16", "--n-layer", "1"])
+        .args(["--batch-size", "2", "--seq-len", "16", "--steps", "4"])
+        .args(["--eval-every", "0", "--save-every", "2", "--threads", "1"])
+        .args(["--stop-after", "2"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let settings: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(settings["arch"], "transformer");
+    assert_eq!(settings["positions"], "learned");
+    let out = selective()
+        .arg("train")
+        .args(["--resume", "--out"])
+        .arg(&run)
+        .args(["--threads", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let hf: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("model/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(hf["model_type"], "llama");
+    let model = <Transformer<f32> as TrainableModel>::from_dir(&run.join("model")).unwrap();
+    assert_eq!(model.config.positions.name(), "learned");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -5,10 +5,9 @@ use std::time::Instant;
 
 use crate::bench::generation::{peak_resident_bytes, reset_peak_resident, Stats};
 use crate::error::{invalid, Result};
-use crate::nn::{Mamba, MambaConfig};
 use crate::rng::Rng;
 use crate::train::training_step;
-use crate::train::{AdamW, AdamWConfig};
+use crate::train::{AdamW, AdamWConfig, TrainableModel};
 
 /// Training throughput at one sequence length.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -29,8 +28,8 @@ pub struct TrainingBench {
 /// initialised from `seed`) on uniformly random token ids: one untimed
 /// step first, then each step alone. The ids' values do not change the
 /// work a step does.
-pub fn bench_training(
-    config: &MambaConfig,
+pub fn bench_training<M: TrainableModel>(
+    config: &M::Config,
     batch: usize,
     seq_len: usize,
     steps: usize,
@@ -45,11 +44,10 @@ pub fn bench_training(
     // The parameters, gradients and moments of the previous length are
     // gone before the high-water mark is reset.
     reset_peak_resident();
-    let mut model = Mamba::<f32>::init(config.clone(), seed)?;
-    let mut optimizer =
-        AdamW::<crate::nn::MambaParams<f32>>::new(&model.config, AdamWConfig::default());
+    let mut model = M::init(config.clone(), seed)?;
+    let mut optimizer = AdamW::<M::Params>::new(model.config(), AdamWConfig::default());
     let mut rng = Rng::new(seed ^ 0xBE_4C4);
-    let vocab = config.vocab_size;
+    let vocab = model.vocab_size();
     let mut next_batch = || {
         Ok((0..batch * seq_len)
             .map(|_| rng.below(vocab) as u32)

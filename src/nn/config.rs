@@ -548,8 +548,10 @@ impl TransformerConfig {
     }
 }
 
-/// The architecture a `config.json` describes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The architecture a `config.json` describes (and a training run's
+/// `arch` setting, spelled "mamba" or "transformer").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Architecture {
     Mamba,
     /// Llama, the Transformer++ baseline.

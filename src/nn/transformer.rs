@@ -22,8 +22,10 @@ use crate::error::{invalid, Result};
 use crate::kernels::{matmul_xtw, matmul_xw, matmul_xwt, MatmulScalar, Rotary};
 use crate::rng::Rng;
 
-/// How a Transformer knows where a token is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How a Transformer knows where a token is (in a training run's
+/// settings: "rotary" or "learned").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Positions {
     /// Rotary embedding of q and k in every layer (Llama; Transformer++).
     Rotary,

@@ -1,15 +1,18 @@
-//! Training a Mamba language model from a text file (docs/DESIGN.md §11):
+//! Training a language model (Mamba, or the Transformer++ baseline) from a
+//! text file (docs/DESIGN.md §11):
 //! AdamW with the official parameter groups, warm-up and cosine decay,
 //! global-norm clipping, gradient accumulation, validation, checkpoints that
 //! resume bit for bit.
 
 pub mod data;
+pub mod model;
 pub mod optimizer;
 pub(crate) mod progress;
 pub mod schedule;
 pub mod trainer;
 
 pub use data::{random_windows, DataFingerprint, TextData};
+pub use model::TrainableModel;
 pub use optimizer::{
     add_into, clip_global_norm, clip_tensors_global_norm, decays, global_norm, AdamW, AdamWConfig,
     ParamTree,

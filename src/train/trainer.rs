@@ -24,15 +24,16 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::data::{random_windows, DataFingerprint, TextData};
-use super::optimizer::{add_into, clip_global_norm, global_norm, AdamW, AdamWConfig};
+use super::model::TrainableModel;
+use super::optimizer::{add_into, clip_global_norm, global_norm, AdamW, AdamWConfig, ParamTree};
 use super::progress::{ProgressMode, Reporter, StepLine};
 use super::schedule::LrSchedule;
 use crate::error::{invalid, Error, Result};
 use crate::generate::tokenizer::{CharVocab, Tokenizer};
 use crate::io::{encode, read_object, write_atomically, write_safetensors};
 use crate::io::{DType, SafetensorsFile, TensorSource};
-use crate::nn::MambaParams;
-use crate::nn::{next_token_cross_entropy, Mamba, MambaConfig};
+use crate::nn::Transformer;
+use crate::nn::{next_token_cross_entropy, Architecture, Mamba, MambaConfig, Positions};
 use crate::plot::{self, Chart, Series};
 use crate::rng::Rng;
 
@@ -41,6 +42,8 @@ use crate::rng::Rng;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
+    /// The model: "mamba" or "transformer" (the Transformer++ baseline).
+    pub arch: Architecture,
     /// The training text.
     pub data: PathBuf,
     /// A Hugging Face tokenizer.json; none: byte-level (vocabulary 256),
@@ -54,6 +57,12 @@ pub struct TrainConfig {
     pub n_layer: usize,
     pub d_state: usize,
     pub expand: usize,
+    /// Transformer: attention heads (head_dim d_model / n_head).
+    pub n_head: usize,
+    /// Transformer: the SwiGLU width; None: 8 d_model / 3 rounded up to 8.
+    pub d_ff: Option<usize>,
+    /// Transformer: "rotary" or "learned" (seq_len positions).
+    pub positions: Positions,
     /// Sequences per micro-batch.
     pub batch_size: usize,
     /// Tokens per sequence (seq_len − 1 predictions each).
@@ -91,6 +100,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         let adam = AdamWConfig::default();
         Self {
+            arch: Architecture::Mamba,
             data: PathBuf::new(),
             tokenizer: None,
             char_vocab: false,
@@ -98,6 +108,9 @@ impl Default for TrainConfig {
             n_layer: 4,
             d_state: 16,
             expand: 2,
+            n_head: 4,
+            d_ff: None,
+            positions: Positions::Rotary,
             batch_size: 16,
             seq_len: 256,
             steps: 1000,
@@ -146,11 +159,13 @@ impl TrainConfig {
     /// vocabulary of at least `vocab_size` (the tokenizer's is not known
     /// yet where this is called).
     pub fn check_memory(&self, vocab_size: usize) -> Result<()> {
-        let model = self.model_config(vocab_size);
+        let (per_layer, n_params) = match self.arch {
+            Architecture::Mamba => self.memory_of::<Mamba<f32>>(vocab_size)?,
+            Architecture::Transformer => self.memory_of::<Transformer<f32>>(vocab_size)?,
+        };
         let tokens = self.batch_size as u128 * self.seq_len as u128;
-        let per_token = model.n_layer as u128 * model.block_shape().cached_values_per_token()
-            + 2 * vocab_size as u128;
-        let weights = 4 * model.n_params() as u128;
+        let per_token = self.n_layer as u128 * per_layer + 2 * vocab_size as u128;
+        let weights = 4 * n_params as u128;
         crate::memory::check_fits(
             "train",
             (tokens * per_token + weights) * 4,
@@ -162,7 +177,15 @@ impl TrainConfig {
         )
     }
 
-    /// The model these settings describe, for a vocabulary of `vocab_size` ids.
+    /// Values cached per token and layer, and parameters, of the model
+    /// these settings describe.
+    fn memory_of<M: TrainableModel>(&self, vocab_size: usize) -> Result<(u128, usize)> {
+        let c = M::config_of(self, vocab_size)?;
+        Ok((M::cached_values_per_token(&c), M::n_params_of(&c)))
+    }
+
+    /// The Mamba model these settings describe, for a vocabulary of
+    /// `vocab_size` ids (with arch "mamba").
     pub fn model_config(&self, vocab_size: usize) -> MambaConfig {
         let mut c = MambaConfig::new(self.d_model, self.n_layer, vocab_size, self.d_state);
         c.expand = self.expand;
@@ -181,6 +204,7 @@ impl TrainConfig {
             ("n_layer", self.n_layer),
             ("d_state", self.d_state),
             ("expand", self.expand),
+            ("n_head", self.n_head),
             ("batch_size", self.batch_size),
             ("steps", self.steps),
             ("grad_accum", self.grad_accum),
@@ -245,12 +269,17 @@ impl TrainConfig {
                 ("n_layer", self.n_layer),
                 ("d_state", self.d_state),
                 ("expand", self.expand),
+                ("n_head", self.n_head),
+                ("d_ff", self.d_ff.unwrap_or(1)),
                 ("batch_size", self.batch_size),
                 ("seq_len", self.seq_len),
             ],
-            || self.d_model as u128 * self.expand as u128,
+            || self.d_model as u128 * self.expand.max(self.d_ff.unwrap_or(1)) as u128,
         )?;
-        self.model_config(256).validate()
+        match self.arch {
+            Architecture::Mamba => self.memory_of::<Mamba<f32>>(256).map(drop),
+            Architecture::Transformer => self.memory_of::<Transformer<f32>>(256).map(drop),
+        }
     }
 
     fn adamw(&self) -> AdamWConfig {
@@ -314,26 +343,44 @@ pub struct TrainReport {
     pub finished: bool,
 }
 
-/// A run in progress: model, optimizer, data and position.
-pub struct Trainer {
+/// A run in progress: model, optimizer, data and position. `M` is the
+/// architecture, which must be the run's `arch` setting (the command line
+/// reads the setting and picks `M`).
+pub struct Trainer<M: TrainableModel = Mamba<f32>> {
     pub config: TrainConfig,
     pub run_dir: PathBuf,
-    pub model: Mamba<f32>,
-    pub optimizer: AdamW,
+    pub model: M,
+    pub optimizer: AdamW<M::Params>,
     pub state: TrainerState,
     data: TextData,
     tokenizer: Tokenizer,
 }
 
-/// The generator streams: weights from `seed` itself (`Mamba::init`), the
+/// The generator streams: weights from `seed` itself (`M::init`), the
 /// windows from these.
 const DATA_STREAM: u64 = 0xDA7A_5EED_0000_0001;
 const EVAL_STREAM: u64 = 0xE7A1_5EED_0000_0002;
 
-impl Trainer {
+/// An error unless the run's settings train architecture `M`.
+fn check_arch<M: TrainableModel>(config: &TrainConfig) -> Result<()> {
+    if config.arch != M::ARCH {
+        return Err(invalid(
+            "train",
+            format!(
+                "the run's settings say arch {:?}, this trainer trains {:?}",
+                config.arch.name(),
+                M::ARCH.name()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl<M: TrainableModel> Trainer<M> {
     /// A fresh run in `run_dir` (created; must not hold a checkpoint yet).
     pub fn new(config: TrainConfig, run_dir: impl Into<PathBuf>) -> Result<Self> {
         config.validate()?;
+        check_arch::<M>(&config)?;
         config.check_memory(256)?;
         let run_dir = run_dir.into();
         if run_dir.join("checkpoint").exists() || run_dir.join(".checkpoint.old").exists() {
@@ -347,8 +394,8 @@ impl Trainer {
         }
         let (tokenizer, data) = load_data(&config, None)?;
         let vocab = padded_vocab(&tokenizer);
-        let model = Mamba::<f32>::init(config.model_config(vocab), config.seed)?;
-        let optimizer = AdamW::<MambaParams<f32>>::new(&model.config, config.adamw());
+        let model = M::init(M::config_of(&config, vocab)?, config.seed)?;
+        let optimizer = AdamW::<M::Params>::new(model.config(), config.adamw());
         std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
         let mut saved = config.clone();
         saved.warmup_steps = Some(config.warmup());
@@ -387,6 +434,7 @@ impl Trainer {
         let run_dir = run_dir.into();
         let config = TrainConfig::from_file(&run_dir.join("config.json"))?;
         config.validate()?;
+        check_arch::<M>(&config)?;
         let mut ckpt = run_dir.join("checkpoint");
         if !ckpt.exists() {
             ckpt = run_dir.join(".checkpoint.old");
@@ -431,31 +479,28 @@ impl Trainer {
         }
         let saved_tokenizer = Tokenizer::for_model_dir(&ckpt)?;
         let (tokenizer, data) = load_data(&config, saved_tokenizer)?;
-        let model = Mamba::<f32>::from_dir(&ckpt)?;
-        let want = config.model_config(padded_vocab(&tokenizer));
-        let m = &model.config;
-        for (field, saved, settings) in [
-            ("d_model", m.d_model, want.d_model),
-            ("n_layer", m.n_layer, want.n_layer),
-            ("d_state", m.d_state, want.d_state),
-            ("d_inner", m.d_inner, want.d_inner),
-            ("vocab_size", m.vocab_size, want.vocab_size),
-        ] {
+        let model = M::from_dir(&ckpt)?;
+        let want = M::config_of(&config, padded_vocab(&tokenizer))?;
+        for ((field, saved), (_, settings)) in M::shape_fields(model.config())
+            .into_iter()
+            .zip(M::shape_fields(&want))
+        {
             if saved != settings {
                 return Err(contradiction(format!(
                     "the checkpoint's model has {field} {saved}, the run's settings make {settings}"
                 )));
             }
         }
-        let mut optimizer = AdamW::<MambaParams<f32>>::new(&model.config, config.adamw());
+        let mut optimizer = AdamW::<M::Params>::new(model.config(), config.adamw());
         optimizer.step = state.step as u64;
         let opt_path = ckpt.join("optimizer.safetensors");
         let file = SafetensorsFile::open(&opt_path)?;
+        let infos = M::param_infos(model.config());
         for (prefix, tree) in [
             ("exp_avg", &mut optimizer.m),
             ("exp_avg_sq", &mut optimizer.v),
         ] {
-            for (info, dst) in tree.tensors_mut(&model.config) {
+            for (info, dst) in infos.iter().zip(tree.tensor_slices_mut(model.config())) {
                 let name = format!("{prefix}.{}", info.name);
                 let t = file.tensor(&name)?.ok_or_else(|| Error::Tensor {
                     file: opt_path.display().to_string(),
@@ -470,7 +515,7 @@ impl Trainer {
                         message: format!("{} values, expected {}", values.len(), dst.len()),
                     });
                 }
-                *dst = values;
+                dst.copy_from_slice(&values);
             }
         }
         truncate_metrics(&run_dir.join("metrics.jsonl"), state.step)?;
@@ -498,7 +543,7 @@ impl Trainer {
     pub fn validation_loss(&self) -> Result<f32> {
         let c = &self.config;
         let mut rng = Rng::new(c.seed ^ EVAL_STREAM);
-        let vocab = self.model.config.vocab_size;
+        let vocab = self.model.vocab_size();
         let mut total = 0.0f64;
         for _ in 0..c.eval_batches {
             let ids = random_windows(&self.data.val, c.batch_size, c.seq_len, &mut rng)
@@ -656,9 +701,8 @@ impl Trainer {
     }
 
     fn write_model_files(&self, dir: &Path) -> Result<()> {
-        self.model.save(dir, DType::F32)?;
+        let mut config = self.model.save_f32(dir)?;
         let config_path = dir.join("config.json");
-        let mut config = self.model.config.to_hugging_face_json();
         config["torch_dtype"] = "float32".into();
         match (&self.tokenizer, &self.config.tokenizer) {
             (Tokenizer::Bytes, _) => config["tokenizer"] = "bytes".into(),
@@ -682,15 +726,19 @@ impl Trainer {
         remove_dir_if_exists(&tmp)?;
         self.write_model_files(&tmp)?;
         let mut tensors = Vec::new();
+        let infos = M::param_infos(self.model.config());
         for (prefix, tree) in [
             ("exp_avg", &self.optimizer.m),
             ("exp_avg_sq", &self.optimizer.v),
         ] {
-            for (info, data) in tree.tensors(&self.model.config) {
+            for (info, (_, data)) in infos
+                .iter()
+                .zip(tree.tensors_with_decay(self.model.config()))
+            {
                 tensors.push((
                     format!("{prefix}.{}", info.name),
                     DType::F32,
-                    info.shape,
+                    info.shape.clone(),
                     encode(data, DType::F32),
                 ));
             }
@@ -721,16 +769,16 @@ pub struct StepOutcome {
 /// (the loss of the step is the mean over micro-batches, so each one's
 /// gradient is scaled by 1/micro_batches); then clipping by global norm
 /// (`grad_clip` > 0) and the AdamW update at learning rate `lr`.
-pub fn training_step(
-    model: &mut Mamba<f32>,
-    optimizer: &mut AdamW,
+pub fn training_step<M: TrainableModel>(
+    model: &mut M,
+    optimizer: &mut AdamW<M::Params>,
     micro_batches: usize,
     mut next_batch: impl FnMut() -> Result<Vec<u32>>,
     (batch, len): (usize, usize),
     lr: f64,
     grad_clip: f64,
 ) -> Result<StepOutcome> {
-    let vocab = model.config.vocab_size;
+    let vocab = model.vocab_size();
     let mut grads = None;
     let mut loss_sum = 0.0f64;
     for _ in 0..micro_batches {
@@ -747,20 +795,21 @@ pub fn training_step(
         drop(cache);
         match grads.as_mut() {
             None => grads = Some(g),
-            Some(acc) => add_into(&model.config, acc, &g)?,
+            Some(acc) => add_into(model.config(), acc, &g)?,
         }
     }
     let mut grads =
         grads.ok_or_else(|| invalid("training_step", "micro_batches must be at least 1"))?;
     let loss = (loss_sum / micro_batches as f64) as f32;
     let grad_norm = if grad_clip > 0.0 {
-        clip_global_norm(&model.config, &mut grads, grad_clip)
+        clip_global_norm(model.config(), &mut grads, grad_clip)
     } else {
-        global_norm(&model.config, &grads)
+        global_norm(model.config(), &grads)
     };
     let updated = loss.is_finite() && grad_norm.is_finite();
     if updated {
-        optimizer.update(&model.config, &mut model.params, &grads, lr)?;
+        let config = model.config().clone();
+        optimizer.update(&config, model.params_mut(), &grads, lr)?;
     }
     Ok(StepOutcome {
         loss,

@@ -104,7 +104,7 @@ fn bench_train_command(args: &BenchArgs) -> CliResult {
     );
     let mut rows = Vec::new();
     for &len in &args.seq_len {
-        rows.push(bench_training(
+        rows.push(bench_training::<Mamba<f32>>(
             &config,
             args.batch_size,
             len,

@@ -3,7 +3,10 @@
 
 use std::path::PathBuf;
 
-use selective::train::{ProgressMode, ResumeOptions, RunOptions, TrainConfig, Trainer};
+use selective::nn::{Architecture, Mamba, Positions, Transformer};
+use selective::train::{
+    ProgressMode, ResumeOptions, RunOptions, TrainConfig, TrainableModel, Trainer,
+};
 
 use crate::CliResult;
 
@@ -35,6 +38,10 @@ pub struct TrainArgs {
     /// Tiny Shakespeare), as nanoGPT's shakespeare_char.
     #[arg(long)]
     pub char_vocab: bool,
+    /// The model: mamba (default) or transformer (the Transformer++
+    /// baseline: RMSNorm, rotary attention, SwiGLU, tied embeddings).
+    #[arg(long)]
+    pub arch: Option<Architecture>,
     #[arg(long)]
     pub d_model: Option<usize>,
     #[arg(long)]
@@ -43,6 +50,15 @@ pub struct TrainArgs {
     pub d_state: Option<usize>,
     #[arg(long)]
     pub expand: Option<usize>,
+    /// Transformer: attention heads (head_dim = d_model / n_head; default 4).
+    #[arg(long)]
+    pub n_head: Option<usize>,
+    /// Transformer: SwiGLU width (default 8 d_model / 3 rounded up to 8).
+    #[arg(long)]
+    pub d_ff: Option<usize>,
+    /// Transformer: rotary (default) or learned positions.
+    #[arg(long)]
+    pub positions: Option<Positions>,
     /// Sequences per micro-batch.
     #[arg(long)]
     pub batch_size: Option<usize>,
@@ -112,6 +128,10 @@ pub fn run(args: TrainArgs) -> CliResult {
         )*};
     }
     set!(
+        arch,
+        n_head,
+        d_ff,
+        positions,
         data,
         tokenizer,
         d_model,
@@ -145,7 +165,7 @@ pub fn run(args: TrainArgs) -> CliResult {
         (config.beta1, config.beta2) = (beta1, beta2);
         given.push("betas");
     }
-    let mut trainer = if args.resume {
+    if args.resume {
         if args.config.is_some() || !given.is_empty() {
             return Err(format!(
                 "--resume continues with the run's own settings ({}); drop --config and --{}",
@@ -154,26 +174,42 @@ pub fn run(args: TrainArgs) -> CliResult {
             )
             .into());
         }
-        Trainer::resume_with(
+        // the run's own settings say which architecture it trains
+        config = TrainConfig::from_file(&args.out.join("config.json"))?;
+    }
+    match config.arch {
+        Architecture::Mamba => train::<Mamba<f32>>(&args, config, &options),
+        Architecture::Transformer => train::<Transformer<f32>>(&args, config, &options),
+    }
+}
+
+fn train<M: TrainableModel>(
+    args: &TrainArgs,
+    config: TrainConfig,
+    options: &RunOptions,
+) -> CliResult {
+    let mut trainer = if args.resume {
+        Trainer::<M>::resume_with(
             &args.out,
             &ResumeOptions {
                 allow_changed_data: args.allow_changed_data,
             },
         )?
     } else {
-        Trainer::new(config, &args.out)?
+        Trainer::<M>::new(config, &args.out)?
     };
     eprintln!(
-        "{} {}: {} parameters, {} training and {} validation tokens, step {}/{}",
+        "{} {} ({}): {} parameters, {} training and {} validation tokens, step {}/{}",
         if args.resume { "resuming" } else { "training" },
         args.out.display(),
-        trainer.model.config.n_params(),
+        trainer.config.arch.name(),
+        trainer.model.n_params(),
         trainer.train_tokens(),
         trainer.val_tokens(),
         trainer.state.step,
         trainer.config.steps
     );
-    let report = trainer.run(&options)?;
+    let report = trainer.run(options)?;
     eprintln!(
         "steps {}..{} in {:.1} s, {:.0} training tokens/s; last loss {}; validation loss {}",
         report.start_step,
