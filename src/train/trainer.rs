@@ -159,10 +159,7 @@ impl TrainConfig {
     /// vocabulary of at least `vocab_size` (the tokenizer's is not known
     /// yet where this is called).
     pub fn check_memory(&self, vocab_size: usize) -> Result<()> {
-        let (per_layer, n_params) = match self.arch {
-            Architecture::Mamba => self.memory_of::<Mamba<f32>>(vocab_size)?,
-            Architecture::Transformer => self.memory_of::<Transformer<f32>>(vocab_size)?,
-        };
+        let (per_layer, n_params) = self.model_size(vocab_size)?;
         let tokens = self.batch_size as u128 * self.seq_len as u128;
         let per_token = self.n_layer as u128 * per_layer + 2 * vocab_size as u128;
         let weights = 4 * n_params as u128;
@@ -179,9 +176,16 @@ impl TrainConfig {
 
     /// Values cached per token and layer, and parameters, of the model
     /// these settings describe.
-    fn memory_of<M: TrainableModel>(&self, vocab_size: usize) -> Result<(u128, usize)> {
-        let c = M::config_of(self, vocab_size)?;
-        Ok((M::cached_values_per_token(&c), M::n_params_of(&c)))
+    /// An error where the settings make no valid model of their `arch`.
+    fn model_size(&self, vocab_size: usize) -> Result<(u128, usize)> {
+        fn of<M: TrainableModel>(s: &TrainConfig, vocab_size: usize) -> Result<(u128, usize)> {
+            let c = M::config_of(s, vocab_size)?;
+            Ok((M::cached_values_per_token(&c), M::n_params_of(&c)))
+        }
+        match self.arch {
+            Architecture::Mamba => of::<Mamba<f32>>(self, vocab_size),
+            Architecture::Transformer => of::<Transformer<f32>>(self, vocab_size),
+        }
     }
 
     /// The Mamba model these settings describe, for a vocabulary of
@@ -276,10 +280,7 @@ impl TrainConfig {
             ],
             || self.d_model as u128 * self.expand.max(self.d_ff.unwrap_or(1)) as u128,
         )?;
-        match self.arch {
-            Architecture::Mamba => self.memory_of::<Mamba<f32>>(256).map(drop),
-            Architecture::Transformer => self.memory_of::<Transformer<f32>>(256).map(drop),
-        }
+        self.model_size(256).map(drop)
     }
 
     fn adamw(&self) -> AdamWConfig {
