@@ -801,3 +801,138 @@ fn score_and_generate_take_token_ids_in_the_same_forms() {
     }
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// A Transformer++ directory (the Llama layout) goes through the same
+/// commands: greedy tokens equal transformers', scoring equals the NLL of
+/// its float64 logits on both paths, a state file is refused with the
+/// reason, and the scaling bench shows a KV cache that grows with context.
+#[test]
+fn generate_score_and_bench_take_a_transformer_directory() {
+    let dir = root().join("tests/data/models/small-llama");
+    let model = dir.to_str().unwrap();
+    let prompt = reference_ids(&dir, "greedy_prompt");
+    let want = reference_ids(&dir, "greedy_tokens");
+    for dtype in ["f32", "bf16"] {
+        let (stdout, _) = run_ok(&[
+            "generate",
+            "--model",
+            model,
+            "--prompt-ids",
+            &join_ids(&prompt),
+            "-n",
+            &want.len().to_string(),
+            "--greedy",
+            "--dtype",
+            dtype,
+        ]);
+        assert_eq!(stdout.trim(), join_ids(&want), "{dtype}");
+    }
+    // the reference forward's ids and logits (row 0)
+    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let len = st.tensor("input_ids").unwrap().shape()[1];
+    let ids = &reference_ids(&dir, "input_ids")[..len];
+    let logits_view = st.tensor("logits").unwrap();
+    let vocab = logits_view.shape()[2];
+    let logits: Vec<f64> = logits_view.data()[..len * vocab * 8]
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let want_nll = reference_nll(ids, &logits, vocab);
+    let joined = join_ids(ids);
+    for extra in [
+        &[][..],
+        &["--dtype", "f32"],
+        &["--dtype", "f32", "--stepwise"],
+    ] {
+        let mut args = vec!["score", "--model", model, "--ids", &joined, "--json"];
+        args.extend(extra.iter().copied());
+        let (stdout, _) = run_ok(&args);
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(v["architecture"], "transformer");
+        let nll = v["mean_nll"].as_f64().unwrap();
+        assert!(
+            (nll - want_nll).abs() < 1e-4,
+            "{extra:?}: {nll} vs {want_nll}"
+        );
+    }
+    let out = selective()
+        .args([
+            "generate",
+            "--model",
+            model,
+            "--prompt-ids",
+            "1,2",
+            "-n",
+            "2",
+        ])
+        .args(["--save-state", "/tmp/never-written.state"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("KV cache"), "{stderr}");
+
+    let (stdout, _) = run_ok(&[
+        "bench",
+        "--scaling",
+        "--arch",
+        "transformer",
+        "--max-log2",
+        "12",
+        "--d-model",
+        "32",
+        "--n-layer",
+        "1",
+        "--n-head",
+        "2",
+        "--vocab-size",
+        "64",
+        "--decode-steps",
+        "2",
+        "--batches",
+        "1,2",
+        "--batch-context",
+        "64",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let rows = v["lengths"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "2^10 and 2^12");
+    let bytes: Vec<u64> = rows
+        .iter()
+        .map(|r| r["context_bytes"].as_u64().unwrap())
+        .collect();
+    // keys and values, 1 layer, width 32, f32: 256 bytes a position
+    assert_eq!(bytes, vec![256 << 10, 256 << 12]);
+    assert_eq!(v["batches"].as_array().unwrap().len(), 2);
+    let (stdout, _) = run_ok(&[
+        "bench",
+        "--scaling",
+        "--max-log2",
+        "12",
+        "--d-model",
+        "32",
+        "--n-layer",
+        "1",
+        "--vocab-size",
+        "64",
+        "--decode-steps",
+        "2",
+        "--batches",
+        "1",
+        "--batch-context",
+        "64",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let rows = v["lengths"].as_array().unwrap();
+    assert_eq!(
+        rows[0]["context_bytes"], rows[1]["context_bytes"],
+        "a Mamba state does not grow"
+    );
+}

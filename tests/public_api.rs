@@ -11,8 +11,8 @@ use selective::generate::{generate, CharVocab, GenerateOptions, Sampler, Samplin
 use selective::io::{load_sequence, save_sequence};
 use selective::kernels::WeightFormat;
 use selective::nn::{
-    next_token_cross_entropy, token_nll, DecodeBuffers, InferenceModel, Mamba, MambaConfig,
-    MambaParams, Sequence,
+    next_token_cross_entropy, token_nll, DecodeBuffers, Decoder, InferenceModel, Mamba,
+    MambaConfig, MambaParams, Sequence,
 };
 use selective::rng::Rng;
 use selective::tasks::{

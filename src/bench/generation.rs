@@ -1,13 +1,13 @@
 //! Benchmarks of generation in the manner of llama-bench, for
 //! `selective bench`: prefill tokens per second (logits for the last
-//! position only) and decode tokens per second, over repetitions; and the
-//! prefill time per token across sequence lengths (linear time).
+//! position only) and decode tokens per second, over repetitions (the
+//! cost against context length is [`super::scaling`]).
 
 use std::time::Instant;
 
 use crate::error::{invalid, Result};
 pub use crate::memory::{peak_resident_bytes, reset_peak_resident, resident_bytes};
-use crate::nn::{DecodeBuffers, InferenceModel, Sequence};
+use crate::nn::{Decoder, DecodingState};
 use crate::rng::Rng;
 
 /// Mean and sample standard deviation of repeated measurements.
@@ -64,8 +64,8 @@ fn argmax(v: &[f32]) -> u32 {
 /// Times `reps` runs of: prefill `prompt_tokens` random tokens, then decode
 /// `generated_tokens` steps (each feeding the greedy choice), after one
 /// untimed warm-up run.
-pub fn bench_generation(
-    model: &InferenceModel,
+pub fn bench_generation<M: Decoder>(
+    model: &M,
     prompt_tokens: usize,
     generated_tokens: usize,
     reps: usize,
@@ -78,19 +78,19 @@ pub fn bench_generation(
         ));
     }
     let mut rng = Rng::new(seed);
-    let v = model.config.vocab_size;
-    let mut buffers = DecodeBuffers::new(&model.config, 1);
+    let v = model.vocab_rows();
+    let mut buffers = model.new_buffers(1);
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
     for rep in 0..=reps {
         let ids = random_ids(prompt_tokens, v, &mut rng);
-        let mut seq = Sequence::new(&model.config);
+        let mut seq = model.new_state();
         let t0 = Instant::now();
         model.prefill(&mut seq, &ids)?;
         let prefill_secs = t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
         for _ in 0..generated_tokens {
-            let token = argmax(&seq.logits);
+            let token = argmax(seq.logits());
             model.decode_step(&mut [&mut seq], &[token], &mut buffers)?;
         }
         let decode_secs = t0.elapsed().as_secs_f64();
@@ -108,43 +108,4 @@ pub fn bench_generation(
         prefill: Stats::of(prefill),
         decode: Stats::of(decode),
     })
-}
-
-/// Prefill time of one sequence at one length.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct PrefillTiming {
-    pub len: usize,
-    pub seconds: f64,
-    pub microseconds_per_token: f64,
-}
-
-/// Times the prefill of one random sequence at each of `lengths` (the
-/// shorter ones repeated until about `min_tokens` were processed, best run
-/// kept).
-pub fn prefill_scaling(
-    model: &InferenceModel,
-    lengths: &[usize],
-    min_tokens: usize,
-    seed: u64,
-) -> Result<Vec<PrefillTiming>> {
-    let mut rng = Rng::new(seed);
-    let v = model.config.vocab_size;
-    let mut out = Vec::new();
-    for &len in lengths {
-        let ids = random_ids(len, v, &mut rng);
-        let reps = min_tokens.div_ceil(len.max(1)).max(1);
-        let mut best = f64::INFINITY;
-        for _ in 0..reps {
-            let mut seq = Sequence::new(&model.config);
-            let t0 = Instant::now();
-            model.prefill(&mut seq, &ids)?;
-            best = best.min(t0.elapsed().as_secs_f64());
-        }
-        out.push(PrefillTiming {
-            len,
-            seconds: best,
-            microseconds_per_token: best * 1e6 / len as f64,
-        });
-    }
-    Ok(out)
 }

@@ -1,5 +1,6 @@
 //! Text generation: sampling the next token of each sequence from its
-//! logits, feeding it back through the recurrent decoder, for a batch of
+//! logits, feeding it back through the decoder (any [`Decoder`]: Mamba's
+//! recurrent state or a Transformer's KV cache), for a batch of
 //! sequences at once, until each reaches its token limit, the end-of-text
 //! token, or a stop the caller decides (stop strings).
 //!
@@ -22,7 +23,7 @@ use std::time::Instant;
 
 use crate::error::{invalid, Result};
 use crate::generate::sampling::{Sampler, SamplingConfig};
-use crate::nn::{DecodeBuffers, InferenceModel, Sequence};
+use crate::nn::{Decoder, DecodingState};
 
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {
@@ -72,14 +73,14 @@ impl GenerationOutput {
 /// Every generated token, the last included, is fed to its sequence before
 /// returning, so each sequence's state covers its whole text and its logits
 /// predict what comes next: the state can be saved and continued.
-pub fn generate(
-    model: &InferenceModel,
-    seqs: &mut [Sequence],
+pub fn generate<M: Decoder>(
+    model: &M,
+    seqs: &mut [M::State],
     options: &GenerateOptions,
     mut on_token: impl FnMut(usize, u32) -> Result<bool>,
 ) -> Result<GenerationOutput> {
     const OP: &str = "generate";
-    if let Some(i) = seqs.iter().position(|s| s.logits.is_empty()) {
+    if let Some(i) = seqs.iter().position(|s| s.logits().is_empty()) {
         return Err(invalid(
             OP,
             format!("sequence {i} is empty: prefill at least one token first"),
@@ -96,7 +97,7 @@ pub fn generate(
     let start = Instant::now();
     let mut tokens = vec![Vec::new(); seqs.len()];
     let mut finish: Vec<Option<FinishReason>> = vec![None; seqs.len()];
-    let mut buffers = DecodeBuffers::new(&model.config, seqs.len());
+    let mut buffers = model.new_buffers(seqs.len());
     let mut steps = 0;
     let mut active: Vec<usize> = if options.max_new_tokens == 0 {
         Vec::new()
@@ -106,14 +107,11 @@ pub fn generate(
     while !active.is_empty() {
         let mut step_tokens = Vec::with_capacity(active.len());
         for &i in &active {
-            let seq = &mut seqs[i];
-            let logits = std::mem::take(&mut seq.logits);
+            let (logits, recent) = seqs[i].logits_and_recent();
             let token = match options.vocab_size {
-                Some(vocab) => samplers[i].sample_within(&logits, seq.recent_tokens(), vocab),
-                None => samplers[i].sample(&logits, seq.recent_tokens()),
-            };
-            seq.logits = logits;
-            let token = token?;
+                Some(vocab) => samplers[i].sample_within(logits, recent, vocab),
+                None => samplers[i].sample(logits, recent),
+            }?;
             tokens[i].push(token);
             step_tokens.push(token);
             let go_on = on_token(i, token)?;
@@ -129,7 +127,7 @@ pub fn generate(
         }
         {
             // Feed the sampled tokens of every sequence active this step.
-            let mut refs: Vec<&mut Sequence> = seqs
+            let mut refs: Vec<&mut M::State> = seqs
                 .iter_mut()
                 .enumerate()
                 .filter(|(i, _)| active.contains(i))

@@ -34,14 +34,14 @@ use super::sampling::SamplingConfig;
 use super::text_stream::{StopStrings, TextStream};
 use super::tokenizer::Tokenizer;
 use crate::error::Result;
-use crate::nn::{InferenceModel, Sequence};
+use crate::nn::Decoder;
 
 /// The generation options for `model` read with `tokenizer`: its
 /// end-of-text token (unless `ignore_eos`) and its vocabulary size, so that
 /// the embedding's padding rows are never sampled. Errors if the tokenizer
 /// has more tokens than the embedding has rows.
-pub fn options_for(
-    model: &InferenceModel,
+pub fn options_for<M: Decoder>(
+    model: &M,
     tokenizer: Option<&Tokenizer>,
     max_new_tokens: usize,
     sampling: SamplingConfig,
@@ -50,7 +50,7 @@ pub fn options_for(
     sampling.validate()?;
     let vocab_size = match tokenizer {
         Some(t) => {
-            t.check_fits(model.config.vocab_size)?;
+            t.check_fits(model.vocab_rows())?;
             Some(t.vocab_size())
         }
         None => None,
@@ -69,8 +69,8 @@ pub fn options_for(
 }
 
 /// A model and its tokenizer, generating text.
-pub struct TextGenerator<'a> {
-    model: &'a InferenceModel,
+pub struct TextGenerator<'a, M: Decoder> {
+    model: &'a M,
     tokenizer: &'a Tokenizer,
     options: GenerateOptions,
     stop: Vec<String>,
@@ -85,12 +85,12 @@ pub struct TextGeneration {
     pub output: GenerationOutput,
 }
 
-impl<'a> TextGenerator<'a> {
+impl<'a, M: Decoder> TextGenerator<'a, M> {
     /// Up to `max_new_tokens` per sequence, sampled by `sampling`, ending
     /// at the tokenizer's end-of-text token (unless `ignore_eos`) or at the
     /// first of `stop`.
     pub fn new(
-        model: &'a InferenceModel,
+        model: &'a M,
         tokenizer: &'a Tokenizer,
         max_new_tokens: usize,
         sampling: SamplingConfig,
@@ -118,7 +118,7 @@ impl<'a> TextGenerator<'a> {
     /// leaves it.
     pub fn generate(
         &self,
-        seqs: &mut [Sequence],
+        seqs: &mut [M::State],
         mut on_text: impl FnMut(usize, &str) -> Result<()>,
     ) -> Result<TextGeneration> {
         let n = seqs.len();

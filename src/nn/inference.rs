@@ -36,7 +36,8 @@ use super::lm::Mamba;
 use super::params::LayerParams;
 use crate::error::{invalid, Error, Result};
 use crate::kernels::{WeightFormat, Weights};
-use crate::nn::loss::{token_nll, Perplexity};
+use crate::nn::decoder::{chunk_nll, remember_tokens, Decoder, DecodingState};
+use crate::nn::loss::Perplexity;
 
 /// Positions prefilled at once: large enough for the GEMM to run at full
 /// speed, small enough that activations stay a few tens of MB at any
@@ -127,13 +128,7 @@ impl Sequence {
     }
 
     fn remember(&mut self, ids: &[u32]) {
-        let skip = ids.len().saturating_sub(RECENT_TOKENS);
-        for &id in &ids[skip..] {
-            if self.recent.len() == RECENT_TOKENS {
-                self.recent.pop_front();
-            }
-            self.recent.push_back(id);
-        }
+        remember_tokens(&mut self.recent, RECENT_TOKENS, ids);
         self.position += ids.len() as u64;
     }
 
@@ -632,28 +627,6 @@ impl InferenceModel {
     }
 
     /// Mean negative log-likelihood of `ids` (one sequence) under the model
-    /// in this weight format, computed one token at a time through the
-    /// decoding step: the path that generation takes, which for q8 differs
-    /// from prefill's (8-bit activations in the GEMV).
-    pub fn perplexity_stepwise(&self, ids: &[u32]) -> Result<Perplexity> {
-        if ids.len() < 2 {
-            return Err(invalid(
-                "InferenceModel::perplexity_stepwise",
-                format!("needs at least 2 tokens, got {}", ids.len()),
-            ));
-        }
-        let mut seq = Sequence::new(&self.config);
-        self.prefill(&mut seq, &ids[..1])?;
-        let mut buffers = DecodeBuffers::new(&self.config, 1);
-        let mut nll = token_nll(&seq.logits, ids[1])?;
-        for t in 1..ids.len() - 1 {
-            self.decode_step(&mut [&mut seq], &[ids[t]], &mut buffers)?;
-            nll += token_nll(&seq.logits, ids[t + 1])?;
-        }
-        Ok(Perplexity::from_total_nll(nll, ids.len() - 1))
-    }
-
-    /// Mean negative log-likelihood of `ids` (one sequence) under the model
     /// in this weight format, computed through prefill in chunks.
     pub fn perplexity(&self, ids: &[u32]) -> Result<Perplexity> {
         if ids.len() < 2 {
@@ -662,29 +635,80 @@ impl InferenceModel {
                 format!("needs at least 2 tokens, got {}", ids.len()),
             ));
         }
-        let (d, v) = (self.config.d_model, self.config.vocab_size);
         let mut seq = Sequence::new(&self.config);
         let mut nll = 0.0f64;
-        const HEAD_ROWS: usize = 256;
-        let mut logits = vec![0.0f32; HEAD_ROWS * v];
         self.prefill_with(&mut seq, ids, |start, normed| {
-            let rows = normed.len() / d;
-            for r0 in (0..rows).step_by(HEAD_ROWS) {
-                let r1 = (r0 + HEAD_ROWS).min(rows);
-                let out = &mut logits[..(r1 - r0) * v];
-                self.head()
-                    .matmul_xwt(&normed[r0 * d..r1 * d], r1 - r0, out, false)?;
-                for (i, row) in out.chunks(v).enumerate() {
-                    let t = start + r0 + i;
-                    if t + 1 >= ids.len() {
-                        break;
-                    }
-                    nll += token_nll(row, ids[t + 1])?;
-                }
-            }
+            nll += chunk_nll(self.head(), normed, start, ids)?;
             Ok(())
         })?;
         Ok(Perplexity::from_total_nll(nll, ids.len() - 1))
+    }
+}
+
+impl DecodingState for Sequence {
+    fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+
+    fn logits_and_recent(&mut self) -> (&[f32], &[u32]) {
+        (&self.logits, self.recent.make_contiguous())
+    }
+
+    fn position(&self) -> u64 {
+        self.position
+    }
+
+    fn context_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| (l.conv.len() + l.ssm.len()) * 4)
+            .sum()
+    }
+}
+
+impl Decoder for InferenceModel {
+    type State = Sequence;
+    type Buffers = DecodeBuffers;
+
+    fn vocab_rows(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn n_params(&self) -> usize {
+        self.config.n_params()
+    }
+
+    fn format(&self) -> WeightFormat {
+        self.format
+    }
+
+    fn bytes_per_token(&self) -> usize {
+        InferenceModel::bytes_per_token(self)
+    }
+
+    fn new_state(&self) -> Sequence {
+        Sequence::new(&self.config)
+    }
+
+    fn new_buffers(&self, batch: usize) -> DecodeBuffers {
+        DecodeBuffers::new(&self.config, batch)
+    }
+
+    fn prefill(&self, seq: &mut Sequence, ids: &[u32]) -> Result<()> {
+        InferenceModel::prefill(self, seq, ids)
+    }
+
+    fn decode_step(
+        &self,
+        seqs: &mut [&mut Sequence],
+        tokens: &[u32],
+        buffers: &mut DecodeBuffers,
+    ) -> Result<()> {
+        InferenceModel::decode_step(self, seqs, tokens, buffers)
+    }
+
+    fn perplexity(&self, ids: &[u32]) -> Result<Perplexity> {
+        InferenceModel::perplexity(self, ids)
     }
 }
 

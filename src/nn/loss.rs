@@ -5,7 +5,8 @@
 use super::block::BlockScalar;
 use crate::error::{invalid, Result};
 use crate::float::Float;
-use crate::nn::Mamba;
+use crate::kernels::MatmulScalar;
+use crate::nn::{Mamba, Transformer};
 
 /// Rows of logits computed at a time, so that memory stays
 /// O(rows × vocab) instead of O(len × vocab).
@@ -21,11 +22,53 @@ pub struct Perplexity {
     pub perplexity: f64,
 }
 
+/// A language model whose forward ends in a normalised hidden state and a
+/// vocabulary head, so that it can be scored a few rows of logits at a
+/// time: Mamba and the Transformer++.
+pub trait LanguageModel<T> {
+    fn vocab_size(&self) -> usize;
+    fn d_model(&self) -> usize;
+    /// The normalised final hidden state (batch, len, d_model).
+    fn final_hidden(&self, ids: &[u32], batch: usize, len: usize) -> Result<Vec<T>>;
+    /// Logits (rows, vocab) of rows of [`Self::final_hidden`].
+    fn logits_from_hidden(&self, hidden: &[T]) -> Result<Vec<T>>;
+}
+
+impl<T: BlockScalar> LanguageModel<T> for Mamba<T> {
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+    fn d_model(&self) -> usize {
+        self.config.d_model
+    }
+    fn final_hidden(&self, ids: &[u32], batch: usize, len: usize) -> Result<Vec<T>> {
+        Mamba::final_hidden(self, ids, batch, len)
+    }
+    fn logits_from_hidden(&self, hidden: &[T]) -> Result<Vec<T>> {
+        Mamba::logits_from_hidden(self, hidden)
+    }
+}
+
+impl<T: MatmulScalar> LanguageModel<T> for Transformer<T> {
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+    fn d_model(&self) -> usize {
+        self.config.d_model
+    }
+    fn final_hidden(&self, ids: &[u32], batch: usize, len: usize) -> Result<Vec<T>> {
+        Transformer::final_hidden(self, ids, batch, len)
+    }
+    fn logits_from_hidden(&self, hidden: &[T]) -> Result<Vec<T>> {
+        Transformer::logits_from_hidden(self, hidden)
+    }
+}
+
 /// Scores `ids` (one sequence) with one forward pass. `on_logits` sees the
 /// logits of consecutive row blocks (rows, vocab), in order, for callers that
 /// want to keep them.
-pub fn perplexity<T: BlockScalar>(
-    model: &Mamba<T>,
+pub fn perplexity<T: Float, M: LanguageModel<T>>(
+    model: &M,
     ids: &[u32],
     mut on_logits: impl FnMut(&[T]) -> Result<()>,
 ) -> Result<Perplexity> {
@@ -35,7 +78,7 @@ pub fn perplexity<T: BlockScalar>(
             format!("needs at least 2 tokens, got {}", ids.len()),
         ));
     }
-    let (d, v) = (model.config.d_model, model.config.vocab_size);
+    let (d, v) = (model.d_model(), model.vocab_size());
     let hidden = model.final_hidden(ids, 1, ids.len())?;
     let mut nll = 0.0f64;
     for start in (0..ids.len()).step_by(HEAD_ROWS) {

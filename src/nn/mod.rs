@@ -7,11 +7,13 @@
 pub mod attention_block;
 pub mod block;
 pub mod config;
+pub mod decoder;
 pub mod inference;
 pub mod lm;
 pub mod loss;
 pub mod params;
 pub mod transformer;
+pub mod transformer_inference;
 
 pub use attention_block::{
     AttentionBlock, AttentionBlockCache, AttentionBlockGradients, AttentionBlockShape, KvCache,
@@ -21,11 +23,13 @@ pub use block::{
     ChunkBuffers, Conv, Dense, Linear, Mixer, MixerGradients, SsmLayer, StepBuffers, Values, S6,
 };
 pub use config::{Architecture, ConfigFormat, MambaConfig};
+pub use decoder::{Decoder, DecodingState};
 pub use inference::{DecodeBuffers, InferenceModel, LayerState, Sequence};
 pub use lm::{next_token_cross_entropy, ForwardCache, Mamba};
-pub use loss::{perplexity, token_nll, Perplexity};
+pub use loss::{perplexity, token_nll, LanguageModel, Perplexity};
 pub use params::{LayerParams, MambaParams, MixerParams, ParamInfo, ParamKind};
 pub use transformer::{
     Positions, Transformer, TransformerCache, TransformerConfig, TransformerLayerParams,
     TransformerParams,
 };
+pub use transformer_inference::{KvDecodeBuffers, KvSequence, TransformerInference};

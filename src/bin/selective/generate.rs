@@ -8,9 +8,9 @@ use selective::generate::{generate, options_for, SamplingConfig, TextGenerator, 
 use selective::io::{load_sequence, save_sequence};
 use selective::kernels::WeightFormat;
 use selective::memory::{peak_resident_bytes, resident_bytes};
-use selective::nn::{InferenceModel, Sequence};
+use selective::nn::{Decoder, DecodingState, InferenceModel, TransformerInference};
 
-use crate::model_source::ModelSource;
+use crate::model_source::{AnyModel, ModelSource};
 use crate::{megabytes, CliResult};
 
 #[derive(clap::Args)]
@@ -81,12 +81,60 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> CliResult {
-    use std::io::Write;
     let t0 = Instant::now();
     let source = ModelSource::new(args.model.clone());
-    let mamba = source.load()?;
-    let model = InferenceModel::from_mamba(mamba, args.dtype.into())?;
     let tokenizer = source.tokenizer()?;
+    let format: WeightFormat = args.dtype;
+    match source.load_any()? {
+        AnyModel::Mamba(mamba) => {
+            for note in mamba.config.disagreements() {
+                eprintln!("warning: {}: config.json: {note}", source.name());
+            }
+            let model = InferenceModel::from_mamba(mamba, format)?;
+            let load_state = args.load_state.clone();
+            let seqs = generate_with(&model, &source, tokenizer, &args, t0, || {
+                Ok(match &load_state {
+                    Some(path) => load_sequence(path, &model.config)?,
+                    None => model.new_state(),
+                })
+            })?;
+            if let Some(path) = &args.save_state {
+                save_sequence(path, &seqs[0], &model.config)?;
+                eprintln!(
+                    "saved the state after {} tokens to {}",
+                    seqs[0].position,
+                    path.display()
+                );
+            }
+        }
+        AnyModel::Transformer(transformer) => {
+            if args.save_state.is_some() || args.load_state.is_some() {
+                return Err(format!(
+                    "{}: --save-state and --load-state hold a Mamba's fixed-size state; a Transformer's context is its KV cache, which grows with the text (give the whole text as the prompt instead)",
+                    source.name()
+                )
+                .into());
+            }
+            let model = TransformerInference::from_transformer(transformer, format)?;
+            generate_with(&model, &source, tokenizer, &args, t0, || {
+                Ok(model.new_state())
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Prefills every prompt after `initial()`, generates, prints, and
+/// returns the sequences (their states cover every generated token).
+fn generate_with<M: Decoder>(
+    model: &M,
+    source: &ModelSource,
+    tokenizer: Option<Tokenizer>,
+    args: &GenerateArgs,
+    t0: Instant,
+    initial: impl Fn() -> CliResult<M::State>,
+) -> CliResult<Vec<M::State>> {
+    use std::io::Write;
     eprintln!(
         "loaded {} ({} weights) in {:.2} s",
         source.name(),
@@ -146,12 +194,9 @@ pub fn run(args: GenerateArgs) -> CliResult {
     let t_prefill = Instant::now();
     let mut seqs = Vec::with_capacity(prompts.len());
     for prompt in &prompts {
-        let mut seq = match &args.load_state {
-            Some(path) => load_sequence(path, &model.config)?,
-            None => Sequence::new(&model.config),
-        };
+        let mut seq = initial()?;
         model.prefill(&mut seq, prompt)?;
-        if seq.logits.is_empty() {
+        if seq.logits().is_empty() {
             return Err("nothing to continue: give --prompt, --prompt-ids or --load-state".into());
         }
         seqs.push(seq);
@@ -167,7 +212,7 @@ pub fn run(args: GenerateArgs) -> CliResult {
     let out = match tokenizer.as_ref().filter(|_| text_mode) {
         Some(tok) => {
             let generator = TextGenerator::new(
-                &model,
+                model,
                 tok,
                 args.max_tokens,
                 sampling,
@@ -196,13 +241,13 @@ pub fn run(args: GenerateArgs) -> CliResult {
         }
         None => {
             let options = options_for(
-                &model,
+                model,
                 tokenizer.as_ref(),
                 args.max_tokens,
                 sampling,
                 args.ignore_eos,
             )?;
-            let out = generate(&model, &mut seqs, &options, |_, _| Ok(true))?;
+            let out = generate(model, &mut seqs, &options, |_, _| Ok(true))?;
             for tokens in &out.tokens {
                 let ids: Vec<String> = tokens.iter().map(u32::to_string).collect();
                 writeln!(lock, "{}", ids.join(","))?;
@@ -211,14 +256,6 @@ pub fn run(args: GenerateArgs) -> CliResult {
         }
     };
     drop(lock);
-    if let Some(path) = &args.save_state {
-        save_sequence(path, &seqs[0], &model.config)?;
-        eprintln!(
-            "saved the state after {} tokens to {}",
-            seqs[0].position,
-            path.display()
-        );
-    }
     let generated: usize = out.tokens.iter().map(Vec::len).sum();
     eprintln!(
         "prefill {prompt_tokens} tokens in {:.3} s ({:.1} tokens/s); decode {generated} tokens in {:.3} s ({:.1} tokens/s); seed {seed}; resident {} (peak {})",
@@ -229,5 +266,5 @@ pub fn run(args: GenerateArgs) -> CliResult {
         megabytes(resident_bytes()),
         megabytes(peak_resident_bytes()),
     );
-    Ok(())
+    Ok(seqs)
 }

@@ -176,7 +176,7 @@ fn main() {
     }
 }
 
-type CliResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+type CliResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Runs `f` on a rayon pool of `threads` threads (default: one per core).
 fn with_threads(threads: Option<usize>, f: impl FnOnce() -> CliResult + Send) -> CliResult {

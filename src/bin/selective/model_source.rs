@@ -6,13 +6,19 @@ use std::path::PathBuf;
 
 use selective::generate::Tokenizer;
 use selective::io::SafetensorsFile;
-use selective::nn::{Mamba, MambaConfig};
+use selective::nn::{Architecture, Mamba, MambaConfig, Transformer};
 
 /// A character-level Mamba trained on Tiny Shakespeare (README, "The
 /// built-in model"), as it is in the source tree's models/shakespeare-char.
 const BUILTIN_NAME: &str = "the built-in model (models/shakespeare-char)";
 const BUILTIN_CONFIG: &str = include_str!("../../../models/shakespeare-char/config.json");
 const BUILTIN_WEIGHTS: &[u8] = include_bytes!("../../../models/shakespeare-char/model.safetensors");
+
+/// A model of either architecture, as its config.json says.
+pub enum AnyModel {
+    Mamba(Mamba<f32>),
+    Transformer(Transformer<f32>),
+}
 
 pub enum ModelSource {
     Dir(PathBuf),
@@ -41,6 +47,31 @@ impl ModelSource {
             eprintln!("warning: {}: config.json: {note}", self.name());
         }
         Ok(model)
+    }
+
+    /// What its config.json describes (a directory whose config.json cannot
+    /// be read is taken for Mamba, whose reader then names the problem).
+    pub fn architecture(&self) -> selective::Result<Architecture> {
+        match self {
+            ModelSource::Dir(dir) => {
+                let path = dir.join("config.json");
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => Architecture::of_config(&text, &path.display().to_string()),
+                    Err(_) => Ok(Architecture::Mamba),
+                }
+            }
+            ModelSource::Builtin => Ok(Architecture::Mamba),
+        }
+    }
+
+    /// The model, Mamba or Transformer++ as its config.json says.
+    pub fn load_any(&self) -> selective::Result<AnyModel> {
+        match (self.architecture()?, self) {
+            (Architecture::Transformer, ModelSource::Dir(dir)) => {
+                Ok(AnyModel::Transformer(Transformer::from_dir(dir)?))
+            }
+            _ => Ok(AnyModel::Mamba(self.load()?)),
+        }
     }
 
     fn load_quietly(&self) -> selective::Result<Mamba<f32>> {

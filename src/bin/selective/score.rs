@@ -7,9 +7,47 @@ use std::time::Instant;
 
 use selective::io::NpyWriter;
 use selective::kernels::WeightFormat;
-use selective::nn::{perplexity, InferenceModel};
+use selective::nn::{perplexity, Decoder, InferenceModel, Perplexity, TransformerInference};
 
-use crate::model_source::ModelSource;
+use crate::model_source::{AnyModel, ModelSource};
+
+/// The inference path of either architecture.
+enum Inference {
+    Mamba(InferenceModel),
+    Transformer(TransformerInference),
+}
+
+impl Inference {
+    fn new(model: &AnyModel, format: WeightFormat) -> selective::Result<Self> {
+        Ok(match model {
+            AnyModel::Mamba(m) => Inference::Mamba(InferenceModel::from_mamba(m.clone(), format)?),
+            AnyModel::Transformer(t) => {
+                Inference::Transformer(TransformerInference::from_transformer(t.clone(), format)?)
+            }
+        })
+    }
+
+    fn score(&self, ids: &[u32], stepwise: bool) -> selective::Result<Perplexity> {
+        fn with<M: Decoder>(m: &M, ids: &[u32], stepwise: bool) -> selective::Result<Perplexity> {
+            if stepwise {
+                m.perplexity_stepwise(ids)
+            } else {
+                m.perplexity(ids)
+            }
+        }
+        match self {
+            Inference::Mamba(m) => with(m, ids, stepwise),
+            Inference::Transformer(m) => with(m, ids, stepwise),
+        }
+    }
+
+    fn format(&self) -> WeightFormat {
+        match self {
+            Inference::Mamba(m) => Decoder::format(m),
+            Inference::Transformer(m) => Decoder::format(m),
+        }
+    }
+}
 use crate::CliResult;
 
 #[derive(clap::Args)]
@@ -68,13 +106,22 @@ pub fn run(args: ScoreArgs) -> CliResult {
         return Err("--logits-out works with the f32 training forward only; drop --dtype".into());
     }
     let t0 = Instant::now();
-    let model = source.load()?;
+    let model = source.load_any()?;
+    let vocab = match &model {
+        AnyModel::Mamba(m) => {
+            for note in m.config.disagreements() {
+                eprintln!("warning: {}: config.json: {note}", source.name());
+            }
+            m.config.vocab_size
+        }
+        AnyModel::Transformer(t) => t.config.vocab_size,
+    };
     let tokenizer = source.tokenizer()?;
     if let Some(t) = &tokenizer {
-        t.check_fits(model.config.vocab_size)?;
+        t.check_fits(vocab)?;
     }
     let inference = match dtype {
-        Some(t) => Some(InferenceModel::from_mamba(model.clone(), t.into())?),
+        Some(t) => Some(Inference::new(&model, t)?),
         None => None,
     };
     let load_s = t0.elapsed().as_secs_f64();
@@ -94,7 +141,6 @@ pub fn run(args: ScoreArgs) -> CliResult {
         (None, Some(ids)) => ids,
         (None, None) => return Err("give --text-file, --ids or --ids-file".into()),
     };
-    let vocab = model.config.vocab_size;
     // Padding rows of the embedding are not tokens: scoring one is an error,
     // not a count (the text path cannot produce them).
     if let Some(tokenizer) = &tokenizer {
@@ -113,13 +159,14 @@ pub fn run(args: ScoreArgs) -> CliResult {
         None => None,
     };
     let t1 = Instant::now();
-    let result = match &inference {
-        Some(m) if stepwise => m.perplexity_stepwise(&ids)?,
-        Some(m) => m.perplexity(&ids)?,
-        None => perplexity(&model, &ids, |block| match writer.as_mut() {
-            Some(w) => w.write(block.iter().copied()),
-            None => Ok(()),
-        })?,
+    let keep = |block: &[f32]| match writer.as_mut() {
+        Some(w) => w.write(block.iter().copied()),
+        None => Ok(()),
+    };
+    let result = match (&inference, &model) {
+        (Some(m), _) => m.score(&ids, stepwise)?,
+        (None, AnyModel::Mamba(m)) => perplexity(m, &ids, keep)?,
+        (None, AnyModel::Transformer(m)) => perplexity(m, &ids, keep)?,
     };
     let score_s = t1.elapsed().as_secs_f64();
     if !result.mean_nll.is_finite() {
@@ -137,6 +184,10 @@ pub fn run(args: ScoreArgs) -> CliResult {
         let v = serde_json::json!({
             "model": source.name(),
             "dtype": inference.as_ref().map_or("f32 (training forward)", |m| m.format().name()),
+            "architecture": match &model {
+                AnyModel::Mamba(_) => "mamba",
+                AnyModel::Transformer(_) => "transformer",
+            },
             "path": match (&inference, stepwise) {
                 (None, _) => "training forward",
                 (Some(_), false) => "chunked prefill",
