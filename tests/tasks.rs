@@ -505,23 +505,21 @@ fn s6_learns_tiny_selective_copying_and_s4d_does_not() {
 /// (about a second).
 #[test]
 fn shipped_induction_heads_models_extrapolate_only_when_selective() {
-    use selective::tasks::{evaluate_induction_lengths, EvalMode};
+    use selective::tasks::{evaluate_induction_lengths, EvalMode, LengthEvalOptions};
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    let options = LengthEvalOptions {
+        samples: 32,
+        batch: 16,
+        chunk: 1024,
+        mode: EvalMode::Chunked,
+        seed: 2024,
+        time_limit_s: None,
+    };
     let accuracy_at_4096 = |name: &str| {
         let model = TaskModel::<f32>::load(&dir.join(name)).unwrap();
-        let results = evaluate_induction_lengths(
-            &model,
-            16,
-            &[4096],
-            32,
-            16,
-            1024,
-            EvalMode::Chunked,
-            2024,
-            |_| {},
-        )
-        .unwrap();
-        results[0].accuracy
+        let sweep = evaluate_induction_lengths(&model, 16, &[4096], &options, |_| {}).unwrap();
+        assert!(sweep.not_run.is_empty());
+        sweep.results[0].accuracy
     };
     let s6 = accuracy_at_4096("induction-heads");
     assert_eq!(s6, 1.0, "S6 accuracy at 4096: {s6}");

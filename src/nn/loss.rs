@@ -121,4 +121,14 @@ impl Perplexity {
             perplexity: mean_nll.exp(),
         }
     }
+
+    /// The perplexity of several texts (or windows of one) together: the
+    /// mean over every prediction of all of them.
+    pub fn of_parts(parts: &[Perplexity]) -> Self {
+        let total: f64 = parts
+            .iter()
+            .map(|p| p.mean_nll * p.predicted_tokens as f64)
+            .sum();
+        Self::from_total_nll(total, parts.iter().map(|p| p.predicted_tokens).sum())
+    }
 }

@@ -59,7 +59,7 @@ impl std::str::FromStr for Positions {
 
 /// Everything that fixes a Transformer's shapes and arithmetic (the
 /// fields of transformers' `LlamaConfig` that matter here).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct TransformerConfig {
     /// hidden_size
     pub d_model: usize,
@@ -512,20 +512,68 @@ impl<T: MatmulScalar> Transformer<T> {
     /// path of incremental decoding in f32 or f64, for the tests; the
     /// inference model runs the same blocks over its own weights.
     pub fn forward_cached(&self, ids: &[u32], caches: &mut [KvCache<T>]) -> Result<Vec<T>> {
-        const OP: &str = "Transformer::forward_cached";
-        if caches.len() != self.config.n_layer {
+        let by_layer = caches.iter_mut().map(|c| vec![c]).collect();
+        self.forward_with_caches("Transformer::forward_cached", ids, 1, ids.len(), by_layer)
+    }
+
+    /// The same for a batch of sequences that have all read the same
+    /// number of tokens: ids (batch, len), `caches[layer][sequence]`;
+    /// returns rmsnorm(h) (batch, len, D).
+    pub fn forward_cached_batch(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        caches: &mut [Vec<KvCache<T>>],
+    ) -> Result<Vec<T>> {
+        const OP: &str = "Transformer::forward_cached_batch";
+        if let Some((i, l)) = caches.iter().enumerate().find(|(_, l)| l.len() != batch) {
             return Err(invalid(
                 OP,
-                format!("{} caches for {} layers", caches.len(), self.config.n_layer),
+                format!("layer {i} has {} caches for {batch} sequences", l.len()),
             ));
         }
-        let start = caches[0].positions(self.config.block_shape().width());
-        self.check_ids(OP, ids, 1, ids.len())?;
-        self.check_positions(OP, start + ids.len())?;
-        let mut h = self.embed(ids, ids.len(), start);
-        for (i, cache) in caches.iter_mut().enumerate() {
-            self.block(i)?
-                .forward(&mut h, 1, ids.len(), Some(&mut [cache]))?;
+        let len = if batch == 0 { 0 } else { ids.len() / batch };
+        let by_layer = caches.iter_mut().map(|l| l.iter_mut().collect()).collect();
+        self.forward_with_caches(OP, ids, batch, len, by_layer)
+    }
+
+    /// `by_layer[layer][sequence]`: every sequence at the same position.
+    fn forward_with_caches(
+        &self,
+        op: &'static str,
+        ids: &[u32],
+        batch: usize,
+        len: usize,
+        mut by_layer: Vec<Vec<&mut KvCache<T>>>,
+    ) -> Result<Vec<T>> {
+        if by_layer.len() != self.config.n_layer {
+            return Err(invalid(
+                op,
+                format!(
+                    "caches for {} layers; the model has {}",
+                    by_layer.len(),
+                    self.config.n_layer
+                ),
+            ));
+        }
+        self.check_ids(op, ids, batch, len)?;
+        let width = self.config.block_shape().width();
+        let start = by_layer[0][0].positions(width);
+        for (i, layer) in by_layer.iter().enumerate() {
+            if let Some(b) = layer.iter().position(|c| c.positions(width) != start) {
+                return Err(invalid(
+                    op,
+                    format!(
+                        "the cache of layer {i}, sequence {b} holds {} positions, that of layer 0, sequence 0 {start}: every cache must be at the same position",
+                        layer[b].positions(width)
+                    ),
+                ));
+            }
+        }
+        self.check_positions(op, start + len)?;
+        let mut h = self.embed(ids, len, start);
+        for (i, caches) in by_layer.iter_mut().enumerate() {
+            self.block(i)?.forward(&mut h, batch, len, Some(caches))?;
         }
         self.final_norm(&h)
     }

@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::data::{Answer, InductionSequence, TaskBatch, TaskKind, TaskSpec};
-use super::model::{TaskModel, TaskModelConfig, TaskParams, TaskScalar};
+use super::data::{InductionSequence, TaskBatch, TaskKind, TaskSpec};
+use super::model::TaskScalar;
+use super::network::{ChunkReader, TaskNetConfig, TaskNetwork};
 use crate::error::{invalid, Result};
 use crate::float::Float;
 use crate::memory::peak_resident_bytes;
@@ -94,7 +95,7 @@ fn score_logits<T: TaskScalar>(
     (score, grad)
 }
 
-fn check_batch<T: TaskScalar>(model: &TaskModel<T>, batch: &TaskBatch) -> Result<()> {
+fn check_batch(vocab: usize, batch: &TaskBatch) -> Result<()> {
     const OP: &str = "answer loss";
     if batch.answers.is_empty() {
         return Err(invalid(OP, "the batch has no answer positions"));
@@ -109,12 +110,12 @@ fn check_batch<T: TaskScalar>(model: &TaskModel<T>, batch: &TaskBatch) -> Result
                 ),
             ));
         }
-        if a.token as usize >= model.config.vocab_size {
+        if a.token as usize >= vocab {
             return Err(invalid(
                 OP,
                 format!(
-                    "answer token {} is outside the vocabulary of {}",
-                    a.token, model.config.vocab_size
+                    "answer token {} is outside the vocabulary of {vocab}",
+                    a.token
                 ),
             ));
         }
@@ -122,95 +123,78 @@ fn check_batch<T: TaskScalar>(model: &TaskModel<T>, batch: &TaskBatch) -> Result
     Ok(())
 }
 
-/// The final hidden rows (answers, D) of the answer positions.
-fn gather_answer_rows<T: TaskScalar>(
-    hidden: &[T],
-    d: usize,
-    len: usize,
-    answers: &[Answer],
-) -> Vec<T> {
-    let mut rows = Vec::with_capacity(answers.len() * d);
-    for a in answers {
-        let r = a.row * len + a.position;
-        rows.extend_from_slice(&hidden[r * d..(r + 1) * d]);
+/// The logits rows (answers, V) of the answer positions of `logits`
+/// (batch, len, V).
+fn answer_logits<T: TaskScalar>(logits: &[T], vocab: usize, batch: &TaskBatch) -> Vec<T> {
+    let mut rows = Vec::with_capacity(batch.answers.len() * vocab);
+    for a in &batch.answers {
+        let r = a.row * batch.len + a.position;
+        rows.extend_from_slice(&logits[r * vocab..(r + 1) * vocab]);
     }
     rows
 }
 
 /// Mean cross-entropy over the answers of `batch` and the gradient with
-/// respect to every parameter (the head is tied: the embedding gets both
-/// its input and its output gradient) of the mean cross-entropy against
-/// labels smoothed by `label_smoothing` (0: the plain cross-entropy whose
-/// value is returned).
-pub fn answer_loss_and_grads<T: TaskScalar>(
-    model: &TaskModel<T>,
+/// respect to every parameter of the mean cross-entropy against labels
+/// smoothed by `label_smoothing` (0: the plain cross-entropy whose value is
+/// returned).
+pub fn answer_loss_and_grads<T: TaskScalar, M: TaskNetwork<T>>(
+    model: &M,
     batch: &TaskBatch,
     label_smoothing: f64,
-) -> Result<(AnswerScore, TaskParams<T>)> {
-    check_batch(model, batch)?;
+) -> Result<(AnswerScore, M::Params)> {
+    let v = model.vocab_size();
+    check_batch(v, batch)?;
     if !(0.0..1.0).contains(&label_smoothing) {
         return Err(invalid(
             "answer loss",
             format!("label smoothing must be in [0, 1); got {label_smoothing}"),
         ));
     }
-    let (d, v) = (model.config.d_model, model.config.vocab_size);
-    let cache = model.forward_train(&batch.ids, batch.batch, batch.len)?;
-    let rows = gather_answer_rows(cache.final_hidden(), d, batch.len, &batch.answers);
-    let logits = model.logits_from_hidden(&rows)?;
+    let (logits, cache) = model.forward_with_cache(&batch.ids, batch.batch, batch.len)?;
     let targets: Vec<u32> = batch.answers.iter().map(|a| a.token).collect();
     let gradient = LossGradient {
         scale: 1.0 / targets.len() as f64,
         label_smoothing,
     };
-    let (score, d_logits) = score_logits(&logits, v, &targets, Some(gradient));
-    // logits = rows · Eᵀ: d rows = d_logits · E, dE += d_logitsᵀ · rows
-    let a = targets.len();
-    let mut d_rows = vec![T::ZERO; a * d];
-    crate::kernels::matmul_xw(
-        &d_logits,
-        &model.params.embedding,
-        a,
+    let (score, d_answers) = score_logits(
+        &answer_logits(&logits, v, batch),
         v,
-        d,
-        &mut d_rows,
-        false,
-    )?;
-    let mut d_hidden = vec![T::ZERO; batch.batch * batch.len * d];
-    for (i, ans) in batch.answers.iter().enumerate() {
-        let r = ans.row * batch.len + ans.position;
-        for (dst, &g) in d_hidden[r * d..(r + 1) * d]
-            .iter_mut()
-            .zip(&d_rows[i * d..(i + 1) * d])
-        {
-            *dst += g;
+        &targets,
+        Some(gradient),
+    );
+    // dL/dlogits: the answers' rows, zero elsewhere (an answer position
+    // named twice gets both gradients)
+    let mut d_logits = vec![T::ZERO; logits.len()];
+    for (a, g) in batch.answers.iter().zip(d_answers.chunks(v)) {
+        let r = a.row * batch.len + a.position;
+        for (dst, &x) in d_logits[r * v..(r + 1) * v].iter_mut().zip(g) {
+            *dst += x;
         }
     }
-    let mut grads = model.backward(&batch.ids, &cache, &d_hidden)?;
-    crate::kernels::matmul_xtw(&d_logits, &rows, a, v, d, &mut grads.embedding, true)?;
+    let grads = model.backward_from_logits(&batch.ids, &cache, &d_logits)?;
     Ok((score, grads))
 }
 
 /// The score of `batch` by the plain forward (no cache kept).
-pub fn answer_score<T: TaskScalar>(model: &TaskModel<T>, batch: &TaskBatch) -> Result<AnswerScore> {
-    check_batch(model, batch)?;
-    // forward gives logits of every position; keep the answers'.
-    let all_logits = model.forward(&batch.ids, batch.batch, batch.len)?;
-    let v = model.config.vocab_size;
-    let mut logits = Vec::with_capacity(batch.answers.len() * v);
-    for a in &batch.answers {
-        let r = a.row * batch.len + a.position;
-        logits.extend_from_slice(&all_logits[r * v..(r + 1) * v]);
-    }
+pub fn answer_score<T: TaskScalar, M: TaskNetwork<T>>(
+    model: &M,
+    batch: &TaskBatch,
+) -> Result<AnswerScore> {
+    let v = model.vocab_size();
+    check_batch(v, batch)?;
+    let logits = model.logits(&batch.ids, batch.batch, batch.len)?;
     let targets: Vec<u32> = batch.answers.iter().map(|a| a.token).collect();
-    Ok(score_logits(&logits, v, &targets, None).0)
+    Ok(score_logits(&answer_logits(&logits, v, batch), v, &targets, None).0)
 }
 
-/// Everything a training run needs.
-#[derive(Clone, Debug, Serialize)]
-pub struct TrainSettings {
+/// Everything a training run needs; `C` is the model's configuration
+/// (a [`crate::tasks::TaskModelConfig`] or, for attention, a
+/// [`crate::nn::TransformerConfig`]).
+#[derive(Clone, Serialize)]
+pub struct TrainSettings<C: TaskNetConfig> {
     pub spec: TaskSpec,
-    pub model: TaskModelConfig,
+    pub model: C,
     pub steps: usize,
     pub batch: usize,
     pub lr: f64,
@@ -239,7 +223,7 @@ pub struct TrainSettings {
     /// (its configuration must equal `model`): a curriculum, e.g. a model
     /// trained on short sequences trained further on longer ones.
     #[serde(skip)]
-    pub init: Option<TaskModel<f32>>,
+    pub init: Option<C::Model>,
     /// Where the weights are saved (atomically) at every evaluation, so
     /// that a long run stopped midway can be continued with `--init`.
     #[serde(skip)]
@@ -259,16 +243,16 @@ pub struct CurvePoint {
 }
 
 /// The result of [`train_task`].
-pub struct TrainOutcome {
-    pub model: TaskModel<f32>,
+pub struct TrainOutcome<M> {
+    pub model: M,
     pub curve: Vec<CurvePoint>,
     pub steps_run: usize,
     pub wall_seconds: f64,
 }
 
 /// Scores `examples` examples from `seed` in batches of at most `batch`.
-pub fn evaluate<T: TaskScalar>(
-    model: &TaskModel<T>,
+pub fn evaluate<T: TaskScalar, M: TaskNetwork<T>>(
+    model: &M,
     spec: &TaskSpec,
     examples: usize,
     batch: usize,
@@ -291,15 +275,16 @@ pub const VALIDATION_SEED_OFFSET: u64 = 0x5EED_0001;
 pub const TEST_SEED_OFFSET: u64 = 0x5EED_0002;
 
 /// Trains a fresh model on `settings.spec`.
-pub fn train_task(settings: &TrainSettings) -> Result<TrainOutcome> {
+pub fn train_task<C: TaskNetConfig>(settings: &TrainSettings<C>) -> Result<TrainOutcome<C::Model>> {
     const OP: &str = "train_task";
     settings.spec.validate()?;
-    if settings.model.vocab_size < settings.spec.vocab {
+    if settings.model.vocab_size() < settings.spec.vocab {
         return Err(invalid(
             OP,
             format!(
                 "model vocabulary {} is smaller than the task's {}",
-                settings.model.vocab_size, settings.spec.vocab
+                settings.model.vocab_size(),
+                settings.spec.vocab
             ),
         ));
     }
@@ -318,9 +303,7 @@ pub fn train_task(settings: &TrainSettings) -> Result<TrainOutcome> {
     // what a step keeps at once, at least: the blocks' caches for the
     // backward and the hidden states, in f32
     let tokens = settings.batch as u128 * settings.spec.input_len() as u128;
-    let per_token = settings.model.n_layer as u128
-        * settings.model.block_shape().cached_values_per_token()
-        + 2 * settings.model.d_model as u128;
+    let per_token = settings.model.training_values_per_token();
     crate::memory::check_fits(
         OP,
         tokens * per_token * 4,
@@ -335,19 +318,20 @@ pub fn train_task(settings: &TrainSettings) -> Result<TrainOutcome> {
     )?;
     let t0 = Instant::now();
     let mut model = match &settings.init {
-        Some(m) if m.config != settings.model => {
+        Some(m) if *m.config() != settings.model => {
             return Err(invalid(
                 OP,
                 format!(
                     "the initial model's configuration {:?} differs from the run's {:?}",
-                    m.config, settings.model
+                    m.config(),
+                    settings.model
                 ),
             ))
         }
         Some(m) => m.clone(),
-        None => TaskModel::<f32>::init(settings.model, settings.seed)?,
+        None => settings.model.init(settings.seed)?,
     };
-    let mut opt = AdamW::<TaskParams<f32>>::new(
+    let mut opt = AdamW::<<C::Model as TaskNetwork<f32>>::Params>::new(
         &settings.model,
         AdamWConfig {
             beta1: 0.9,
@@ -380,7 +364,7 @@ pub fn train_task(settings: &TrainSettings) -> Result<TrainOutcome> {
         }
         clip_global_norm(&settings.model, &mut grads, settings.clip);
         let lr = schedule.lr(step);
-        opt.update(&settings.model, &mut model.params, &grads, lr)?;
+        opt.update(&settings.model, model.params_mut(), &grads, lr)?;
         since.add(score);
         steps_run = step + 1;
         let elapsed = t0.elapsed().as_secs_f64();
@@ -440,8 +424,25 @@ pub struct LengthResult {
     pub tokens_per_second: f64,
     /// The process's peak resident memory after this length (VmHWM).
     pub peak_resident_bytes: Option<u64>,
-    /// The recurrent state of the batch evaluated together.
-    pub state_bytes: usize,
+    /// The context of the batch evaluated together at the end of its
+    /// sequences: the recurrent state (a fixed size) or the KV cache.
+    pub context_bytes: usize,
+}
+
+/// A test length that was not run, and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct LengthNotRun {
+    pub length: usize,
+    pub reason: String,
+}
+
+/// What [`evaluate_induction_lengths`] measured.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LengthSweep {
+    pub results: Vec<LengthResult>,
+    /// Lengths past the first one that could not be run (time, memory,
+    /// or positions the model cannot represent), in order.
+    pub not_run: Vec<LengthNotRun>,
 }
 
 /// How the long sequences are run.
@@ -468,98 +469,162 @@ impl std::str::FromStr for EvalMode {
     }
 }
 
-/// Induction-heads accuracy at every length of `lengths`, `samples`
-/// sequences each (run `batch` at a time), the sequences generated chunk
-/// by chunk and run from a carried state: memory does not grow with the
-/// length. Sequences of each length come from `seed` + length.
-#[allow(clippy::too_many_arguments)]
-pub fn evaluate_induction_lengths<T: TaskScalar>(
-    model: &TaskModel<T>,
+/// How [`evaluate_induction_lengths`] runs the sequences.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct LengthEvalOptions {
+    /// Sequences per length.
+    pub samples: usize,
+    /// Sequences run together.
+    pub batch: usize,
+    /// Tokens per chunk in chunked mode.
+    pub chunk: usize,
+    pub mode: EvalMode,
+    /// Sequences of each length come from `seed` + length.
+    pub seed: u64,
+    /// Once a length's projected time (from the last one run, linear in
+    /// the length for a recurrence, quadratic for attention) is over this
+    /// many seconds, it and the longer lengths are not run.
+    pub time_limit_s: Option<f64>,
+}
+
+/// Induction-heads accuracy at every length of `lengths`, the sequences
+/// generated chunk by chunk and read from a carried context: for an SSM
+/// the recurrent state, so that memory does not grow with the length; for
+/// attention the KV cache, which does. A length whose context cannot fit
+/// in memory, or that the time limit rules out, ends the sweep with the
+/// reason in [`LengthSweep::not_run`].
+pub fn evaluate_induction_lengths<T: TaskScalar, M: TaskNetwork<T>>(
+    model: &M,
     vocab: usize,
     lengths: &[usize],
-    samples: usize,
-    batch: usize,
-    chunk: usize,
-    mode: EvalMode,
-    seed: u64,
+    options: &LengthEvalOptions,
     mut on_result: impl FnMut(&LengthResult),
-) -> Result<Vec<LengthResult>> {
+) -> Result<LengthSweep> {
     const OP: &str = "evaluate_induction_lengths";
+    let LengthEvalOptions {
+        samples,
+        batch,
+        chunk,
+        time_limit_s,
+        ..
+    } = *options;
     if samples == 0 || batch == 0 || chunk == 0 {
         return Err(invalid(OP, "samples, batch and chunk must be at least 1"));
     }
-    if vocab > model.config.vocab_size {
+    if vocab > model.vocab_size() {
         return Err(invalid(
             OP,
             format!(
                 "task vocabulary {vocab} exceeds the model's {}",
-                model.config.vocab_size
+                model.vocab_size()
             ),
         ));
     }
-    let d = model.config.d_model;
-    let mut out = Vec::new();
-    for &length in lengths {
-        let t0 = Instant::now();
-        let mut rng = Rng::new(seed.wrapping_add(length as u64));
-        let mut score = AnswerScore::default();
-        let mut left = samples;
-        let mut state_bytes = 0;
-        while left > 0 {
-            let b = left.min(batch);
-            let mut seqs = (0..b)
-                .map(|_| InductionSequence::new(vocab, length, &mut rng))
-                .collect::<Result<Vec<_>>>()?;
-            let mut state = model.zero_state(b);
-            state_bytes = state
-                .blocks
-                .iter()
-                .map(|s| (s.conv.len() + s.ssm.len()) * std::mem::size_of::<T>())
-                .sum();
-            let mut last_hidden = Vec::new();
-            let mut stepper = match mode {
-                EvalMode::Step => Some(model.stepper(b)?),
-                EvalMode::Chunked => None,
-            };
-            while seqs[0].remaining() > 0 {
-                let n = match mode {
-                    EvalMode::Chunked => chunk.min(seqs[0].remaining()),
-                    EvalMode::Step => 1,
-                };
-                let mut ids = Vec::with_capacity(b * n);
-                for s in seqs.iter_mut() {
-                    ids.extend(s.next_chunk(n));
+    let mut sweep = LengthSweep::default();
+    let mut last: Option<(usize, f64)> = None;
+    for (i, &length) in lengths.iter().enumerate() {
+        let b = batch.min(samples);
+        let not_run = if let Some(reason) = model_cannot_read(model, length) {
+            Some(reason)
+        } else if let Err(e) = crate::memory::check_fits(
+            OP,
+            model.context_bytes_at(length) as u128 * b as u128,
+            &format!("the context of {b} sequences of {length} tokens"),
+            "--eval-batch",
+        ) {
+            Some(e.to_string())
+        } else {
+            match (time_limit_s, last) {
+                (Some(limit), Some((prev, seconds))) => {
+                    let ratio = length as f64 / prev as f64;
+                    let power = if M::COST_GROWS_WITH_CONTEXT { 2 } else { 1 };
+                    let projected = seconds * ratio.powi(power);
+                    (projected > limit).then(|| {
+                        format!(
+                            "projected {projected:.0} s ({seconds:.1} s at {prev} times ({length}/{prev})^{power}), over the limit of {limit} s"
+                        )
+                    })
                 }
-                let hidden = match stepper.as_mut() {
-                    None => model.forward_chunk(&mut state, &ids, b, n)?,
-                    Some(stepper) => stepper.step(&mut state, &ids)?,
-                };
-                if seqs[0].remaining() == 0 {
-                    // the last position of every row
-                    last_hidden = (0..b)
-                        .flat_map(|r| hidden[(r * n + n - 1) * d..(r * n + n) * d].iter().copied())
-                        .collect();
-                }
+                _ => None,
             }
-            let logits = model.logits_from_hidden(&last_hidden)?;
-            let targets: Vec<u32> = seqs.iter().map(|s| s.answer()).collect();
-            score.add(score_logits(&logits, model.config.vocab_size, &targets, None).0);
-            left -= b;
-        }
-        let seconds = t0.elapsed().as_secs_f64();
-        let result = LengthResult {
-            length,
-            samples,
-            accuracy: score.accuracy(),
-            seconds,
-            tokens_per_second: (samples * length) as f64 / seconds,
-            peak_resident_bytes: peak_resident_bytes(),
-            state_bytes,
         };
+        if let Some(reason) = not_run {
+            sweep
+                .not_run
+                .extend(lengths[i..].iter().map(|&length| LengthNotRun {
+                    length,
+                    reason: reason.clone(),
+                }));
+            break;
+        }
+        let result = evaluate_one_length(model, vocab, length, options)?;
+        last = Some((length, result.seconds));
         on_result(&result);
-        out.push(result);
+        sweep.results.push(result);
     }
-    Ok(out)
+    Ok(sweep)
+}
+
+/// Why a model cannot read a sequence of `length` tokens at all, if it
+/// cannot (learned positions end at their table).
+fn model_cannot_read<T: TaskScalar, M: TaskNetwork<T>>(model: &M, length: usize) -> Option<String> {
+    let table = model.max_positions()?;
+    (length > table)
+        .then(|| format!("{length} tokens are past the {table} learned positions of the model"))
+}
+
+fn evaluate_one_length<T: TaskScalar, M: TaskNetwork<T>>(
+    model: &M,
+    vocab: usize,
+    length: usize,
+    options: &LengthEvalOptions,
+) -> Result<LengthResult> {
+    let t0 = Instant::now();
+    let mut rng = Rng::new(options.seed.wrapping_add(length as u64));
+    let mut score = AnswerScore::default();
+    let mut left = options.samples;
+    let mut context_bytes = 0;
+    while left > 0 {
+        let b = left.min(options.batch);
+        let mut seqs = (0..b)
+            .map(|_| InductionSequence::new(vocab, length, &mut rng))
+            .collect::<Result<Vec<_>>>()?;
+        let mut reader = model.reader(b, options.mode)?;
+        let mut last_hidden = Vec::new();
+        while seqs[0].remaining() > 0 {
+            let n = match options.mode {
+                EvalMode::Chunked => options.chunk.min(seqs[0].remaining()),
+                EvalMode::Step => 1,
+            };
+            let mut ids = Vec::with_capacity(b * n);
+            for s in seqs.iter_mut() {
+                ids.extend(s.next_chunk(n));
+            }
+            let hidden = reader.read(&ids, n)?;
+            if seqs[0].remaining() == 0 {
+                // the last position of every row
+                let d = hidden.len() / (b * n);
+                last_hidden = (0..b)
+                    .flat_map(|r| hidden[(r * n + n - 1) * d..(r * n + n) * d].iter().copied())
+                    .collect();
+            }
+        }
+        context_bytes = reader.context_bytes();
+        let logits = model.logits_from_hidden(&last_hidden)?;
+        let targets: Vec<u32> = seqs.iter().map(|s| s.answer()).collect();
+        score.add(score_logits(&logits, model.vocab_size(), &targets, None).0);
+        left -= b;
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    Ok(LengthResult {
+        length,
+        samples: options.samples,
+        accuracy: score.accuracy(),
+        seconds,
+        tokens_per_second: (options.samples * length) as f64 / seconds,
+        peak_resident_bytes: peak_resident_bytes(),
+        context_bytes,
+    })
 }
 
 /// Whether a task is induction heads (the one with length extrapolation).

@@ -87,6 +87,17 @@ pub struct ScoreArgs {
     /// step, the path generation takes, instead of chunked prefill.
     #[arg(long, requires = "dtype")]
     pub stepwise: bool,
+    /// Score only the last FRACTION of the tokens: the validation split
+    /// that `selective train --val-fraction FRACTION` held out of the same
+    /// text (split by the same rule, after tokenising).
+    #[arg(long, value_name = "FRACTION")]
+    pub held_out: Option<f64>,
+    /// Score the tokens as consecutive windows of this many tokens, each
+    /// from an empty context (as training's validation windows), instead of
+    /// as one sequence; the mean is over every window's predictions (a
+    /// last window of one token predicts nothing and is dropped).
+    #[arg(long, conflicts_with = "logits_out")]
+    pub window: Option<usize>,
 }
 
 pub fn run(args: ScoreArgs) -> CliResult {
@@ -100,7 +111,12 @@ pub fn run(args: ScoreArgs) -> CliResult {
         threads: _,
         dtype,
         stepwise,
+        held_out,
+        window,
     } = args;
+    if window.is_some_and(|w| w < 2) {
+        return Err("--window must be at least 2 tokens (one to read, one to predict)".into());
+    }
     let source = &ModelSource::new(model);
     if dtype.is_some() && logits_out.is_some() {
         return Err("--logits-out works with the f32 training forward only; drop --dtype".into());
@@ -141,6 +157,20 @@ pub fn run(args: ScoreArgs) -> CliResult {
         (None, Some(ids)) => ids,
         (None, None) => return Err("give --text-file, --ids or --ids-file".into()),
     };
+    let ids = match held_out {
+        Some(fraction) => {
+            let split = selective::train::TextData::split(ids, fraction)?;
+            if split.val.len() < 2 {
+                return Err(format!(
+                    "--held-out {fraction} leaves {} tokens to score; at least 2 are needed",
+                    split.val.len()
+                )
+                .into());
+            }
+            split.val
+        }
+        None => ids,
+    };
     // Padding rows of the embedding are not tokens: scoring one is an error,
     // not a count (the text path cannot produce them).
     if let Some(tokenizer) = &tokenizer {
@@ -159,14 +189,26 @@ pub fn run(args: ScoreArgs) -> CliResult {
         None => None,
     };
     let t1 = Instant::now();
-    let keep = |block: &[f32]| match writer.as_mut() {
+    let mut keep = |block: &[f32]| match writer.as_mut() {
         Some(w) => w.write(block.iter().copied()),
         None => Ok(()),
     };
-    let result = match (&inference, &model) {
-        (Some(m), _) => m.score(&ids, stepwise)?,
-        (None, AnyModel::Mamba(m)) => perplexity(m, &ids, keep)?,
-        (None, AnyModel::Transformer(m)) => perplexity(m, &ids, keep)?,
+    let mut score = |ids: &[u32]| match (&inference, &model) {
+        (Some(m), _) => m.score(ids, stepwise),
+        (None, AnyModel::Mamba(m)) => perplexity(m, ids, &mut keep),
+        (None, AnyModel::Transformer(m)) => perplexity(m, ids, &mut keep),
+    };
+    let result = match window {
+        Some(_) if ids.len() < 2 => {
+            return Err(format!("{} tokens to score; at least 2 are needed", ids.len()).into())
+        }
+        Some(w) => Perplexity::of_parts(
+            &ids.chunks(w)
+                .filter(|c| c.len() >= 2)
+                .map(&mut score)
+                .collect::<selective::Result<Vec<_>>>()?,
+        ),
+        None => score(&ids)?,
     };
     let score_s = t1.elapsed().as_secs_f64();
     if !result.mean_nll.is_finite() {
@@ -194,6 +236,8 @@ pub fn run(args: ScoreArgs) -> CliResult {
                 (Some(_), true) => "decoding step",
             },
             "tokens": ids.len(),
+            "held_out": held_out,
+            "window": window,
             "predicted_tokens": result.predicted_tokens,
             "mean_nll": result.mean_nll,
             "perplexity": result.perplexity,

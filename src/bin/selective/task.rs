@@ -11,22 +11,76 @@ use serde_json::json;
 use selective::error::{invalid, Error, Result};
 use selective::io::write_atomically;
 use selective::memory::peak_resident_bytes;
+use selective::nn::{Positions, Transformer, TransformerConfig};
 use selective::tasks::train::{
-    evaluate, evaluate_induction_lengths, train_task, CurvePoint, EvalMode, LengthResult,
-    TrainSettings, TEST_SEED_OFFSET,
+    evaluate, evaluate_induction_lengths, train_task, CurvePoint, EvalMode, LengthEvalOptions,
+    LengthSweep, TrainSettings, TEST_SEED_OFFSET,
 };
 use selective::tasks::{BlockArch, SsmLayer, TaskModel, TaskModelConfig};
-use selective::tasks::{TaskKind, TaskSpec};
+use selective::tasks::{TaskKind, TaskNetConfig, TaskNetwork, TaskSpec};
 use selective::train::ProgressMode;
+
+/// The sequence layer of a task model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskLayer {
+    /// An SSM in the Mamba block (or alone, --arch nogate).
+    Ssm(SsmLayer),
+    /// Multi-head attention in Transformer++ layers (the paper's Table 2
+    /// baseline).
+    Attention,
+}
+
+impl std::str::FromStr for TaskLayer {
+    type Err = selective::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "attention" | "mha" => Ok(TaskLayer::Attention),
+            _ => s.parse().map(TaskLayer::Ssm).map_err(|_| {
+                invalid(
+                    "--layer",
+                    format!("unknown layer {s:?} (expected s6, s4d or attention)"),
+                )
+            }),
+        }
+    }
+}
+
+/// A saved task model of either kind.
+enum SavedTaskModel {
+    Ssm(TaskModel<f32>),
+    Attention(Transformer<f32>),
+}
+
+impl SavedTaskModel {
+    /// task-model.json (an SSM task model) or config.json (attention, in
+    /// the Llama layout).
+    fn load(dir: &Path) -> Result<Self> {
+        if dir.join(selective::tasks::model::CONFIG_FILE).exists() {
+            Ok(SavedTaskModel::Ssm(TaskModel::load(dir)?))
+        } else if dir.join("config.json").exists() {
+            Ok(SavedTaskModel::Attention(Transformer::from_dir(dir)?))
+        } else {
+            Err(invalid(
+                "selective task",
+                format!(
+                    "{}: no task-model.json (an S6/S4D task model) or config.json (an attention model)",
+                    dir.display()
+                ),
+            ))
+        }
+    }
+}
 
 /// Arguments of `selective task`.
 #[derive(Args, Debug, Clone)]
 pub struct TaskArgs {
     /// copying, selective-copying or induction-heads
     pub name: String,
-    /// The sequence layer: selective (s6) or time-invariant (s4d).
+    /// The sequence layer: selective (s6), time-invariant (s4d), or
+    /// multi-head attention (attention: Transformer++ layers with
+    /// --positions, --n-head).
     #[arg(long, default_value = "s6")]
-    pub layer: SsmLayer,
+    pub layer: TaskLayer,
     /// The block: the gated Mamba block (mamba), or a single SSM without gate (nogate).
     #[arg(long, default_value = "mamba")]
     pub arch: BlockArch,
@@ -38,6 +92,17 @@ pub struct TaskArgs {
     pub d_state: usize,
     #[arg(long, default_value_t = 2)]
     pub expand: usize,
+    /// Attention: heads per layer.
+    #[arg(long, default_value_t = 2)]
+    pub n_head: usize,
+    /// Attention: rotary positions, or learned absolute ones.
+    #[arg(long, default_value = "rotary")]
+    pub positions: Positions,
+    /// Attention with learned positions: the table's length (default: the
+    /// training length; longer test sequences cannot be read, and rows past
+    /// the training length stay as initialised).
+    #[arg(long)]
+    pub max_positions: Option<usize>,
     /// Vocabulary of the task, special tokens included.
     #[arg(long, default_value_t = 16)]
     pub vocab: usize,
@@ -101,10 +166,16 @@ pub struct TaskArgs {
     /// Induction heads: chunks from a carried state (chunked), or one token at a time (step).
     #[arg(long, default_value = "chunked")]
     pub eval_mode: EvalMode,
+    /// Induction heads: skip the test lengths whose time, projected from
+    /// the last length run, exceeds this many seconds (attention's grows
+    /// with the square of the length).
+    #[arg(long)]
+    pub eval_time_limit: Option<f64>,
     /// Evaluate the model of --model instead of training.
     #[arg(long, requires = "model")]
     pub eval_only: bool,
-    /// A saved task model directory (task-model.json + model.safetensors).
+    /// A saved task model directory (task-model.json + model.safetensors,
+    /// or an attention model's config.json + model.safetensors).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Train further from this saved model (its layer, arch and sizes are
@@ -140,9 +211,7 @@ fn run(args: TaskArgs) -> Result<()> {
     let kind = TaskKind::parse(&args.name)?;
     let spec = spec_of(&args, kind);
     spec.validate()?;
-    let out = args.out.clone();
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-    let eval_mode = args.eval_mode;
+    std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
     if !args.lengths.is_empty() && kind != TaskKind::InductionHeads {
         return Err(invalid(
             "selective task",
@@ -150,84 +219,125 @@ fn run(args: TaskArgs) -> Result<()> {
         ));
     }
     if args.eval_only {
-        let dir = args.model.as_ref().expect("clap requires --model");
-        let model = TaskModel::<f32>::load(dir)?;
         if kind != TaskKind::InductionHeads {
             return Err(invalid(
                 "selective task",
                 "--eval-only evaluates length extrapolation: induction-heads only",
             ));
         }
-        let lengths = if args.lengths.is_empty() {
-            vec![spec.seq_len]
-        } else {
-            args.lengths.clone()
+        let dir = args.model.as_ref().expect("clap requires --model");
+        return match SavedTaskModel::load(dir)? {
+            SavedTaskModel::Ssm(m) => eval_only(&args, kind, spec, dir, &m),
+            SavedTaskModel::Attention(m) => eval_only(&args, kind, spec, dir, &m),
         };
-        eprintln!(
-            "evaluating {} ({} parameters, layer {}, arch {}) at {} lengths, {} sequences each, {:?} mode",
-            dir.display(),
-            model.parameter_count(),
-            model.config.layer.name(),
-            model.config.arch.name(),
-            lengths.len(),
-            args.eval_samples,
-            eval_mode
-        );
-        let results = length_eval(&model, &args, &lengths, eval_mode)?;
-        let report = json!({
-            "task": kind.name(),
-            "mode": "eval-only",
-            "model_dir": dir.display().to_string(),
-            "model": model.config,
-            "parameters": model.parameter_count(),
-            "eval_mode": eval_mode,
-            "eval_batch": args.eval_batch,
-            "eval_chunk": args.eval_chunk,
-            "threads": rayon::current_num_threads(),
-            "lengths": results,
-            "peak_resident_bytes": peak_resident_bytes(),
-        });
-        write_json(&out.join("results.json"), &report)?;
-        let md = format!(
-            "# {} length extrapolation of {}\n\n{}\n{}",
-            kind.name(),
-            dir.display(),
-            model_line(&model.config, model.parameter_count()),
-            lengths_table(&results)
-        );
-        write_atomically(&out.join("results.md"), md.as_bytes())?;
-        write_length_png(&out.join("accuracy-by-length.png"), &model.config, &results)?;
-        println!("{md}");
-        return Ok(());
     }
-    let (layer, arch) = (args.layer, args.arch);
-    let init = args
-        .init
-        .as_deref()
-        .map(TaskModel::<f32>::load)
-        .transpose()?;
-    let model_config = match &init {
-        Some(m) => m.config,
-        None => {
-            let mut c = TaskModelConfig::new(args.vocab, args.d_model, args.n_layer, layer, arch);
+    let init = args.init.as_deref().map(SavedTaskModel::load).transpose()?;
+    match (init, args.layer) {
+        (Some(SavedTaskModel::Ssm(m)), _) => train_and_test(&args, kind, spec, m.config, Some(m)),
+        (Some(SavedTaskModel::Attention(m)), _) => {
+            train_and_test(&args, kind, spec, m.config.clone(), Some(m))
+        }
+        (None, TaskLayer::Ssm(layer)) => {
+            let mut c =
+                TaskModelConfig::new(args.vocab, args.d_model, args.n_layer, layer, args.arch);
             c.d_state = args.d_state;
             c.expand = args.expand;
-            c
+            train_and_test(&args, kind, spec, c, None)
         }
+        (None, TaskLayer::Attention) => {
+            if args.n_head == 0 || !args.d_model.is_multiple_of(args.n_head) {
+                return Err(invalid(
+                    "selective task",
+                    format!(
+                        "--n-head {} must be at least 1 and divide --d-model {}",
+                        args.n_head, args.d_model
+                    ),
+                ));
+            }
+            let mut c = TransformerConfig::new(args.d_model, args.n_layer, args.vocab, args.n_head);
+            c.positions = args.positions;
+            // the learned table's length; informational with rotary positions
+            c.max_position_embeddings = args.max_positions.unwrap_or(spec.input_len());
+            train_and_test(&args, kind, spec, c, None)
+        }
+    }
+}
+
+/// `--eval-only`: the length sweep of a saved induction-heads model.
+fn eval_only<M: TaskNetwork<f32>>(
+    args: &TaskArgs,
+    kind: TaskKind,
+    spec: TaskSpec,
+    dir: &Path,
+    model: &M,
+) -> Result<()> {
+    let out = &args.out;
+    let lengths = if args.lengths.is_empty() {
+        vec![spec.seq_len]
+    } else {
+        args.lengths.clone()
     };
-    let (layer, arch) = (model_config.layer, model_config.arch);
-    if model_config.vocab_size != args.vocab {
+    eprintln!(
+        "evaluating {} ({}) at {} lengths, {} sequences each, {:?} mode",
+        dir.display(),
+        model.describe(),
+        lengths.len(),
+        args.eval_samples,
+        args.eval_mode
+    );
+    let sweep = length_eval(model, args, &lengths)?;
+    let report = json!({
+        "task": kind.name(),
+        "mode": "eval-only",
+        "model_dir": dir.display().to_string(),
+        "model": format!("{:?}", model.config()),
+        "label": model.label(),
+        "parameters": model.parameter_count(),
+        "eval_mode": args.eval_mode,
+        "eval_batch": args.eval_batch,
+        "eval_chunk": args.eval_chunk,
+        "threads": rayon::current_num_threads(),
+        "lengths": sweep.results,
+        "not_run": sweep.not_run,
+        "peak_resident_bytes": peak_resident_bytes(),
+    });
+    write_json(&out.join("results.json"), &report)?;
+    let md = format!(
+        "# {} length extrapolation of {}\n\nModel: {}.\n\n{}",
+        kind.name(),
+        dir.display(),
+        model.describe(),
+        lengths_table(&sweep)
+    );
+    write_atomically(&out.join("results.md"), md.as_bytes())?;
+    write_length_png(&out.join("accuracy-by-length.png"), &model.label(), &sweep)?;
+    println!("{md}");
+    Ok(())
+}
+
+/// Trains a model of `config` (from `init`'s weights if given), tests it,
+/// sweeps the lengths, and writes the results and the model.
+fn train_and_test<C: TaskNetConfig>(
+    args: &TaskArgs,
+    kind: TaskKind,
+    spec: TaskSpec,
+    config: C,
+    init: Option<C::Model>,
+) -> Result<()> {
+    let out = &args.out;
+    if config.vocab_size() != args.vocab {
         return Err(invalid(
             "selective task",
             format!(
                 "the model's vocabulary is {}, the task's --vocab {}",
-                model_config.vocab_size, args.vocab
+                config.vocab_size(),
+                args.vocab
             ),
         ));
     }
     let settings = TrainSettings {
         spec,
-        model: model_config,
+        model: config,
         steps: args.steps,
         batch: args.batch,
         lr: args.lr,
@@ -246,16 +356,18 @@ fn run(args: TaskArgs) -> Result<()> {
         save_dir: Some(args.out.join("model")),
         progress: ProgressMode::Auto,
     };
+    let fresh = settings.model.init(settings.seed)?;
     eprintln!(
-        "task {} (vocab {}, L {}, M {}, input length {}), layer {}, arch {}",
+        "task {} (vocab {}, L {}, M {}, input length {}), {}: {}",
         kind.name(),
         spec.vocab,
         spec.seq_len,
         spec.memorize,
         spec.input_len(),
-        layer.name(),
-        arch.name()
+        fresh.label(),
+        fresh.describe()
     );
+    drop(fresh);
     let outcome = train_task(&settings)?;
     let model = outcome.model;
     let model_dir = out.join("model");
@@ -277,10 +389,10 @@ fn run(args: TaskArgs) -> Result<()> {
         outcome.steps_run,
         outcome.wall_seconds
     );
-    let lengths_results = if kind == TaskKind::InductionHeads && !args.lengths.is_empty() {
-        length_eval(&model, &args, &args.lengths, eval_mode)?
+    let sweep = if kind == TaskKind::InductionHeads && !args.lengths.is_empty() {
+        length_eval(&model, args, &args.lengths)?
     } else {
-        Vec::new()
+        LengthSweep::default()
     };
     let report = json!({
         "task": kind.name(),
@@ -288,7 +400,8 @@ fn run(args: TaskArgs) -> Result<()> {
         "spec": spec,
         "input_len": spec.input_len(),
         "chance_accuracy": spec.chance_accuracy(),
-        "model": model.config,
+        "model": settings.model,
+        "label": model.label(),
         "parameters": model.parameter_count(),
         "settings": settings,
         "steps_run": outcome.steps_run,
@@ -299,18 +412,19 @@ fn run(args: TaskArgs) -> Result<()> {
         "test_loss": test.mean_loss(),
         "test_seconds": test_seconds,
         "curve": outcome.curve,
-        "lengths": lengths_results,
+        "lengths": sweep.results,
+        "not_run": sweep.not_run,
         "model_dir": model_dir.display().to_string(),
     });
     write_json(&out.join("results.json"), &report)?;
     let mut md = format!(
-        "# {} with {} / {}\n\n{}\nTask: vocabulary {}, L {}, M {}, input length {}; chance accuracy {:.1}%.\n\
+        "# {} with {}\n\nModel: {}.\n\
+         Task: vocabulary {}, L {}, M {}, input length {}; chance accuracy {:.1}%.\n\
          Training: {} steps of batch {} (lr {:e}, label smoothing {}, seed {}), {:.1} s on {} threads.\n\n\
          | test examples | test accuracy | test loss |\n|---|---|---|\n| {} | {:.2}% | {:.4} |\n",
         kind.name(),
-        arch.name(),
-        layer.name(),
-        model_line(&model.config, model.parameter_count()),
+        model.label(),
+        model.describe(),
         spec.vocab,
         spec.seq_len,
         spec.memorize,
@@ -327,52 +441,49 @@ fn run(args: TaskArgs) -> Result<()> {
         100.0 * test.accuracy(),
         test.mean_loss()
     );
-    if !lengths_results.is_empty() {
+    if !sweep.results.is_empty() || !sweep.not_run.is_empty() {
         md.push('\n');
-        md.push_str(&lengths_table(&lengths_results));
-        write_length_png(
-            &out.join("accuracy-by-length.png"),
-            &model.config,
-            &lengths_results,
-        )?;
+        md.push_str(&lengths_table(&sweep));
+        write_length_png(&out.join("accuracy-by-length.png"), &model.label(), &sweep)?;
     }
     write_atomically(&out.join("results.md"), md.as_bytes())?;
     write_curve_png(
         &out.join("accuracy.png"),
-        &format!("{} ({} / {})", kind.name(), arch.name(), layer.name()),
+        &format!("{} ({})", kind.name(), model.label()),
         &outcome.curve,
     )?;
     println!("{md}");
     Ok(())
 }
 
-fn length_eval(
-    model: &TaskModel<f32>,
+fn length_eval<M: TaskNetwork<f32>>(
+    model: &M,
     args: &TaskArgs,
     lengths: &[usize],
-    mode: EvalMode,
-) -> Result<Vec<LengthResult>> {
-    evaluate_induction_lengths(
-        model,
-        args.vocab,
-        lengths,
-        args.eval_samples,
-        args.eval_batch,
-        args.eval_chunk,
-        mode,
-        args.seed.wrapping_add(TEST_SEED_OFFSET),
-        |r| {
-            eprintln!(
-                "length {:>8}: accuracy {:6.2}% of {} ({:.1}s, {:.0} tok/s, peak RSS {})",
-                r.length,
-                100.0 * r.accuracy,
-                r.samples,
-                r.seconds,
-                r.tokens_per_second,
-                mib(r.peak_resident_bytes)
-            )
-        },
-    )
+) -> Result<LengthSweep> {
+    let options = LengthEvalOptions {
+        samples: args.eval_samples,
+        batch: args.eval_batch,
+        chunk: args.eval_chunk,
+        mode: args.eval_mode,
+        seed: args.seed.wrapping_add(TEST_SEED_OFFSET),
+        time_limit_s: args.eval_time_limit,
+    };
+    let sweep = evaluate_induction_lengths(model, args.vocab, lengths, &options, |r| {
+        eprintln!(
+            "length {:>8}: accuracy {:6.2}% of {} ({:.1}s, {:.0} tok/s, peak RSS {})",
+            r.length,
+            100.0 * r.accuracy,
+            r.samples,
+            r.seconds,
+            r.tokens_per_second,
+            mib(r.peak_resident_bytes)
+        )
+    })?;
+    for n in &sweep.not_run {
+        eprintln!("length {:>8}: not run: {}", n.length, n.reason);
+    }
+    Ok(sweep)
 }
 
 fn mib(bytes: Option<u64>) -> String {
@@ -381,24 +492,11 @@ fn mib(bytes: Option<u64>) -> String {
     })
 }
 
-fn model_line(c: &TaskModelConfig, params: usize) -> String {
-    format!(
-        "Model: {} layers, d_model {}, d_state {}, expand {}, layer {}, arch {}: {} parameters.\n",
-        c.n_layer,
-        c.d_model,
-        c.d_state,
-        c.expand,
-        c.layer.name(),
-        c.arch.name(),
-        params
-    )
-}
-
-fn lengths_table(results: &[LengthResult]) -> String {
+fn lengths_table(sweep: &LengthSweep) -> String {
     let mut s = String::from(
-        "| length | sequences | accuracy | seconds | tokens/s | peak RSS | state |\n|---|---|---|---|---|---|---|\n",
+        "| length | sequences | accuracy | seconds | tokens/s | peak RSS | context |\n|---|---|---|---|---|---|---|\n",
     );
-    for r in results {
+    for r in &sweep.results {
         s.push_str(&format!(
             "| {} | {} | {:.2}% | {:.1} | {:.0} | {} | {:.1} KiB |\n",
             r.length,
@@ -407,7 +505,13 @@ fn lengths_table(results: &[LengthResult]) -> String {
             r.seconds,
             r.tokens_per_second,
             mib(r.peak_resident_bytes),
-            r.state_bytes as f64 / 1024.0
+            r.context_bytes as f64 / 1024.0
+        ));
+    }
+    for n in &sweep.not_run {
+        s.push_str(&format!(
+            "| {} | | not run: {} | | | | |\n",
+            n.length, n.reason
         ));
     }
     s
@@ -435,18 +539,18 @@ fn write_curve_png(path: &Path, title: &str, curve: &[CurvePoint]) -> Result<()>
     selective::plot::write_png(&chart, path)
 }
 
-fn write_length_png(path: &Path, c: &TaskModelConfig, results: &[LengthResult]) -> Result<()> {
+fn write_length_png(path: &Path, label: &str, sweep: &LengthSweep) -> Result<()> {
+    if sweep.results.is_empty() {
+        return Ok(());
+    }
     let chart = selective::plot::Chart {
-        title: format!(
-            "induction heads by test length ({} / {})",
-            c.arch.name(),
-            c.layer.name()
-        ),
+        title: format!("induction heads by test length ({label})"),
         x_label: "test sequence length".into(),
         y_label: "accuracy (%)".into(),
         series: vec![selective::plot::Series {
-            name: format!("{} / {}", c.arch.name(), c.layer.name()),
-            points: results
+            name: label.to_string(),
+            points: sweep
+                .results
                 .iter()
                 .map(|r| (r.length as f64, 100.0 * r.accuracy))
                 .collect(),
