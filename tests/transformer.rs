@@ -245,3 +245,22 @@ fn bad_files_are_errors_that_name_the_tensor() {
         .to_string();
     assert!(e.contains("Transformer"), "{e}");
 }
+
+/// docs/DESIGN.md §15.8, by hand for the smallest sizes of the language
+/// comparison.
+#[test]
+fn training_flops_per_token_follow_the_counting_rule() {
+    use selective::nn::MambaConfig;
+    // Transformer++ D 128, 2 layers, 2 heads, F 344, V 72, context 256:
+    // 6 (2 (4·128² + 3·344·128) + 72·128) + 6·2·256·128
+    let t = TransformerConfig::new(128, 2, 72, 2);
+    assert_eq!(t.d_ff, 344);
+    assert_eq!(t.training_flops_per_token(256), 2_426_880.0 + 393_216.0);
+    assert_eq!(t.n_non_embedding_params(), t.n_params() - 72 * 128);
+    // Mamba D 128 (E 256, N 16, R 8, K 4), 4 layers, V 72:
+    // 6 (4 (2·256·128 + 40·256 + 256·8 + 128·256) + 72·128) + 4 (6·256·4 + 27·256·16)
+    let m = MambaConfig::new(128, 4, 72, 16);
+    assert_eq!((m.d_inner, m.dt_rank, m.d_conv), (256, 8, 4));
+    assert_eq!(m.training_flops_per_token(), 2_709_504.0 + 466_944.0);
+    assert_eq!(m.n_non_embedding_params(), m.n_params() - 72 * 128);
+}

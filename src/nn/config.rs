@@ -190,6 +190,31 @@ impl MambaConfig {
         self.vocab_size * d + self.n_layer * layer + norm + head
     }
 
+    /// Parameters outside the embedding and the head: what scaling laws
+    /// count (Kaplan et al. 2020).
+    pub fn n_non_embedding_params(&self) -> usize {
+        let head = if self.tie_embeddings { 0 } else { 1 };
+        self.n_params() - (1 + head) * self.vocab_size * self.d_model
+    }
+
+    /// Training FLOPs per token (docs/DESIGN.md §15.8): 6 per parameter in
+    /// a matrix product (in_proj, x_proj, dt_proj, out_proj, the head),
+    /// plus the convolution (6·E·K) and the selective scan (3 · 9·E·N, the
+    /// paper's count of its forward) of every layer.
+    pub fn training_flops_per_token(&self) -> f64 {
+        let (d, e, n, r, k, v) = (
+            self.d_model as f64,
+            self.d_inner as f64,
+            self.d_state as f64,
+            self.dt_rank as f64,
+            self.d_conv as f64,
+            self.vocab_size as f64,
+        );
+        let matmul_params = 2.0 * e * d + (r + 2.0 * n) * e + e * r + d * e;
+        let layers = self.n_layer as f64;
+        6.0 * (layers * matmul_params + v * d) + layers * (6.0 * e * k + 27.0 * e * n)
+    }
+
     /// Fields that duplicate others and disagree with them, as sentences
     /// for the user: not errors, because released checkpoints carry such a
     /// disagreement (tiiuae/falcon-mamba-7b: expand 16 with hidden_size

@@ -181,6 +181,21 @@ impl TransformerConfig {
         let (d, a, f) = (self.d_model, self.n_head * self.head_dim, self.d_ff);
         self.n_layer * (2 * d + 4 * a * d + 3 * f * d) + d
     }
+
+    /// Training FLOPs per token at context `seq_len` (docs/DESIGN.md
+    /// §15.8): 6 per parameter in a matrix product (the projections and
+    /// the head), plus attention's QKᵀ and PV, 6 · n_layer · L · H·Dh
+    /// (Kaplan et al. 2020, the whole L × L matrix counted).
+    pub fn training_flops_per_token(&self, seq_len: usize) -> f64 {
+        let (d, a, f, v) = (
+            self.d_model as f64,
+            (self.n_head * self.head_dim) as f64,
+            self.d_ff as f64,
+            self.vocab_size as f64,
+        );
+        let layers = self.n_layer as f64;
+        6.0 * (layers * (4.0 * a * d + 3.0 * f * d) + v * d) + 6.0 * layers * seq_len as f64 * a
+    }
 }
 
 /// One layer (`model.layers.{i}`).
