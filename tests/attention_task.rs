@@ -191,12 +191,9 @@ fn the_length_sweep_says_what_it_did_not_run_and_why() {
         sweep.not_run.iter().map(|r| r.length).collect::<Vec<_>>(),
         [256, 512]
     );
-    assert!(
-        sweep.not_run[0]
-            .reason
-            .contains("past the 128 learned positions"),
-        "{}",
-        sweep.not_run[0].reason
+    assert_eq!(
+        sweep.not_run[1].reason,
+        "512 tokens are past the 128 learned positions of the model"
     );
     // KV cache: 2 layers x 2 x 8 values x 4 bytes = 128 bytes a token and sequence
     assert_eq!(sweep.results[1].context_bytes, 4 * 128 * 128);
@@ -214,6 +211,11 @@ fn the_length_sweep_says_what_it_did_not_run_and_why() {
         sweep.not_run[0].reason.contains("(128/64)^2"),
         "attention is projected as quadratic: {}",
         sweep.not_run[0].reason
+    );
+    let sweep = evaluate_induction_lengths(&rotary, 16, &[64, 128, 256], &limited, |_| {}).unwrap();
+    assert_eq!(
+        sweep.not_run[1].reason,
+        "longer than 128, which was not run"
     );
 }
 

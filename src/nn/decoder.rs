@@ -10,7 +10,7 @@
 //! this trait.
 
 use crate::error::{invalid, Result};
-use crate::kernels::WeightFormat;
+use crate::kernels::{WeightFormat, Weights};
 use crate::nn::loss::{token_nll, Perplexity};
 
 /// One sequence's context as a decoder keeps it.
@@ -54,8 +54,36 @@ pub trait Decoder: Sync {
         tokens: &[u32],
         buffers: &mut Self::Buffers,
     ) -> Result<()>;
-    /// Mean negative log-likelihood of `ids` (one sequence) through prefill.
-    fn perplexity(&self, ids: &[u32]) -> Result<Perplexity>;
+    /// Runs `ids` after what `seq` has seen through prefill, handing
+    /// rmsnorm(h) (rows, D) of each chunk to `on_chunk` with the position
+    /// of its first row (counted from this call's start), instead of
+    /// computing logits.
+    fn prefill_hidden(
+        &self,
+        seq: &mut Self::State,
+        ids: &[u32],
+        on_chunk: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
+    ) -> Result<()>;
+    /// The vocabulary head (V, D).
+    fn head(&self) -> &Weights;
+
+    /// Mean negative log-likelihood of `ids` (one sequence) through
+    /// prefill in chunks, the head applied a few rows at a time.
+    fn perplexity(&self, ids: &[u32]) -> Result<Perplexity> {
+        if ids.len() < 2 {
+            return Err(invalid(
+                "perplexity",
+                format!("needs at least 2 tokens, got {}", ids.len()),
+            ));
+        }
+        let mut seq = self.new_state();
+        let mut nll = 0.0f64;
+        self.prefill_hidden(&mut seq, ids, &mut |start, normed| {
+            nll += chunk_nll(self.head(), normed, start, ids)?;
+            Ok(())
+        })?;
+        Ok(Perplexity::from_total_nll(nll, ids.len() - 1))
+    }
 
     /// The same through the decoding step, one token at a time: the path
     /// that generation takes (which for q8 differs from prefill's: 8-bit
@@ -83,12 +111,7 @@ pub trait Decoder: Sync {
 /// chunk: `normed` holds norm_f(h) (rows, D) of positions start.., and the
 /// head is applied a few rows at a time so that memory stays
 /// O(rows × vocab) rather than O(len × vocab).
-pub(crate) fn chunk_nll(
-    head: &crate::kernels::Weights,
-    normed: &[f32],
-    start: usize,
-    ids: &[u32],
-) -> Result<f64> {
+fn chunk_nll(head: &Weights, normed: &[f32], start: usize, ids: &[u32]) -> Result<f64> {
     const HEAD_ROWS: usize = 256;
     let (d, v) = (head.cols(), head.rows());
     let rows = normed.len() / d.max(1);

@@ -36,8 +36,7 @@ use super::lm::Mamba;
 use super::params::LayerParams;
 use crate::error::{invalid, Error, Result};
 use crate::kernels::{WeightFormat, Weights};
-use crate::nn::decoder::{chunk_nll, remember_tokens, Decoder, DecodingState};
-use crate::nn::loss::Perplexity;
+use crate::nn::decoder::{remember_tokens, Decoder, DecodingState};
 
 /// Positions prefilled at once: large enough for the GEMM to run at full
 /// speed, small enough that activations stay a few tens of MB at any
@@ -625,24 +624,6 @@ impl InferenceModel {
         seq.remember(&[token]);
         Ok(())
     }
-
-    /// Mean negative log-likelihood of `ids` (one sequence) under the model
-    /// in this weight format, computed through prefill in chunks.
-    pub fn perplexity(&self, ids: &[u32]) -> Result<Perplexity> {
-        if ids.len() < 2 {
-            return Err(invalid(
-                "InferenceModel::perplexity",
-                format!("needs at least 2 tokens, got {}", ids.len()),
-            ));
-        }
-        let mut seq = Sequence::new(&self.config);
-        let mut nll = 0.0f64;
-        self.prefill_with(&mut seq, ids, |start, normed| {
-            nll += chunk_nll(self.head(), normed, start, ids)?;
-            Ok(())
-        })?;
-        Ok(Perplexity::from_total_nll(nll, ids.len() - 1))
-    }
 }
 
 impl DecodingState for Sequence {
@@ -707,8 +688,17 @@ impl Decoder for InferenceModel {
         InferenceModel::decode_step(self, seqs, tokens, buffers)
     }
 
-    fn perplexity(&self, ids: &[u32]) -> Result<Perplexity> {
-        InferenceModel::perplexity(self, ids)
+    fn prefill_hidden(
+        &self,
+        seq: &mut Sequence,
+        ids: &[u32],
+        on_chunk: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        self.prefill_with(seq, ids, on_chunk)
+    }
+
+    fn head(&self) -> &Weights {
+        InferenceModel::head(self)
     }
 }
 

@@ -32,9 +32,8 @@ use std::collections::VecDeque;
 
 use super::attention_block::{AttentionBlock, KvCache};
 use super::block::norm_forward;
-use super::decoder::{chunk_nll, remember_tokens, Decoder, DecodingState};
+use super::decoder::{remember_tokens, Decoder, DecodingState};
 use super::inference::{DEFAULT_PREFILL_CHUNK, RECENT_TOKENS};
-use super::loss::Perplexity;
 use super::transformer::{Positions, Transformer, TransformerConfig, TransformerLayerParams};
 use crate::error::{invalid, Result};
 use crate::kernels::{Rotary, WeightFormat, Weights};
@@ -373,24 +372,6 @@ impl TransformerInference {
         Ok(())
     }
 
-    /// Mean negative log-likelihood of `ids` (one sequence), through
-    /// prefill in chunks.
-    pub fn perplexity(&self, ids: &[u32]) -> Result<Perplexity> {
-        if ids.len() < 2 {
-            return Err(invalid(
-                "TransformerInference::perplexity",
-                format!("needs at least 2 tokens, got {}", ids.len()),
-            ));
-        }
-        let mut seq = KvSequence::new(&self.config);
-        let mut nll = 0.0f64;
-        self.prefill_with(&mut seq, ids, |start, normed| {
-            nll += chunk_nll(self.head(), normed, start, ids)?;
-            Ok(())
-        })?;
-        Ok(Perplexity::from_total_nll(nll, ids.len() - 1))
-    }
-
     /// Bytes of weights one decoding step reads (the KV cache it also reads
     /// is [`DecodingState::context_bytes`] of each sequence).
     pub fn bytes_per_token(&self) -> usize {
@@ -464,7 +445,16 @@ impl Decoder for TransformerInference {
         TransformerInference::decode_step(self, seqs, tokens, buffers)
     }
 
-    fn perplexity(&self, ids: &[u32]) -> Result<Perplexity> {
-        TransformerInference::perplexity(self, ids)
+    fn prefill_hidden(
+        &self,
+        seq: &mut KvSequence,
+        ids: &[u32],
+        on_chunk: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        self.prefill_with(seq, ids, on_chunk)
+    }
+
+    fn head(&self) -> &Weights {
+        TransformerInference::head(self)
     }
 }

@@ -549,12 +549,14 @@ pub fn evaluate_induction_lengths<T: TaskScalar, M: TaskNetwork<T>>(
             }
         };
         if let Some(reason) = not_run {
-            sweep
-                .not_run
-                .extend(lengths[i..].iter().map(|&length| LengthNotRun {
-                    length,
-                    reason: reason.clone(),
-                }));
+            sweep.not_run.push(LengthNotRun { length, reason });
+            sweep.not_run.extend(lengths[i + 1..].iter().map(|&longer| {
+                LengthNotRun {
+                    length: longer,
+                    reason: model_cannot_read(model, longer)
+                        .unwrap_or_else(|| format!("longer than {length}, which was not run")),
+                }
+            }));
             break;
         }
         let result = evaluate_one_length(model, vocab, length, options)?;

@@ -10,6 +10,7 @@ use selective::kernels::WeightFormat;
 use selective::nn::{perplexity, Decoder, InferenceModel, Perplexity, TransformerInference};
 
 use crate::model_source::{AnyModel, ModelSource};
+use crate::CliResult;
 
 /// The inference path of either architecture.
 enum Inference {
@@ -48,7 +49,6 @@ impl Inference {
         }
     }
 }
-use crate::CliResult;
 
 #[derive(clap::Args)]
 pub struct ScoreArgs {
