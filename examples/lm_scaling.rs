@@ -11,7 +11,8 @@
 //! of metrics.jsonl, time.txt and the held-out scores, and counts the
 //! parameters and the training FLOPs (docs/DESIGN.md §15.8) from the model's
 //! configuration. Writes OUT/summary.json, OUT/lm-{char,bpe}-{params,flops}.png
-//! and prints the table in Markdown.
+//! and prints the table in Markdown. Runs of the learning-rate check
+//! (named NAME-lrLR) are in the table and the JSON, not in the plots.
 
 use std::path::{Path, PathBuf};
 
@@ -175,12 +176,12 @@ fn main() {
         .unwrap_or_else(|e| fail(format!("{}: {e}", out.display())));
 
     println!(
-        "| run | tokens | arch | d_model | layers | parameters (non-embedding) | training tokens | training FLOPs | wall s | tokens/s | val NLL, windows of 256 | of 1024 |"
+        "| run | tokens | arch | d_model | layers | parameters (non-embedding) | lr | training tokens | training FLOPs | wall s | tokens/s | val NLL, windows of 256 | of 1024 |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &runs {
         println!(
-            "| {} | {} | {} | {} | {} | {:.2}M ({:.2}M) | {:.2}M | {:.2e} | {:.0} | {:.0} | {:.4} | {:.4} |",
+            "| {} | {} | {} | {} | {} | {:.2}M ({:.2}M) | {:e} | {:.2}M | {:.2e} | {:.0} | {:.0} | {:.4} | {:.4} |",
             r.name,
             r.tokenizer,
             r.arch,
@@ -188,6 +189,7 @@ fn main() {
             r.n_layer,
             r.params as f64 / 1e6,
             r.non_embedding_params as f64 / 1e6,
+            r.lr,
             r.train_tokens as f64 / 1e6,
             r.train_flops,
             r.train_seconds,
@@ -216,7 +218,9 @@ fn main() {
                     },
                     points: runs
                         .iter()
-                        .filter(|r| r.tokenizer == tokenizer && r.arch == arch)
+                        .filter(|r| {
+                            r.tokenizer == tokenizer && r.arch == arch && !r.name.contains("-lr")
+                        })
                         .map(|r| {
                             let x = if axis == "params" {
                                 r.non_embedding_params as f64

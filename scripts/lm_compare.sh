@@ -4,6 +4,8 @@
 # GPT-NeoX BPE tokenizer, at three sizes (docs/RESULTS.md, "Language").
 #
 #   scripts/lm_compare.sh [RUNS_DIR] [NAME ...]     (default runs/lm, every run)
+#   LRS="1e-3 6e-3" scripts/lm_compare.sh runs/lm char-s-mamba char-s-transformer
+#                     the same runs at other peak learning rates, named NAME-lrLR
 #
 # Each run trains with `selective train`, then scores the held-out 10 % of
 # the text (the trainer's validation split) in windows of 256 tokens (the
@@ -36,6 +38,7 @@ l 384 8 4 6 1e-3
 # training text); bpe: 300 steps of 8 x 256 = 614K tokens (about two passes).
 run() {
     local name=$1 tok=$2 arch=$3 d=$4 layers=$5 heads=$6 lr=$7
+    [ -n "${LR_OF_RUN:-}" ] && { lr=$LR_OF_RUN; name="$name-lr$lr"; }
     local out="$RUNS/$name"
     if [ -f "$out/score-1024.json" ]; then echo "$name: done already"; return; fi
     rm -rf "$out"
@@ -70,7 +73,13 @@ for tok in char bpe; do
             name="$tok-$size-$arch"
             if [ $# -gt 0 ] && ! printf '%s\n' "$@" | grep -qx "$name"; then continue; fi
             layers=$ml; [ "$arch" = transformer ] && layers=$tl
-            run "$name" "$tok" "$arch" "$d" "$layers" "$heads" "$lr"
+            if [ -n "${LRS:-}" ]; then
+                for other in $LRS; do
+                    LR_OF_RUN=$other run "$name" "$tok" "$arch" "$d" "$layers" "$heads" "$lr"
+                done
+            else
+                run "$name" "$tok" "$arch" "$d" "$layers" "$heads" "$lr"
+            fi
         done
     done <<< "$SIZES"
 done
