@@ -14,8 +14,11 @@
 //! - [`train`]: training from a text file (AdamW, schedule, checkpoints).
 //! - [`tasks`]: the paper's synthetic tasks (copying, selective copying,
 //!   induction heads) with S6 and S4D model variants.
+//! - [`datasets`]: the real data of the DNA and audio experiments
+//!   (great-ape DNA, spoken digits), built from public packages.
 
 pub mod bench;
+pub mod datasets;
 pub mod error;
 pub mod float;
 pub mod fuzzing;

@@ -10,6 +10,7 @@ pub mod npy;
 pub mod safetensors;
 pub mod state_file;
 pub mod torch;
+pub mod wav;
 
 pub use atomic::write_atomically;
 pub use json::{from_object_str, read_object};
@@ -20,3 +21,4 @@ pub use safetensors::{
 };
 pub use state_file::{load_sequence, save_sequence, sequence_from_bytes};
 pub use torch::TorchCheckpoint;
+pub use wav::Wav;

@@ -8,6 +8,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod bench;
+mod data;
 mod generate;
 mod model_source;
 mod score;
@@ -81,6 +82,10 @@ enum Command {
     /// Prefill and decode speed in the manner of llama-bench, or (with
     /// --scaling) prefill time per token across sequence lengths.
     Bench(bench::BenchArgs),
+    /// Build the real data sets of the DNA and audio experiments from
+    /// Debian packages: great-ape DNA (dna-apes), spoken digits
+    /// (speech-digits).
+    Data(data::DataArgs),
     /// Time the fused selective scan (forward and backward) on a Mamba
     /// layer's shape and print nanoseconds per (position x channel x state).
     BenchScan(bench::BenchScanArgs),
@@ -199,6 +204,7 @@ fn run(cli: Cli) -> CliResult {
         Command::Task(args) => Ok(task::run_task_command(*args)?),
         Command::Bench(args) => with_threads(args.threads, || bench::run(args)),
         Command::BenchScan(args) => bench::run_scan(args),
+        Command::Data(args) => data::run(args),
         Command::Convert { model, out, dtype } => {
             let t0 = Instant::now();
             let m = model_source::ModelSource::Dir(model.clone()).load()?;
