@@ -5,11 +5,13 @@
 //! with a `manifest.json` holding the SHA-256 of every file.
 
 pub mod dna;
+pub mod readers;
 pub mod speech;
 
 pub use dna::{
     nucleotide_id, read_maf, read_maf_file, ApeGenomes, ApeManifest, MafBlock, NUCLEOTIDES,
 };
+pub use readers::{ApeSplit, PreparedSet, SpeechSplit};
 pub use speech::{
     fit_clip, mulaw_decode, mulaw_encode, plan_utterances, write_speech_set, ClipFit,
     SpeechManifest, Utterance, DIGITS,

@@ -6,12 +6,19 @@
 //! lengths up to 2^20 in constant memory ([`train`]), and the `selective
 //! task` command ([`cli`]).
 
+pub mod classifier;
 pub mod data;
+pub mod fit;
 pub mod model;
 pub mod network;
 pub mod train;
 
+pub use classifier::{
+    cross_entropy, ClassifierConfig, ClassifierInput, ClassifierParams, Pooling,
+    SequenceClassifier, SequenceInput,
+};
 pub use data::{Answer, InductionSequence, TaskBatch, TaskKind, TaskSpec};
+pub use fit::{fit, FitPoint, FitSettings};
 pub use model::{
     BlockArch, BlockParams, BlockState, S6Params, SsmLayer, SsmParams, TaskCache, TaskModel,
     TaskModelConfig, TaskParams, TaskScalar, TaskState, TaskStepper, TensorInfo,

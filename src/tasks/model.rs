@@ -672,7 +672,43 @@ impl<T: TaskScalar> TaskModel<T> {
         keep: bool,
     ) -> Result<TaskCache<T>> {
         self.check_ids("TaskModel::forward", ids, batch, len)?;
-        let mut h = self.embed(ids);
+        self.forward_blocks(self.embed(ids), batch, len, keep)
+    }
+
+    /// The blocks and the final norm over input rows `h0` (batch, len, D)
+    /// given directly instead of E[ids]: a model whose inputs are not
+    /// tokens (a [`crate::tasks::SequenceClassifier`] over real-valued
+    /// vectors) projects them to `h0` itself. The final hidden states are
+    /// in [`TaskCache::final_hidden`]; with `keep`, the cache also holds
+    /// what [`Self::backward_to_input`] needs.
+    pub fn forward_from_input(
+        &self,
+        h0: Vec<T>,
+        batch: usize,
+        len: usize,
+        keep: bool,
+    ) -> Result<TaskCache<T>> {
+        const OP: &str = "TaskModel::forward_from_input";
+        if batch == 0 || len == 0 {
+            return Err(invalid(OP, "batch and len must be at least 1"));
+        }
+        let d = self.config.d_model;
+        check_len(
+            OP,
+            "h0",
+            &h0,
+            &[("batch", batch), ("len", len), ("d_model", d)],
+        )?;
+        self.forward_blocks(h0, batch, len, keep)
+    }
+
+    fn forward_blocks(
+        &self,
+        mut h: Vec<T>,
+        batch: usize,
+        len: usize,
+        keep: bool,
+    ) -> Result<TaskCache<T>> {
         let mut blocks = Vec::with_capacity(self.config.n_layer);
         let mut bufs = ChunkBuffers::default();
         for layer in &self.params.layers {
@@ -777,11 +813,27 @@ impl<T: TaskScalar> TaskModel<T> {
         d_hidden: &[T],
     ) -> Result<TaskParams<T>> {
         const OP: &str = "TaskModel::backward";
+        let rows = cache.batch * cache.len;
+        check_len(OP, "ids", ids, &[("rows", rows)])?;
+        let (mut g, dh) = self.backward_to_input(cache, d_hidden)?;
+        // h = E[ids]
+        crate::kernels::embedding_backward(ids, &dh, self.config.d_model, &mut g.embedding);
+        Ok(g)
+    }
+
+    /// Gradients of the blocks and the final norm (the embedding's left at
+    /// zero) and dL/dh0 (batch, len, D), the gradient of the input rows,
+    /// given dL/d(final hidden) for the sequences of `cache`.
+    pub fn backward_to_input(
+        &self,
+        cache: &TaskCache<T>,
+        d_hidden: &[T],
+    ) -> Result<(TaskParams<T>, Vec<T>)> {
+        const OP: &str = "TaskModel::backward";
         let c = &self.config;
         let d = c.d_model;
         let rows = cache.batch * cache.len;
         check_len(OP, "d_hidden", d_hidden, &[("rows", rows), ("d_model", d)])?;
-        check_len(OP, "ids", ids, &[("rows", rows)])?;
         if cache.h_last.is_empty() {
             return Err(invalid(
                 OP,
@@ -800,9 +852,7 @@ impl<T: TaskScalar> TaskModel<T> {
                     .backward(&cache.blocks[i], cache.batch, cache.len, &mut dh)?;
             g.layers[i].set_gradients(grads)?;
         }
-        // h = E[ids]
-        crate::kernels::embedding_backward(ids, &dh, d, &mut g.embedding);
-        Ok(g)
+        Ok((g, dh))
     }
 
     /// One token for every sequence of `state` (ids_t: (batch)): returns the
