@@ -12,6 +12,7 @@ mod data;
 mod generate;
 mod model_source;
 mod score;
+mod sequence;
 mod task;
 mod token_ids;
 mod train;
@@ -86,6 +87,15 @@ enum Command {
     /// Debian packages: great-ape DNA (dna-apes), spoken digits
     /// (speech-digits).
     Data(data::DataArgs),
+    /// Train a next-token model (S6, S4D or attention) on a set made by
+    /// `selective data`: a great ape's genome, or µ-law speech; held-out
+    /// perplexity (bits per sample for audio), and generated WAV clips.
+    Pretrain(Box<sequence::PretrainArgs>),
+    /// Train a sequence classifier (S6 or S4D blocks, pooling, class head)
+    /// on a set made by `selective data`: which great ape a DNA window
+    /// comes from, which digit a clip says; from scratch or fine-tuned
+    /// from `selective pretrain`.
+    Classify(Box<sequence::ClassifyArgs>),
     /// Time the fused selective scan (forward and backward) on a Mamba
     /// layer's shape and print nanoseconds per (position x channel x state).
     BenchScan(bench::BenchScanArgs),
@@ -205,6 +215,8 @@ fn run(cli: Cli) -> CliResult {
         Command::Bench(args) => with_threads(args.threads, || bench::run(args)),
         Command::BenchScan(args) => bench::run_scan(args),
         Command::Data(args) => data::run(args),
+        Command::Pretrain(args) => Ok(sequence::run_pretrain(*args)?),
+        Command::Classify(args) => Ok(sequence::run_classify(*args)?),
         Command::Convert { model, out, dtype } => {
             let t0 = Instant::now();
             let m = model_source::ModelSource::Dir(model.clone()).load()?;
