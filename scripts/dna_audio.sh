@@ -6,7 +6,7 @@
 # its own directory under OUT. Equal parameters: Mamba (S6 or S4D) 3 layers
 # of d_model 64 (98.5K) against Transformer++ 2 layers of d_model 64 (101K).
 #
-#   scripts/dna_audio.sh OUT [dna-pretrain dna-classify audio-lm digits]
+#   scripts/dna_audio.sh OUT [dna-pretrain dna-classify audio-lm digits long]
 #
 # Needs DATA_DNA and DATA_SPEECH (directories from `selective data
 # dna-apes` / `speech-digits`), default /work/data/dna-apes and
@@ -73,10 +73,24 @@ audio-lm)
 digits)
     # SC09-style: which digit a whole one-second clip (16,000 samples)
     # says, on voices never heard in training; 20 test clips per digit.
-    common=(--batch 4 --steps 80 --eval-every 80 --eval-windows 5 --test-windows 20)
+    common=(--batch 4 --steps 300 --eval-every 100 --eval-windows 5 --test-windows 20)
     run "digits-s6-tokens" classify "$SPEECH" --layer s6 "${MAMBA[@]}" "${common[@]}"
     run "digits-s4d-tokens" classify "$SPEECH" --layer s4d "${MAMBA[@]}" "${common[@]}"
     run "digits-s6-vectors" classify "$SPEECH" --layer s6 "${MAMBA[@]}" --input vectors "${common[@]}"
+    ;;
+long)
+    # Six times the training of dna-pretrain at 2^15 (600 steps, 19.7M
+    # tokens), then the test loss in windows of 2^10 ... 2^15 (the same
+    # tokens at every length): does the model use context beyond 1K? Then
+    # 600 classification steps at 2^10, from scratch and fine-tuned.
+    for layer in s6 s4d; do
+        run "dna-pre-long-$layer-32768" pretrain "$DNA" --layer $layer "${MAMBA[@]}" --seq-len 32768 --batch 1 \
+            --steps 600 --eval-every 200 --lr 4e-3 --eval-tokens 32768 --test-tokens 262144 \
+            --test-lengths 1024,2048,4096,8192,16384,32768
+    done
+    common=(--window 1024 --batch 32 --steps 600 --eval-every 200 --eval-windows 8 --test-windows 64)
+    run "apes-long-s6-1024" classify "$DNA" --layer s6 "${MAMBA[@]}" "${common[@]}"
+    run "apes-long-s6-pretrained-1024" classify "$DNA" --init "$OUT/dna-pre-long-s6-32768/model" "${common[@]}" --lr 1e-3
     ;;
 *) echo "unknown part $part"; exit 2;;
 esac; done

@@ -364,6 +364,13 @@ fn dna_windows_stay_inside_one_segment() {
     }
     assert_eq!(seen.len(), 2);
     assert!(split.sample_window(0, 6, &mut rng).is_none());
+    // evenly spaced: start indices ⌊(2k+1)·4/4⌋ = 1 and 3 of the 3 + 1
+    // starts, the second in the second segment
+    let spaced = split.spaced_windows(0, 3, 2).unwrap();
+    assert_eq!(spaced, vec![&[0u8, 0, 0][..], &[1u8, 1, 1][..]]);
+    assert_eq!(split.window_at(0, 3, 2).unwrap(), &[0, 0, 0]);
+    assert!(split.window_at(0, 3, 4).is_none());
+    assert_eq!(split.longest_segment(0), 5);
     assert_eq!(
         split.sample_window(1, 5, &mut rng).unwrap(),
         &[2, 2, 3, 3, 4]

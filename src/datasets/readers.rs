@@ -104,6 +104,15 @@ impl ApeSplit {
             .sum()
     }
 
+    /// The length of the longest segment of `species`.
+    pub fn longest_segment(&self, species: usize) -> usize {
+        self.segments[species]
+            .iter()
+            .map(|s| s.len())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// A window of `len` ids of `species`, uniform over every start at
     /// which a window fits inside one segment; None when none fits.
     pub fn sample_window(&self, species: usize, len: usize, rng: &mut Rng) -> Option<&[u8]> {
@@ -111,7 +120,14 @@ impl ApeSplit {
         if total == 0 || len == 0 {
             return None;
         }
-        let mut k = rng.below(total);
+        self.window_at(species, len, rng.below(total))
+    }
+
+    /// The `index`-th window of `len` ids of `species`, counting every
+    /// start at which a window fits inside one segment, segment by segment
+    /// (index < [`Self::window_starts`]); None past the last.
+    pub fn window_at(&self, species: usize, len: usize, index: usize) -> Option<&[u8]> {
+        let mut k = index;
         for seg in &self.segments[species] {
             let starts = (seg.len() + 1).saturating_sub(len);
             if k < starts {
@@ -119,7 +135,20 @@ impl ApeSplit {
             }
             k -= starts;
         }
-        unreachable!("k < total")
+        None
+    }
+
+    /// `n` windows of `len` ids of `species` at evenly spaced starts (the
+    /// k-th at start index ⌊(k + ½) · starts / n⌋): the same held-out
+    /// stretches on every run.
+    pub fn spaced_windows(&self, species: usize, len: usize, n: usize) -> Option<Vec<&[u8]>> {
+        let total = self.window_starts(species, len);
+        if total == 0 || len == 0 {
+            return None;
+        }
+        (0..n)
+            .map(|k| self.window_at(species, len, ((2 * k + 1) * total) / (2 * n)))
+            .collect()
     }
 }
 

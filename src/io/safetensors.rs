@@ -121,6 +121,28 @@ pub trait TensorSource {
     /// Called once a tensor has been copied out, so that a memory-mapped
     /// source can drop its pages and the weights stay in memory once.
     fn release(&self, _name: &str) {}
+
+    /// The tensor `name` converted to `T`; an error naming the file and
+    /// the tensor if it is missing or its shape is not `shape`.
+    fn tensor_of_shape<T: Float>(&self, name: &str, shape: &[usize]) -> Result<Vec<T>>
+    where
+        Self: Sized,
+    {
+        let file = self.file().to_string();
+        let t = self.tensor(name)?.ok_or_else(|| Error::Tensor {
+            file: file.clone(),
+            tensor: name.to_string(),
+            message: format!("missing (expected shape {shape:?})"),
+        })?;
+        if t.shape != shape {
+            return Err(Error::Tensor {
+                file,
+                tensor: name.to_string(),
+                message: format!("expected shape {shape:?}, found {:?}", t.shape),
+            });
+        }
+        t.to_vec::<T>(&file, name)
+    }
 }
 
 /// The bytes of a safetensors file: a read-only mapping of a file, or

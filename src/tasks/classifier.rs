@@ -564,19 +564,7 @@ impl<T: TaskScalar> SequenceClassifier<T> {
             });
         }
         for (name, dst) in names.iter().zip(params.slices_mut(&config)) {
-            let t = file.tensor(name)?.ok_or_else(|| Error::Tensor {
-                file: shown.clone(),
-                tensor: name.clone(),
-                message: format!("missing (expected {} values)", dst.len()),
-            })?;
-            if t.shape != [dst.len()] {
-                return Err(Error::Tensor {
-                    file: shown.clone(),
-                    tensor: name.clone(),
-                    message: format!("expected shape [{}], found {:?}", dst.len(), t.shape),
-                });
-            }
-            dst.copy_from_slice(&t.to_vec::<T>(&shown, name)?);
+            dst.copy_from_slice(&file.tensor_of_shape::<T>(name, &[dst.len()])?);
         }
         Ok(SequenceClassifier { config, params })
     }

@@ -24,10 +24,16 @@ pub struct FitSettings {
     pub warmup_steps: usize,
     pub weight_decay: f64,
     pub beta2: f64,
+    /// AdamW's ε.
+    pub adam_eps: f64,
     pub clip: f64,
     pub eval_every: usize,
+    /// Stop once the held-out accuracy reaches this (None: run every step).
+    pub stop_at_accuracy: Option<f64>,
     /// Tokens (or steps of input) a training step reads, for the display.
     pub tokens_per_step: usize,
+    /// Steps between two progress lines when stderr is not a terminal.
+    pub log_every: usize,
     #[serde(skip)]
     pub progress: ProgressMode,
 }
@@ -43,6 +49,15 @@ pub struct FitPoint {
     pub eval_accuracy: f64,
 }
 
+/// What [`fit`] did.
+#[derive(Clone, Debug, Serialize)]
+pub struct FitOutcome {
+    pub curve: Vec<FitPoint>,
+    /// Fewer than the steps asked for when the accuracy target was reached.
+    pub steps_run: usize,
+    pub wall_seconds: f64,
+}
+
 /// Trains `model` for `settings.steps` steps. `train_step(model, step)`
 /// gives a batch's score and the gradients of its mean loss;
 /// `evaluate(model)` scores the held-out data every `eval_every` steps and
@@ -55,7 +70,7 @@ pub fn fit<M, P: ParamTree>(
     mut train_step: impl FnMut(&M, usize) -> Result<(AnswerScore, P)>,
     mut evaluate: impl FnMut(&M) -> Result<AnswerScore>,
     mut after_eval: impl FnMut(&M) -> Result<()>,
-) -> Result<Vec<FitPoint>> {
+) -> Result<FitOutcome> {
     const OP: &str = "fit";
     if settings.steps == 0 || settings.eval_every == 0 {
         return Err(invalid(OP, "steps and eval_every must be at least 1"));
@@ -66,9 +81,10 @@ pub fn fit<M, P: ParamTree>(
     let mut opt = AdamW::<P>::new(
         config,
         AdamWConfig {
+            beta1: 0.9,
             beta2: settings.beta2,
+            eps: settings.adam_eps,
             weight_decay: settings.weight_decay,
-            ..AdamWConfig::default()
         },
     );
     let schedule = LrSchedule {
@@ -78,9 +94,10 @@ pub fn fit<M, P: ParamTree>(
         total_steps: settings.steps,
     };
     let t0 = Instant::now();
-    let reporter = Reporter::new(settings.progress, 0, settings.steps, 10);
+    let reporter = Reporter::new(settings.progress, 0, settings.steps, settings.log_every);
     let mut since = AnswerScore::default();
     let mut curve = Vec::new();
+    let mut steps_run = 0;
     for step in 0..settings.steps {
         let (score, mut grads) = train_step(model, step)?;
         if !score.loss_sum.is_finite() {
@@ -94,6 +111,7 @@ pub fn fit<M, P: ParamTree>(
         opt.update(config, params_of(model), &grads, lr)?;
         since.add(score);
         let done = step + 1;
+        steps_run = done;
         let elapsed = t0.elapsed().as_secs_f64();
         reporter.step(&StepLine {
             step: done,
@@ -121,10 +139,23 @@ pub fn fit<M, P: ParamTree>(
             curve.push(point);
             since = AnswerScore::default();
             after_eval(model)?;
+            if settings
+                .stop_at_accuracy
+                .is_some_and(|a| point.eval_accuracy >= a)
+            {
+                reporter.line(&format!(
+                    "held-out accuracy reached the target: stopping at step {done}"
+                ));
+                break;
+            }
         }
     }
     reporter.finish();
-    Ok(curve)
+    Ok(FitOutcome {
+        curve,
+        steps_run,
+        wall_seconds: t0.elapsed().as_secs_f64(),
+    })
 }
 
 impl TaskBatch {

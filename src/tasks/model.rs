@@ -909,19 +909,7 @@ impl<T: TaskScalar> TaskModel<T> {
         let mut params = TaskParams::<T>::zeros(&config);
         let mut used = 0;
         for (info, dst) in params.tensors_mut(&config) {
-            let t = file.tensor(&info.name)?.ok_or_else(|| Error::Tensor {
-                file: shown.clone(),
-                tensor: info.name.clone(),
-                message: format!("missing (expected shape {:?})", info.shape),
-            })?;
-            if t.shape != info.shape {
-                return Err(Error::Tensor {
-                    file: shown.clone(),
-                    tensor: info.name.clone(),
-                    message: format!("expected shape {:?}, found {:?}", info.shape, t.shape),
-                });
-            }
-            *dst = t.to_vec::<T>(&shown, &info.name)?;
+            *dst = file.tensor_of_shape::<T>(&info.name, &info.shape)?;
             used += 1;
         }
         if used != file.names().len() {

@@ -8,14 +8,14 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::data::{InductionSequence, TaskBatch, TaskKind, TaskSpec};
+use super::fit::{fit, FitSettings};
 use super::model::TaskScalar;
 use super::network::{ChunkReader, TaskNetConfig, TaskNetwork};
 use crate::error::{invalid, Result};
 use crate::float::Float;
 use crate::memory::peak_resident_bytes;
 use crate::rng::Rng;
-use crate::train::progress::{Reporter, StepLine};
-use crate::train::{clip_global_norm, AdamW, AdamWConfig, LrSchedule, ProgressMode};
+use crate::train::ProgressMode;
 use std::path::PathBuf;
 
 /// Summed cross-entropy and the number of correct argmax predictions over
@@ -316,7 +316,6 @@ pub fn train_task<C: TaskNetConfig>(settings: &TrainSettings<C>) -> Result<Train
         ),
         "--batch, --seq-len or --memorize",
     )?;
-    let t0 = Instant::now();
     let mut model = match &settings.init {
         Some(m) if *m.config() != settings.model => {
             return Err(invalid(
@@ -331,86 +330,52 @@ pub fn train_task<C: TaskNetConfig>(settings: &TrainSettings<C>) -> Result<Train
         Some(m) => m.clone(),
         None => settings.model.init(settings.seed)?,
     };
-    let mut opt = AdamW::<<C::Model as TaskNetwork<f32>>::Params>::new(
-        &settings.model,
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: settings.beta2,
-            eps: settings.adam_eps,
-            weight_decay: settings.weight_decay,
-        },
-    );
-    let schedule = LrSchedule {
-        peak: settings.lr,
-        min: settings.min_lr.min(settings.lr),
-        warmup_steps: settings.warmup_steps.min(settings.steps),
-        total_steps: settings.steps,
+    let fit_settings = FitSettings {
+        steps: settings.steps,
+        lr: settings.lr,
+        min_lr: settings.min_lr,
+        warmup_steps: settings.warmup_steps,
+        weight_decay: settings.weight_decay,
+        beta2: settings.beta2,
+        adam_eps: settings.adam_eps,
+        clip: settings.clip,
+        eval_every: settings.eval_every,
+        stop_at_accuracy: settings.stop_at_accuracy,
+        tokens_per_step: settings.batch * settings.spec.input_len(),
+        log_every: 50,
+        progress: settings.progress,
     };
     let mut rng = Rng::new(settings.seed.wrapping_add(1));
     let val_seed = settings.seed.wrapping_add(VALIDATION_SEED_OFFSET);
-    let reporter = Reporter::new(settings.progress, 0, settings.steps, 50);
-    let tokens_per_step = settings.batch * settings.spec.input_len();
-    let mut curve = Vec::new();
-    let mut since = AnswerScore::default();
-    let mut steps_run = 0;
-    for step in 0..settings.steps {
-        let batch = settings.spec.sample(settings.batch, &mut rng)?;
-        let (score, mut grads) = answer_loss_and_grads(&model, &batch, settings.label_smoothing)?;
-        if !score.loss_sum.is_finite() {
-            return Err(invalid(
-                OP,
-                format!("the loss is not finite at step {step}"),
-            ));
-        }
-        clip_global_norm(&settings.model, &mut grads, settings.clip);
-        let lr = schedule.lr(step);
-        opt.update(&settings.model, model.params_mut(), &grads, lr)?;
-        since.add(score);
-        steps_run = step + 1;
-        let elapsed = t0.elapsed().as_secs_f64();
-        reporter.step(&StepLine {
-            step: steps_run,
-            total: settings.steps,
-            loss: score.mean_loss() as f32,
-            lr,
-            tokens_per_second: (steps_run * tokens_per_step) as f64 / elapsed,
-            seconds_left: elapsed / steps_run as f64 * (settings.steps - steps_run) as f64,
-        });
-        if steps_run % settings.eval_every == 0 || steps_run == settings.steps {
-            let val = evaluate(&model, &settings.spec, settings.eval_examples, 64, val_seed)?;
-            curve.push(CurvePoint {
-                step: steps_run,
-                train_loss: since.mean_loss(),
-                val_loss: val.mean_loss(),
-                val_accuracy: val.accuracy(),
-            });
-            reporter.line(&format!(
-                "step {steps_run}: train loss {:.4}, validation loss {:.4}, accuracy {:.2}%",
-                since.mean_loss(),
-                val.mean_loss(),
-                100.0 * val.accuracy()
-            ));
-            since = AnswerScore::default();
-            if let Some(dir) = &settings.save_dir {
-                model.save(dir)?;
-            }
-            if settings
-                .stop_at_accuracy
-                .is_some_and(|a| val.accuracy() >= a)
-            {
-                reporter.line(&format!(
-                    "validation accuracy reached the target: stopping at step {steps_run}"
-                ));
-                break;
-            }
-        }
-    }
-    reporter.finish();
+    let outcome = fit(
+        &settings.model,
+        &mut model,
+        |m| m.params_mut(),
+        &fit_settings,
+        |m, _| {
+            let batch = settings.spec.sample(settings.batch, &mut rng)?;
+            answer_loss_and_grads(m, &batch, settings.label_smoothing)
+        },
+        |m| evaluate(m, &settings.spec, settings.eval_examples, 64, val_seed),
+        |m| match &settings.save_dir {
+            Some(dir) => m.save(dir),
+            None => Ok(()),
+        },
+    )?;
     Ok(TrainOutcome {
         model,
-        curve,
-        steps_run,
-        wall_seconds: t0.elapsed().as_secs_f64(),
+        curve: outcome
+            .curve
+            .iter()
+            .map(|p| CurvePoint {
+                step: p.step,
+                train_loss: p.train_loss,
+                val_loss: p.eval_loss,
+                val_accuracy: p.eval_accuracy,
+            })
+            .collect(),
+        steps_run: outcome.steps_run,
+        wall_seconds: outcome.wall_seconds,
     })
 }
 

@@ -72,9 +72,12 @@ impl ModelAndOptimiser {
             warmup_steps: self.steps / 20,
             weight_decay: self.weight_decay,
             beta2: 0.95,
+            adam_eps: 1e-8,
             clip: self.clip,
             eval_every: self.eval_every,
+            stop_at_accuracy: None,
             tokens_per_step,
+            log_every: 10,
             progress: ProgressMode::Auto,
         }
     }
@@ -107,6 +110,11 @@ pub struct PretrainArgs {
     /// voices).
     #[arg(long, default_value_t = 262_144)]
     pub test_tokens: usize,
+    /// Also score the test split in windows of each of these lengths
+    /// (comma separated; the same number of tokens at every length): the
+    /// loss against the context the model reads.
+    #[arg(long, value_delimiter = ',')]
+    pub test_lengths: Vec<usize>,
     /// Speech: write this many generated clips as WAV files (S6 or S4D).
     #[arg(long, default_value_t = 0)]
     pub generate: usize,
@@ -197,7 +205,7 @@ impl TokenSource {
                             "selective pretrain",
                             format!(
                                 "no segment of the {} split holds {} bases",
-                                ["train", "val", "test"][split],
+                                SPLIT_NAMES[split],
                                 len + 1
                             ),
                         )
@@ -221,6 +229,60 @@ impl TokenSource {
             .collect()
     }
 }
+
+/// Bases in each held-out DNA stretch: every window length up to it tiles
+/// the same bases.
+const DNA_STRETCH: usize = 32_768;
+
+impl TokenSource {
+    /// The held-out stretches of `split`, the same on every run and for
+    /// every window length up to the stretch: for DNA ⌊tokens / S⌋ (at
+    /// least one) evenly spaced stretches of S + 1 bases, S = max(len, 2^15
+    /// or the longest segment if shorter),
+    /// for speech ⌊tokens / clip⌋ evenly spaced whole clips.
+    fn stretches(&self, split: usize, tokens: usize, len: usize) -> Result<Vec<Vec<u8>>> {
+        const OP: &str = "selective pretrain";
+        match self {
+            TokenSource::Dna { splits, species } => {
+                // 2^15 bases, or less in a split without such a segment
+                let fits = splits[split].longest_segment(*species).saturating_sub(1);
+                let span = DNA_STRETCH.min(fits).max(len);
+                let n = (tokens / span).max(1);
+                let windows = splits[split]
+                    .spaced_windows(*species, span + 1, n)
+                    .ok_or_else(|| {
+                        invalid(
+                            OP,
+                            format!(
+                                "no segment of the {} split holds {} bases",
+                                SPLIT_NAMES[split],
+                                span + 1
+                            ),
+                        )
+                    })?;
+                Ok(windows.into_iter().map(|w| w.to_vec()).collect())
+            }
+            TokenSource::Speech { splits } => {
+                let s = &splits[split];
+                if len + 1 > s.clip_samples {
+                    return Err(invalid(
+                        OP,
+                        format!(
+                            "--seq-len {len} + 1 is longer than a clip ({} samples)",
+                            s.clip_samples
+                        ),
+                    ));
+                }
+                let n = (tokens / s.clip_samples).clamp(1, s.len());
+                Ok((0..n)
+                    .map(|k| s.clip((2 * k + 1) * s.len() / (2 * n)).to_vec())
+                    .collect())
+            }
+        }
+    }
+}
+
+const SPLIT_NAMES: [&str; 3] = ["train", "val", "test"];
 
 fn open_token_source(args: &PretrainArgs) -> Result<(TokenSource, String)> {
     match PreparedSet::open(&args.data)? {
@@ -256,22 +318,36 @@ fn open_token_source(args: &PretrainArgs) -> Result<(TokenSource, String)> {
     }
 }
 
-/// Scores `tokens` held-out tokens in windows of `len` (at least one).
+/// Mean next-token loss over the held-out stretches of `split`
+/// ([`TokenSource::stretches`]), each read in consecutive windows of `len`
+/// from an empty context (the last one shorter when `len` does not divide
+/// the stretch): every length scores the same tokens.
 fn held_out<M: TaskNetwork<f32>>(
     model: &M,
     source: &TokenSource,
     split: usize,
     tokens: usize,
     len: usize,
-    seed: u64,
 ) -> Result<AnswerScore> {
-    let mut rng = Rng::new(seed);
-    let windows = source.windows(split, tokens.div_ceil(len).max(1), len, &mut rng)?;
-    let per_batch = (16_384 / len).max(1);
+    let stretches = source.stretches(split, tokens, len)?;
     let mut score = AnswerScore::default();
-    for chunk in windows.chunks(per_batch) {
-        let refs: Vec<&[u8]> = chunk.iter().map(|w| w.as_slice()).collect();
-        score.add(answer_score(model, &TaskBatch::next_token(&refs, len)?)?);
+    let span = stretches[0].len() - 1;
+    let mut by_length: Vec<(usize, Vec<&[u8]>)> = vec![(len, Vec::new())];
+    if span % len != 0 {
+        by_length.push((span % len, Vec::new()));
+    }
+    for s in &stretches {
+        for k in 0..span / len {
+            by_length[0].1.push(&s[k * len..(k + 1) * len + 1]);
+        }
+        if let Some((r, rest)) = by_length.get_mut(1) {
+            rest.push(&s[span - *r..]);
+        }
+    }
+    for (l, windows) in &by_length {
+        for chunk in windows.chunks((16_384 / l).max(1)) {
+            score.add(answer_score(model, &TaskBatch::next_token(chunk, *l)?)?);
+        }
     }
     Ok(score)
 }
@@ -331,7 +407,7 @@ where
     let mut rng = Rng::new(c.seed.wrapping_add(1));
     let model_dir = c.out.join("model");
     let t0 = Instant::now();
-    let curve = fit(
+    let outcome = fit(
         &config,
         &mut model,
         |m| m.params_mut(),
@@ -341,12 +417,12 @@ where
             let refs: Vec<&[u8]> = windows.iter().map(|w| w.as_slice()).collect();
             answer_loss_and_grads(m, &TaskBatch::next_token(&refs, len)?, 0.0)
         },
-        |m| held_out(m, source, 1, args.eval_tokens, len, VAL_SEED),
+        |m| held_out(m, source, 1, args.eval_tokens, len),
         |m| m.save(&model_dir),
     )?;
     let train_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let test = held_out(&model, source, 2, args.test_tokens, len, TEST_SEED)?;
+    let test = held_out(&model, source, 2, args.test_tokens, len)?;
     let test_seconds = t1.elapsed().as_secs_f64();
     let nats = test.mean_loss();
     eprintln!(
@@ -356,6 +432,26 @@ where
         nats / std::f64::consts::LN_2,
         test.count
     );
+    let mut by_length = Vec::new();
+    for &l in &args.test_lengths {
+        if l == 0 {
+            return Err(invalid("selective pretrain", "a --test-lengths entry is 0"));
+        }
+        let t = Instant::now();
+        let s = held_out(&model, source, 2, args.test_tokens, l)?;
+        eprintln!(
+            "test at length {l}: {:.4} nats/token over {} tokens",
+            s.mean_loss(),
+            s.count
+        );
+        by_length.push(json!({
+            "length": l,
+            "tokens": s.count,
+            "nats_per_token": s.mean_loss(),
+            "perplexity": s.mean_loss().exp(),
+            "seconds": t.elapsed().as_secs_f64(),
+        }));
+    }
     let generated = if args.generate > 0 {
         generate_wavs(args, &model_dir, config_is_ssm(&model.label()))?
     } else {
@@ -376,13 +472,14 @@ where
         "tokens_trained": c.steps * c.batch * len,
         "threads": rayon::current_num_threads(),
         "train_seconds": train_seconds,
-        "curve": curve,
+        "curve": outcome.curve,
         "test_tokens": test.count,
         "test_nats_per_token": nats,
         "test_perplexity": nats.exp(),
         "test_bits_per_token": nats / std::f64::consts::LN_2,
         "test_next_token_accuracy": test.accuracy(),
         "test_seconds": test_seconds,
+        "test_by_length": by_length,
         "generated": generated,
         "model_dir": model_dir.display().to_string(),
     });
@@ -514,7 +611,7 @@ impl LabelledSource {
                                 "selective classify",
                                 format!(
                                     "no segment of the {} split holds a window of {window}",
-                                    ["train", "val", "test"][split]
+                                    SPLIT_NAMES[split]
                                 ),
                             )
                         })?;
@@ -691,7 +788,7 @@ fn classify(args: &ClassifyArgs) -> Result<()> {
     let model_dir = c.out.join("model");
     let t0 = Instant::now();
     let eval_batch = (65_536 / len).clamp(1, 16);
-    let curve = fit(
+    let outcome = fit(
         &config,
         &mut model,
         |m| &mut m.params,
@@ -729,7 +826,7 @@ fn classify(args: &ClassifyArgs) -> Result<()> {
         "settings": settings,
         "threads": rayon::current_num_threads(),
         "train_seconds": train_seconds,
-        "curve": curve,
+        "curve": outcome.curve,
         "test_sequences": test.count,
         "test_accuracy": test.accuracy(),
         "test_loss": test.mean_loss(),
