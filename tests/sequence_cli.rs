@@ -181,50 +181,25 @@ fn pretrain_learns_a_periodic_genome_and_classify_tells_two_species_apart() {
 
     // refusals that name the problem
     let cls = scratch("refused");
-    let o = selective(&[
-        "classify",
-        d,
-        "--out",
-        cls.to_str().unwrap(),
-        "--layer",
-        "attention",
-    ]);
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("S6 or S4D"), "{e}");
-    let o = selective(&[
-        "classify",
-        d,
-        "--out",
-        cls.to_str().unwrap(),
-        "--input",
-        "vectors",
-    ]);
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && e.contains("DNA is read as tokens"),
-        "{e}"
+    let c = cls.to_str().unwrap();
+    let refused = |args: &[&str], says: &str| {
+        let o = selective(args);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains(says), "{args:?}: {e}");
+    };
+    refused(
+        &["classify", d, "--out", c, "--layer", "attention"],
+        "S6 or S4D",
     );
-    let o = selective(&[
-        "classify",
-        d,
-        "--out",
-        cls.to_str().unwrap(),
-        "--window",
-        "7000",
-    ]);
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && e.contains("no segment of the val split holds a window of 7000"),
-        "{e}"
+    refused(
+        &["classify", d, "--out", c, "--input", "vectors"],
+        "DNA is read as tokens",
     );
-    let o = selective(&[
-        "pretrain",
-        cls.to_str().unwrap(),
-        "--out",
-        cls.to_str().unwrap(),
-    ]);
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("manifest.json"), "{e}");
+    refused(
+        &["classify", d, "--out", c, "--window", "7000"],
+        "no segment of the val split holds a window of 7000",
+    );
+    refused(&["pretrain", c, "--out", c], "manifest.json");
     for dir in [data, out] {
         let _ = std::fs::remove_dir_all(dir);
     }

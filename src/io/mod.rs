@@ -4,6 +4,7 @@
 //! described in docs/DESIGN.md §7 and §9.
 
 pub mod atomic;
+pub mod config_dir;
 pub mod json;
 pub mod model_files;
 pub mod npy;
@@ -13,6 +14,7 @@ pub mod torch;
 pub mod wav;
 
 pub use atomic::write_atomically;
+pub use config_dir::{load_config_dir, save_config_dir};
 pub use json::{from_object_str, read_object};
 pub use npy::NpyWriter;
 pub use safetensors::{

@@ -24,10 +24,9 @@ use serde::{Deserialize, Serialize};
 
 use super::model::{TaskModel, TaskModelConfig, TaskParams, TaskScalar};
 use super::train::AnswerScore;
-use crate::error::{check_len, invalid, Error, Result};
+use crate::error::{check_len, invalid, Result};
 use crate::float::Float;
-use crate::io::{encode, read_object, write_atomically, write_safetensors, DType};
-use crate::io::{SafetensorsFile, TensorSource};
+use crate::io::{load_config_dir, save_config_dir};
 use crate::kernels::{matmul_xtw, matmul_xw, matmul_xwt};
 use crate::rng::Rng;
 
@@ -525,46 +524,33 @@ impl<T: TaskScalar> SequenceClassifier<T> {
     /// Writes `model.safetensors` and `classifier.json` into `dir`, each
     /// atomically (tensors flat, named as [`ClassifierParams::named`]).
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let tensors: Vec<(String, DType, Vec<usize>, Vec<u8>)> = self
+        let tensors = self
             .params
             .named(&self.config)
             .into_iter()
-            .map(|(name, _, t)| (name, DType::F32, vec![t.len()], encode(t, DType::F32)))
+            .map(|(name, _, t)| (name, vec![t.len()], t))
             .collect();
-        write_safetensors(&dir.join("model.safetensors"), &tensors, None)?;
-        let text = serde_json::to_string_pretty(&self.config).expect("a config serialises");
-        write_atomically(&dir.join(CLASSIFIER_FILE), text.as_bytes())
+        save_config_dir(dir, CLASSIFIER_FILE, &self.config, tensors)
     }
 
     /// Reads what [`Self::save`] wrote, checking every name and size.
     pub fn load(dir: &Path) -> Result<Self> {
-        let config_path = dir.join(CLASSIFIER_FILE);
-        let config: ClassifierConfig = read_object(&config_path, "a classifier configuration")?;
-        config.validate().map_err(|e| Error::Format {
-            file: config_path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        let file = SafetensorsFile::open(dir.join("model.safetensors"))?;
-        let shown = file.file().to_string();
+        let (config, tensors) = load_config_dir::<T, ClassifierConfig>(
+            dir,
+            CLASSIFIER_FILE,
+            "a classifier configuration",
+            |c| c.validate(),
+            |c| {
+                ClassifierParams::<f32>::zeros(c)
+                    .named(c)
+                    .into_iter()
+                    .map(|(name, _, t)| (name, vec![t.len()]))
+                    .collect()
+            },
+        )?;
         let mut params = ClassifierParams::<T>::zeros(&config);
-        let names: Vec<String> = params
-            .named(&config)
-            .into_iter()
-            .map(|(n, _, _)| n)
-            .collect();
-        if names.len() != file.names().len() {
-            return Err(Error::Format {
-                file: shown,
-                message: format!(
-                    "holds {} tensors, this configuration has {} (check {CLASSIFIER_FILE})",
-                    file.names().len(),
-                    names.len()
-                ),
-            });
-        }
-        for (name, dst) in names.iter().zip(params.slices_mut(&config)) {
-            dst.copy_from_slice(&file.tensor_of_shape::<T>(name, &[dst.len()])?);
+        for (dst, t) in params.slices_mut(&config).into_iter().zip(tensors) {
+            dst.copy_from_slice(&t);
         }
         Ok(SequenceClassifier { config, params })
     }

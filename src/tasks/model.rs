@@ -39,10 +39,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{check_len, invalid, Error, Result};
+use crate::error::{check_len, invalid, Result};
 use crate::float::Float;
-use crate::io::{encode, write_atomically, write_safetensors, DType};
-use crate::io::{read_object, SafetensorsFile, TensorSource};
+use crate::io::{load_config_dir, save_config_dir};
 use crate::kernels::{matmul_xwt, rms_norm_backward, rms_norm_forward, S4dInit, S4dParams};
 use crate::nn::block::{
     Block, BlockCache, BlockGradients, BlockScalar, BlockShape, BlockStateMut, ChunkBuffers, Conv,
@@ -884,42 +883,32 @@ impl<T: TaskScalar> TaskModel<T> {
     /// Writes `dir/task-model.json` (the configuration) and
     /// `dir/model.safetensors` (f32), each atomically.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let tensors: Vec<(String, DType, Vec<usize>, Vec<u8>)> = self
+        let tensors = self
             .params
             .tensors(&self.config)
             .into_iter()
-            .map(|(info, data)| (info.name, DType::F32, info.shape, encode(data, DType::F32)))
+            .map(|(info, data)| (info.name, info.shape, data))
             .collect();
-        write_safetensors(&dir.join("model.safetensors"), &tensors, None)?;
-        let text = serde_json::to_string_pretty(&self.config).expect("a config serialises");
-        write_atomically(&dir.join(CONFIG_FILE), text.as_bytes())
+        save_config_dir(dir, CONFIG_FILE, &self.config, tensors)
     }
 
     /// Loads what [`Self::save`] wrote, checking every name and shape.
     pub fn load(dir: &Path) -> Result<Self> {
-        let config_path = dir.join(CONFIG_FILE);
-        let config: TaskModelConfig = read_object(&config_path, "a task model configuration")?;
-        config.validate().map_err(|e| Error::Format {
-            file: config_path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        let file = SafetensorsFile::open(dir.join("model.safetensors"))?;
-        let shown = file.file().to_string();
-        let mut params = TaskParams::<T>::zeros(&config);
-        let mut used = 0;
-        for (info, dst) in params.tensors_mut(&config) {
-            *dst = file.tensor_of_shape::<T>(&info.name, &info.shape)?;
-            used += 1;
-        }
-        if used != file.names().len() {
-            return Err(Error::Format {
-                file: shown,
-                message: format!(
-                    "holds {} tensors, this configuration has {used} (check {CONFIG_FILE})",
-                    file.names().len()
-                ),
-            });
+        let (config, tensors) = load_config_dir::<T, TaskModelConfig>(
+            dir,
+            CONFIG_FILE,
+            "a task model configuration",
+            |c| c.validate(),
+            |c| {
+                tensor_infos(c)
+                    .into_iter()
+                    .map(|info| (info.name, info.shape))
+                    .collect()
+            },
+        )?;
+        let mut params = TaskParams::<T>::skeleton(&config);
+        for ((_, dst), t) in params.tensors_mut(&config).into_iter().zip(tensors) {
+            *dst = t;
         }
         Ok(Self { config, params })
     }
