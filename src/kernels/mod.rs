@@ -15,6 +15,8 @@ pub mod selective_scan;
 pub mod selective_scan_reference;
 pub mod selective_scan_step;
 pub(crate) mod shared;
+pub mod ssd;
+pub mod ssd_reference;
 
 /// Gradient sums over rows (norm weights, conv kernels) are split into at
 /// most this many fixed ranges, whose partial sums are added in order: the
@@ -51,3 +53,8 @@ pub use selective_scan::{
 };
 pub use selective_scan_reference::{selective_scan_backward_reference, selective_scan_reference};
 pub use selective_scan_step::{selective_scan_step, ScanStepInputs};
+pub use ssd::{
+    ssd, ssd_backward, ssd_forward, ssd_step, ssd_step_batch, SsdGrads, SsdInputs, SsdOptions,
+    SsdOutput, SsdShape, SsdStepInputs, SsdStepShape,
+};
+pub use ssd_reference::{ssd_backward_reference, ssd_reference};
