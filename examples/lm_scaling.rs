@@ -72,11 +72,11 @@ fn read_run(dir: &Path) -> Run {
     let arch =
         Architecture::of_config(&model_text, &source).unwrap_or_else(|e| fail(e.to_string()));
     let (arch_name, d_model, n_layer, params, non_embedding, flops_per_token) = match arch {
-        Architecture::Mamba => {
+        Architecture::Mamba | Architecture::Mamba2 => {
             let (c, _) = MambaConfig::from_json_str(&model_text, &source)
                 .unwrap_or_else(|e| fail(e.to_string()));
             (
-                "mamba",
+                if c.ssd.is_some() { "mamba2" } else { "mamba" },
                 c.d_model,
                 c.n_layer,
                 c.n_params(),

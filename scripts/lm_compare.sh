@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 16, item 3: Mamba against the Transformer++ on Tiny Shakespeare at
 # equal parameters and equal training tokens, by characters and with the
-# GPT-NeoX BPE tokenizer, at three sizes (docs/RESULTS.md, "Language").
+# GPT-NeoX BPE tokenizer, at three sizes (docs/RESULTS.md, "Language");
+# and Mamba-2 beside them at the middle size by characters (char-m-mamba2).
 #
 #   scripts/lm_compare.sh [RUNS_DIR] [NAME ...]     (default runs/lm, every run)
 #   LRS="1e-3 6e-3" scripts/lm_compare.sh runs/lm char-s-mamba char-s-transformer
@@ -49,6 +50,9 @@ run() {
     esac
     local archflags="--arch $arch"
     [ "$arch" = transformer ] && archflags="$archflags --n-head $heads"
+    # Mamba-2 at Mamba-1's parameters: heads of 64, one group, N = 64
+    # (char-m: 431K parameters per layer against Mamba-1's 438K)
+    [ "$arch" = mamba2 ] && archflags="$archflags --head-dim 64 --n-groups 1 --d-state 64"
     echo "== $name: $tok $arch d_model $d n_layer $layers lr $lr, $steps steps of $batch x 256"
     local t0=$(date +%s.%N)
     # shellcheck disable=SC2086
@@ -69,7 +73,9 @@ run() {
 for tok in char bpe; do
     while read -r size d ml tl heads lr; do
         [ -z "$size" ] && continue
-        for arch in mamba transformer; do
+        for arch in mamba transformer mamba2; do
+            # Mamba-2 beside Mamba-1 at one size (issue 18): char-m
+            [ "$arch" = mamba2 ] && [ "$tok-$size" != char-m ] && continue
             name="$tok-$size-$arch"
             if [ $# -gt 0 ] && ! printf '%s\n' "$@" | grep -qx "$name"; then continue; fi
             layers=$ml; [ "$arch" = transformer ] && layers=$tl

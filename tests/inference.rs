@@ -51,7 +51,7 @@ fn stepwise_logits(model: &InferenceModel, ids: &[u32]) -> Vec<f32> {
 
 #[test]
 fn decoding_step_by_step_equals_the_full_forward_at_every_position() {
-    for dir in ["tiny-hf", "small-hf", "tiny-original"] {
+    for dir in ["tiny-hf", "small-hf", "tiny-original", "falcon-tiny-hf"] {
         let mamba = load(dir);
         let v = mamba.config.vocab_size;
         let ids = random_ids(41, v, 7);
@@ -130,7 +130,7 @@ fn prefill_continues_a_sequence_exactly() {
 
 #[test]
 fn greedy_decoding_reproduces_transformers_generate() {
-    for dir in ["tiny-hf", "small-hf"] {
+    for dir in ["tiny-hf", "small-hf", "falcon-tiny-hf"] {
         let r = read_reference(dir);
         let (prompt, _, _) = ids_of(&r, "greedy_prompt");
         let (want, _, n) = ids_of(&r, "greedy_tokens");
@@ -478,7 +478,7 @@ mod generation {
 /// (including more threads than channel blocks) gives the forward's logits.
 #[test]
 fn single_sequence_team_decoding_equals_the_forward_for_any_thread_count() {
-    for dir in ["small-hf", "tiny-hf"] {
+    for dir in ["small-hf", "tiny-hf", "falcon-tiny-hf"] {
         let mamba = load(dir);
         let v = mamba.config.vocab_size;
         let ids = random_ids(19, v, 13);

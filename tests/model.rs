@@ -33,7 +33,7 @@ use selective::Float;
 
 #[test]
 fn logits_loss_and_greedy_tokens_equal_transformers() {
-    for dir in ["tiny-hf", "small-hf", "small-bf16"] {
+    for dir in ["tiny-hf", "small-hf", "small-bf16", "falcon-tiny-hf"] {
         let r = read_reference(dir);
         let (ids, batch, len) = ids_of(&r, "input_ids");
         let want = &r["logits"].1;
@@ -69,7 +69,7 @@ fn logits_loss_and_greedy_tokens_equal_transformers() {
 
 #[test]
 fn gradients_equal_pytorch_autograd() {
-    for dir in ["tiny-hf", "small-hf"] {
+    for dir in ["tiny-hf", "small-hf", "falcon-tiny-hf"] {
         let r = read_reference(dir);
         let (ids, batch, len) = ids_of(&r, "input_ids");
         let model = Mamba::<f64>::from_dir(models_dir().join(dir)).unwrap();
@@ -104,6 +104,18 @@ fn gradients_match_finite_differences() {
     c.rms_norm = false;
     c.proj_bias = true;
     c.tie_embeddings = false;
+    check_finite_differences(&c);
+    // Falcon-Mamba: dt_low, B and C RMS-normalised after x_proj (a rank of
+    // 3 so that dt_low's norm is not a sign function)
+    let mut falcon = MambaConfig::new(8, 2, 11, 3);
+    falcon.dt_rank = 3;
+    falcon.tie_embeddings = false;
+    falcon.dt_bc_rms_eps = Some(1e-6);
+    check_finite_differences(&falcon);
+}
+
+fn check_finite_differences(c: &MambaConfig) {
+    let c = c.clone();
     let mut model = Mamba::<f64>::init(c.clone(), 5).unwrap();
     let mut rng = selective::rng::Rng::new(9);
     for (_, t) in model.params.tensors_mut(&c) {
@@ -149,7 +161,13 @@ fn gradients_match_finite_differences() {
             unsafe { *p = orig };
             fd[i] = (lp - lm) / (2.0 * eps);
         }
-        assert_close(&format!("FD {name}"), &g, &fd, 1e-7, 1e-5);
+        assert_close(
+            &format!("FD {name} (mixer_rms_eps {:?})", c.dt_bc_rms_eps),
+            &g,
+            &fd,
+            1e-7,
+            1e-5,
+        );
     }
 }
 

@@ -74,13 +74,13 @@ fn sizes_of_ten_to_the_fifteen_are_errors_not_allocation_failures() {
 fn another_architecture_is_refused_with_the_supported_list() {
     for (tag, key, value) in [
         ("llama", "model_type", serde_json::json!("llama")),
-        ("mamba2", "model_type", serde_json::json!("mamba2")),
+        ("jamba", "model_type", serde_json::json!("jamba")),
         ("empty", "model_type", serde_json::json!("")),
         ("number", "model_type", serde_json::json!(5)),
         (
             "arch",
             "architectures",
-            serde_json::json!(["Mamba2ForCausalLM"]),
+            serde_json::json!(["JambaForCausalLM"]),
         ),
     ] {
         let dir = edited_copy(tag, |c| c[key] = value.clone());

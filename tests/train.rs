@@ -228,13 +228,29 @@ fn accumulating_two_micro_batches_equals_one_double_batch() {
 
 #[test]
 fn a_resumed_run_gives_bit_identical_losses() {
-    let dir = temp_dir("resume");
+    resumed_run_is_bit_identical("resume", |c| c);
+}
+
+#[test]
+fn a_resumed_mamba2_run_gives_bit_identical_losses() {
+    // 4 heads of 8 channels, 2 groups, SSD chunks of 5 over windows of 24
+    resumed_run_is_bit_identical("resume-mamba2", |c| TrainConfig {
+        arch: Architecture::Mamba2,
+        head_dim: 8,
+        n_groups: 2,
+        chunk_size: 5,
+        ..c
+    });
+}
+
+fn resumed_run_is_bit_identical(name: &str, arch: impl Fn(TrainConfig) -> TrainConfig) {
+    let dir = temp_dir(name);
     let data = write_text(&dir);
-    let config = TrainConfig {
+    let config = arch(TrainConfig {
         eval_every: 2,
         warmup_steps: Some(2),
         ..tiny_config(data)
-    };
+    });
     let straight = Trainer::<Mamba<f32>>::new(config.clone(), dir.join("straight"))
         .unwrap()
         .run(&silent())

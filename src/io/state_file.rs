@@ -27,7 +27,7 @@ const VERSION: &str = "1";
 
 /// The dimensions a state must match, as written in the file.
 fn dimensions(config: &MambaConfig) -> String {
-    format!(
+    let mut dims = format!(
         "n_layer={} d_inner={} d_state={} d_conv={} vocab_size={} d_model={}",
         config.n_layer,
         config.d_inner,
@@ -35,7 +35,23 @@ fn dimensions(config: &MambaConfig) -> String {
         config.d_conv,
         config.vocab_size,
         config.d_model
-    )
+    );
+    if let Some(ssd) = config.ssd {
+        // a Mamba-2 state is not a Mamba-1 state of the same sizes
+        dims += &format!(" heads={} n_groups={}", config.n_heads(), ssd.n_groups);
+    }
+    dims
+}
+
+/// The shapes of one layer's (conv, ssm) states: (C, K) and (E, N), or
+/// for Mamba-2 (E + 2GN, K) and (H, P, N).
+fn state_shapes(config: &MambaConfig) -> (Vec<usize>, Vec<usize>) {
+    let conv = vec![config.conv_channels(), config.d_conv];
+    let ssm = match config.ssd {
+        None => vec![config.d_inner, config.d_state],
+        Some(ssd) => vec![config.n_heads(), ssd.head_dim, config.d_state],
+    };
+    (conv, ssm)
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -47,24 +63,20 @@ pub fn save_sequence(path: impl AsRef<Path>, seq: &Sequence, config: &MambaConfi
     let path = path.as_ref();
     let shown = path.display().to_string();
     seq.check_fits(config)?;
-    let (e, n, k, v) = (
-        config.d_inner,
-        config.d_state,
-        config.d_conv,
-        config.vocab_size,
-    );
+    let v = config.vocab_size;
+    let (conv_shape, ssm_shape) = state_shapes(config);
     let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (i, layer) in seq.layers.iter().enumerate() {
         tensors.push((
             format!("layers.{i}.conv_state"),
             Dtype::F32,
-            vec![e, k],
+            conv_shape.clone(),
             f32_bytes(&layer.conv),
         ));
         tensors.push((
             format!("layers.{i}.ssm_state"),
             Dtype::F32,
-            vec![e, n],
+            ssm_shape.clone(),
             f32_bytes(&layer.ssm),
         ));
     }
@@ -174,24 +186,20 @@ pub fn sequence_from_bytes(bytes: &[u8], file: &str, config: &MambaConfig) -> Re
             .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
             .collect()
     };
-    let (e, n, k, v) = (
-        config.d_inner,
-        config.d_state,
-        config.d_conv,
-        config.vocab_size,
-    );
+    let v = config.vocab_size;
+    let (conv_shape, ssm_shape) = state_shapes(config);
     let mut layers = Vec::with_capacity(config.n_layer);
     for i in 0..config.n_layer {
         layers.push(LayerState {
             conv: f32s(tensor(
                 &format!("layers.{i}.conv_state"),
                 Dtype::F32,
-                &[e, k],
+                &conv_shape,
             )?),
             ssm: f32s(tensor(
                 &format!("layers.{i}.ssm_state"),
                 Dtype::F32,
-                &[e, n],
+                &ssm_shape,
             )?),
         });
     }

@@ -14,6 +14,7 @@
 //!      v    = u W_inᵀ (+ b_in)                            (BL, E)
 //! mixer:
 //!   S6:  dt_low, B, C = v W_xᵀ  split [R, N, N]
+//!        (Falcon-Mamba: each of the three RMS-normalised, no weight)
 //!        delta = dt_low W_dtᵀ                              (BL, E)  bias and softplus inside the scan
 //!        s = selective_scan(v, delta, A, B, C, D, b_dt)   (BL, E)
 //!   S4D: s = K̄ * v + D v                                  (BL, E)  K̄ fixed per channel (§3)
@@ -39,6 +40,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::config::SsdConfig;
 use crate::error::{check_len, invalid, Result};
 use crate::float::Float;
 use crate::kernels::{
@@ -49,6 +51,10 @@ use crate::kernels::{
     MatmulScalar, NormGrads, S4dGrads, S4dParams, ScanInputs, ScanOptions, ScanShape,
     ScanStepInputs, Weights,
 };
+
+#[path = "block_ssd.rs"]
+mod ssd;
+use ssd::ssd_cache;
 
 /// Scalar types a block computes in: those of the matmul and FFT kernels
 /// (f32 and f64).
@@ -144,12 +150,37 @@ pub struct BlockShape {
     /// R (S6 only)
     pub dt_rank: usize,
     pub norm_eps: f64,
+    /// Mamba-2: the SSD mixer's heads and groups (src/nn/block_ssd.rs).
+    pub ssd: Option<SsdConfig>,
 }
 
 impl BlockShape {
     /// (D, E, N, R): the sizes every buffer of the block is made of.
     pub fn dims(&self) -> (usize, usize, usize, usize) {
         (self.d_model, self.d_inner, self.d_state, self.dt_rank)
+    }
+
+    /// H, the SSD mixer's heads (0 without one).
+    pub fn heads(&self) -> usize {
+        self.ssd.map_or(0, |s| self.d_inner / s.head_dim)
+    }
+
+    /// Rows of in_proj in a gated block: 2E (x, z), or 2E + 2GN + H (z, x,
+    /// B, C, Δ) with the SSD mixer.
+    pub fn in_proj_rows(&self) -> usize {
+        match self.ssd {
+            None => 2 * self.d_inner,
+            Some(s) => 2 * self.d_inner + 2 * s.n_groups * self.d_state + self.heads(),
+        }
+    }
+
+    /// Channels of the causal convolution: E, or E + 2GN (x, B, C) with
+    /// the SSD mixer.
+    pub fn conv_channels(&self) -> usize {
+        match self.ssd {
+            None => self.d_inner,
+            Some(s) => self.d_inner + 2 * s.n_groups * self.d_state,
+        }
     }
 
     /// Values per token that the training forward keeps for the backward
@@ -339,6 +370,9 @@ pub struct S6<'a, T, W> {
     pub a: Values<'a, T>,
     /// (E)
     pub d: &'a [T],
+    /// Falcon-Mamba: dt_low, B and C are each RMS-normalised (without a
+    /// weight, this ε) right after x_proj; None for Mamba.
+    pub dt_bc_rms_eps: Option<f64>,
 }
 
 /// The sequence mixer of a block.
@@ -346,6 +380,21 @@ pub struct S6<'a, T, W> {
 pub enum Mixer<'a, T, W> {
     S6(S6<'a, T, W>),
     S4d(&'a S4dParams<T>),
+    /// Mamba-2's SSD layer with its gated norm (src/nn/block_ssd.rs).
+    Ssd(Ssd<'a, T>),
+}
+
+/// The Mamba-2 mixer's own parameters (its shape is [`BlockShape::ssd`]).
+#[derive(Clone, Debug)]
+pub struct Ssd<'a, T> {
+    /// (H), added to Δ before the softplus
+    pub dt_bias: &'a [T],
+    /// A = -exp(A_log) (H)
+    pub a: Values<'a, T>,
+    /// (H)
+    pub d: &'a [T],
+    /// The gated RMSNorm's weight (E).
+    pub norm_weight: &'a [T],
 }
 
 /// One layer's parameters, borrowed from a model's tree.
@@ -396,6 +445,10 @@ pub struct ChunkBuffers<T> {
     /// (BL, N) each
     b: Vec<T>,
     c: Vec<T>,
+    /// Falcon-Mamba, training: dt_low, B, C before their RMSNorm
+    raw_dt_low: Vec<T>,
+    raw_b: Vec<T>,
+    raw_c: Vec<T>,
     /// (BL, E)
     delta: Vec<T>,
     /// the mixer's output s (BL, E) where it is not already y
@@ -407,6 +460,10 @@ pub struct ChunkBuffers<T> {
     /// a copy of the carried scan state (B, E, N): the scan reads its
     /// initial state from here while it writes the final one in place
     initial_state: Vec<T>,
+    /// SSD: the heads' input x (BL, E), cut out of the convolution's output
+    ssd_x: Vec<T>,
+    /// SSD: its output y (BL, E), before the gate and the norm
+    ssd_y: Vec<T>,
 }
 
 fn sized<T: Float>(v: &mut Vec<T>, len: usize) -> &mut Vec<T> {
@@ -425,7 +482,8 @@ pub struct BlockCache<T> {
     x: Vec<T>,
     /// (BL, E), gated only
     z: Vec<T>,
-    /// (BL, R), (BL, N), (BL, N): S6 only
+    /// (BL, R), (BL, N), (BL, N): S6 only (Falcon-Mamba: before their
+    /// RMSNorm, which the backward recomputes)
     dt_low: Vec<T>,
     b: Vec<T>,
     c: Vec<T>,
@@ -464,6 +522,13 @@ pub enum MixerGradients<T> {
     },
     /// The S4D gradients (their `u` is empty: it went into the block's input).
     S4d(S4dGrads<T>),
+    Ssd {
+        dt_bias: Vec<T>,
+        /// through A = -exp(A_log): dA_log = dA ⊙ A
+        a_log: Vec<T>,
+        d: Vec<T>,
+        norm_weight: Vec<T>,
+    },
 }
 
 /// Buffers of one decoding step for up to `batch` sequences.
@@ -482,8 +547,8 @@ impl<T: Float> StepBuffers<T> {
         let (d, e, n, r) = shape.dims();
         Self {
             normed: vec![T::ZERO; batch * d],
-            xz: vec![T::ZERO; batch * 2 * e],
-            v: vec![T::ZERO; batch * e],
+            xz: vec![T::ZERO; batch * shape.in_proj_rows()],
+            v: vec![T::ZERO; batch * shape.conv_channels()],
             x_dbl: vec![T::ZERO; batch * (r + 2 * n)],
             dt_low: vec![T::ZERO; batch * r],
             delta: vec![T::ZERO; batch * e],
@@ -520,6 +585,25 @@ fn split_columns<T: Copy>(src: &[T], parts: &mut [(&mut [T], usize)]) {
             at += *w;
         }
     }
+}
+
+/// x ← x / sqrt(mean(x²) + ε) for every row of `x` (rows, dim): the
+/// weightless RMSNorm of Falcon-Mamba's dt_low, B and C.
+pub(crate) fn rms_normalize_rows<T: Float>(x: &mut [T], dim: usize, eps: f64) {
+    let eps = T::from_f64(eps);
+    for row in x.chunks_mut(dim) {
+        let ms = row.iter().map(|&v| v * v).sum::<T>() / T::from_usize(dim);
+        let scale = T::ONE / (ms + eps).sqrt();
+        row.iter_mut().for_each(|v| *v *= scale);
+    }
+}
+
+/// One (R + 2N) row of x_proj's output with each of dt_low, B and C
+/// RMS-normalised (Falcon-Mamba).
+pub(crate) fn normalize_dt_b_c<T: Float>(row: &mut [T], r: usize, n: usize, eps: f64) {
+    rms_normalize_rows(&mut row[..r], r, eps);
+    rms_normalize_rows(&mut row[r..r + n], n, eps);
+    rms_normalize_rows(&mut row[r + n..], n, eps);
 }
 
 /// Normalises rows of `x` (rows, dim): RMSNorm, or LayerNorm when a bias is given.
@@ -560,7 +644,7 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
 
     fn in_rows(&self) -> usize {
         if self.gated() {
-            2 * self.shape.d_inner
+            self.shape.in_proj_rows()
         } else {
             self.shape.d_inner
         }
@@ -605,10 +689,26 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
         linear("in_proj", &self.in_proj, self.in_rows(), d)?;
         vector("in_proj.bias", self.in_proj_bias, self.in_rows())?;
         if let Some(conv) = &self.conv {
-            vector("conv1d.weight", Some(conv.weight), e * k)?;
-            vector("conv1d.bias", conv.bias, e)?;
+            let channels = self.shape.conv_channels();
+            vector("conv1d.weight", Some(conv.weight), channels * k)?;
+            vector("conv1d.bias", conv.bias, channels)?;
+        }
+        if self.shape.ssd.is_some() != matches!(self.mixer, Mixer::Ssd(_))
+            || (self.shape.ssd.is_some() && self.conv.is_none())
+        {
+            return Err(invalid(
+                OP,
+                "the SSD mixer comes with the shape's ssd sizes and a gated block, and only with them",
+            ));
         }
         match &self.mixer {
+            Mixer::Ssd(ssd) => {
+                let h = self.shape.heads();
+                vector("dt_bias", Some(ssd.dt_bias), h)?;
+                vector("A", Some(&ssd.a[..]), h)?;
+                vector("D", Some(ssd.d), h)?;
+                vector("norm.weight (gated)", Some(ssd.norm_weight), e)?;
+            }
             Mixer::S6(s6) => {
                 linear("x_proj", &s6.x_proj, r + 2 * n, e)?;
                 linear("dt_proj", &s6.dt_proj, e, r)?;
@@ -672,6 +772,9 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
         keep: bool,
     ) -> Result<()> {
         const OP: &str = "Block::forward";
+        if let Mixer::Ssd(ssd) = &self.mixer {
+            return self.forward_ssd(ssd, h, batch, len, state, bufs, keep);
+        }
         let (d, e, n, r) = self.shape.dims();
         let rows = batch * len;
         check_len(
@@ -750,6 +853,21 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
                         split_columns(x_dbl, &mut [(dt_low, r), (bm, n), (cm, n)]);
                     }
                 }
+                if let Some(eps) = s6.dt_bc_rms_eps {
+                    if keep {
+                        for (raw, done) in [
+                            (&mut bufs.raw_dt_low, &bufs.dt_low),
+                            (&mut bufs.raw_b, &bufs.b),
+                            (&mut bufs.raw_c, &bufs.c),
+                        ] {
+                            raw.clear();
+                            raw.extend_from_slice(done);
+                        }
+                    }
+                    rms_normalize_rows(&mut bufs.dt_low, r, eps);
+                    rms_normalize_rows(&mut bufs.b, n, eps);
+                    rms_normalize_rows(&mut bufs.c, n, eps);
+                }
                 s6.dt_proj
                     .forward(&bufs.dt_low, rows, sized(&mut bufs.delta, rows * e), false)?;
                 let shape = self.scan_shape(batch, len);
@@ -800,6 +918,7 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
                     }
                 }
             }
+            Mixer::Ssd(_) => unreachable!("forward_ssd above"),
             Mixer::S4d(p) => {
                 let s = match state {
                     None => s4d_forward_conv(p, &bufs.v, batch, len)?,
@@ -852,8 +971,17 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
         let mut bufs = ChunkBuffers::default();
         self.forward(h, batch, len, None, &mut bufs, true)?;
         let take = std::mem::take;
+        if let Mixer::Ssd(_) = &self.mixer {
+            return Ok(ssd_cache(resid, &mut bufs));
+        }
         let s6 = matches!(self.mixer, Mixer::S6(_));
         let gated = self.gated();
+        if matches!(&self.mixer, Mixer::S6(m) if m.dt_bc_rms_eps.is_some()) {
+            // keep what went into the RMSNorm: its backward needs it
+            std::mem::swap(&mut bufs.dt_low, &mut bufs.raw_dt_low);
+            std::mem::swap(&mut bufs.b, &mut bufs.raw_b);
+            std::mem::swap(&mut bufs.c, &mut bufs.raw_c);
+        }
         Ok(BlockCache {
             resid,
             // nogate: in_proj's output is v, left in xz
@@ -888,6 +1016,9 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
         bufs: &mut StepBuffers<T>,
     ) -> Result<()> {
         const OP: &str = "Block::step";
+        if let Mixer::Ssd(ssd) = &self.mixer {
+            return self.step_ssd(ssd, h, states, bufs);
+        }
         let (d, e, n, r) = self.shape.dims();
         let b = states.len();
         check_len(OP, "h", h, &[("sequences", b), ("d_model", d)])?;
@@ -917,6 +1048,10 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
                 for (dt, row) in dt_low.chunks_mut(r).zip(x_dbl.chunks(xd)) {
                     dt.copy_from_slice(&row[..r]);
                 }
+                if let Some(eps) = s6.dt_bc_rms_eps {
+                    // (step_scan normalises B and C of the raw row itself)
+                    rms_normalize_rows(dt_low, r, eps);
+                }
                 let delta = &mut bufs.delta[..b * e];
                 s6.dt_proj.forward(dt_low, b, delta, false)?;
                 for (i, st) in states.iter_mut().enumerate() {
@@ -934,6 +1069,7 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
                     )?;
                 }
             }
+            Mixer::Ssd(_) => unreachable!("step_ssd above"),
             Mixer::S4d(p) => {
                 let disc = p.discretize()?;
                 for (i, st) in states.iter_mut().enumerate() {
@@ -1015,6 +1151,18 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
         let (n, r) = (self.shape.d_state, self.shape.dt_rank);
         let c = u.len();
         check_len(OP, "x_dbl", x_dbl, &[("R + 2N", r + 2 * n)])?;
+        // Falcon-Mamba: B and C normalised here (`x_dbl` is x_proj's raw
+        // row; dt_low was normalised by the caller before dt_proj made `delta`)
+        let normed_row;
+        let x_dbl = match s6.dt_bc_rms_eps {
+            None => x_dbl,
+            Some(eps) => {
+                let mut row = x_dbl.to_vec();
+                normalize_dt_b_c(&mut row, r, n, eps);
+                normed_row = row;
+                &normed_row[..]
+            }
+        };
         if c0 + c > self.shape.d_inner {
             return Err(invalid(
                 OP,
@@ -1052,6 +1200,9 @@ impl<T: BlockScalar> Block<'_, T, Dense<'_, T>> {
         dh: &mut [T],
     ) -> Result<BlockGradients<T>> {
         const OP: &str = "Block::backward";
+        if let Mixer::Ssd(ssd) = &self.mixer {
+            return self.backward_ssd(ssd, cache, batch, len, dh);
+        }
         let (d, e, n, r) = self.shape.dims();
         let norm_eps = self.shape.norm_eps;
         let rows = batch * len;
@@ -1092,8 +1243,23 @@ impl<T: BlockScalar> Block<'_, T, Dense<'_, T>> {
         let mut dz = Vec::new();
         let (dv, mixer) = match &self.mixer {
             Mixer::S6(s6) => {
+                // Falcon-Mamba: the normalised dt_low, B, C, recomputed
+                let normed_owned;
+                let (dt_low, b_in, c_in) = match s6.dt_bc_rms_eps {
+                    None => (&cache.dt_low, &cache.b, &cache.c),
+                    Some(eps) => {
+                        normed_owned = [(&cache.dt_low, r), (&cache.b, n), (&cache.c, n)].map(
+                            |(raw, dim): (&Vec<T>, usize)| {
+                                let mut x = raw.clone();
+                                rms_normalize_rows(&mut x, dim, eps);
+                                x
+                            },
+                        );
+                        (&normed_owned[0], &normed_owned[1], &normed_owned[2])
+                    }
+                };
                 let mut delta = vec![T::ZERO; rows * e];
-                s6.dt_proj.forward(&cache.dt_low, rows, &mut delta, false)?;
+                s6.dt_proj.forward(dt_low, rows, &mut delta, false)?;
                 // nogate: y = silu(s)
                 let ds_owned: Vec<T>;
                 let ds = if gated {
@@ -1110,14 +1276,14 @@ impl<T: BlockScalar> Block<'_, T, Dense<'_, T>> {
                     u: &v,
                     delta: &delta,
                     a: &s6.a,
-                    b: &cache.b,
-                    c: &cache.c,
+                    b: b_in,
+                    c: c_in,
                     d: Some(s6.d),
                     z: gated.then_some(cache.z.as_slice()),
                     delta_bias: Some(s6.dt_bias),
                     initial_state: None,
                 };
-                let sg = selective_scan_backward(
+                let mut sg = selective_scan_backward(
                     &self.scan_shape(batch, len),
                     &inputs,
                     &scan_options(),
@@ -1149,15 +1315,17 @@ impl<T: BlockScalar> Block<'_, T, Dense<'_, T>> {
                     false,
                 )?;
                 let mut dt_proj_weight = vec![T::ZERO; e * r];
-                matmul_xtw(
-                    &sg.delta,
-                    &cache.dt_low,
-                    rows,
-                    e,
-                    r,
-                    &mut dt_proj_weight,
-                    false,
-                )?;
+                matmul_xtw(&sg.delta, dt_low, rows, e, r, &mut dt_proj_weight, false)?;
+                if let Some(eps) = s6.dt_bc_rms_eps {
+                    // through x̂ = x / rms(x) of each of the three
+                    let through = |raw: &[T], g: &[T], dim: usize| -> Result<Vec<T>> {
+                        let ones = vec![T::ONE; dim];
+                        Ok(rms_norm_backward(raw, &ones, dim, <T as Float>::from_f64(eps), g)?.x)
+                    };
+                    d_dt_low = through(&cache.dt_low, &d_dt_low, r)?;
+                    sg.b = through(&cache.b, &sg.b, n)?;
+                    sg.c = through(&cache.c, &sg.c, n)?;
+                }
                 // [dt_low, B, C] = v W_xᵀ
                 let mut dv = sg.u;
                 let wx = &s6.x_proj;
@@ -1203,6 +1371,7 @@ impl<T: BlockScalar> Block<'_, T, Dense<'_, T>> {
                 let dv = std::mem::take(&mut sg.u);
                 (dv, MixerGradients::S4d(sg))
             }
+            Mixer::Ssd(_) => unreachable!("backward_ssd above"),
         };
         drop(dy);
         // v = silu(conv1d(x) + b)  or  v = x

@@ -37,6 +37,42 @@ pub struct MambaConfig {
     pub dt_min: f64,
     pub dt_max: f64,
     pub dt_init_floor: f64,
+    /// Falcon-Mamba (`model_type` "falcon_mamba"): the ε of the weightless
+    /// RMSNorm applied to dt_low, B and C after x_proj (`mixer_rms_eps`);
+    /// None for Mamba.
+    pub dt_bc_rms_eps: Option<f64>,
+    /// Mamba-2 (`ssm_cfg.layer` "Mamba2", `model_type` "mamba2"): the SSD
+    /// mixer's heads and groups; None for Mamba-1 (and Falcon-Mamba).
+    pub ssd: Option<SsdConfig>,
+}
+
+/// The Mamba-2 mixer's shape beyond [`MambaConfig`]'s (docs/DESIGN.md
+/// §17): H = d_inner / head_dim heads of P = head_dim channels, G groups
+/// of B and C (head h reads group h / (H/G)), one A, D and dt bias per
+/// head. `dt_rank` is unused (Δ comes straight out of in_proj, one per head).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SsdConfig {
+    /// P
+    pub head_dim: usize,
+    /// G
+    pub n_groups: usize,
+    /// Q, the chunk length of the SSD matrix form (prefill and training).
+    pub chunk_size: usize,
+    /// Δ is clamped to [lo, hi] after the softplus (mamba_ssm `dt_limit`,
+    /// transformers `time_step_limit`; (0, ∞) leaves it alone).
+    pub dt_limit: (f64, f64),
+}
+
+impl SsdConfig {
+    /// mamba_ssm's Mamba2 defaults: P 64, G 1, Q 256, no clamp.
+    pub fn new(head_dim: usize, n_groups: usize) -> Self {
+        Self {
+            head_dim,
+            n_groups,
+            chunk_size: 256,
+            dt_limit: (0.0, f64::INFINITY),
+        }
+    }
 }
 
 /// Which `config.json` dialect a model directory uses.
@@ -69,6 +105,47 @@ impl MambaConfig {
             dt_min: 0.001,
             dt_max: 0.1,
             dt_init_floor: 1e-4,
+            dt_bc_rms_eps: None,
+            ssd: None,
+        }
+    }
+
+    /// A Mamba-2 configuration with mamba_ssm's defaults for everything
+    /// but the sizes: d_conv 4, expand 2, RMSNorm eps 1e-5, tied
+    /// embeddings, conv bias, no projection bias.
+    pub fn mamba2(
+        d_model: usize,
+        n_layer: usize,
+        vocab_size: usize,
+        d_state: usize,
+        ssd: SsdConfig,
+    ) -> Self {
+        let mut c = Self::new(d_model, n_layer, vocab_size, d_state);
+        c.ssd = Some(ssd);
+        c
+    }
+
+    /// Heads H of the Mamba-2 mixer (0 for Mamba-1).
+    pub fn n_heads(&self) -> usize {
+        self.ssd
+            .map_or(0, |s| self.d_inner.checked_div(s.head_dim).unwrap_or(0))
+    }
+
+    /// Rows of in_proj: 2E (x, z) for Mamba-1; 2E + 2GN + H (z, x, B, C,
+    /// Δ) for Mamba-2.
+    pub fn in_proj_rows(&self) -> usize {
+        match self.ssd {
+            None => 2 * self.d_inner,
+            Some(s) => 2 * self.d_inner + 2 * s.n_groups * self.d_state + self.n_heads(),
+        }
+    }
+
+    /// Channels of the causal convolution: E for Mamba-1; E + 2GN (x, B
+    /// and C) for Mamba-2.
+    pub fn conv_channels(&self) -> usize {
+        match self.ssd {
+            None => self.d_inner,
+            Some(s) => self.d_inner + 2 * s.n_groups * self.d_state,
         }
     }
 
@@ -87,6 +164,7 @@ impl MambaConfig {
             d_conv: self.d_conv,
             dt_rank: self.dt_rank,
             norm_eps: self.norm_eps,
+            ssd: self.ssd,
         }
     }
 
@@ -106,7 +184,11 @@ impl MambaConfig {
                 return fail(field, "must be at least 1");
             }
         }
+        let ssd = self.ssd.unwrap_or(SsdConfig::new(1, 1));
         let sizes = [
+            ("head_dim", ssd.head_dim),
+            ("n_groups", ssd.n_groups),
+            ("chunk_size", ssd.chunk_size),
             ("d_model", self.d_model),
             ("n_layer", self.n_layer),
             ("vocab_size", self.vocab_size),
@@ -123,6 +205,45 @@ impl MambaConfig {
                 &format!("must be positive, got {}", self.norm_eps),
             );
         }
+        if let Some(ssd) = self.ssd {
+            if ssd.head_dim == 0 || ssd.n_groups == 0 || ssd.chunk_size == 0 {
+                return fail(
+                    "ssm_cfg",
+                    &format!(
+                        "head_dim {}, n_groups {} and chunk_size {} must be at least 1",
+                        ssd.head_dim, ssd.n_groups, ssd.chunk_size
+                    ),
+                );
+            }
+            if self.d_inner % ssd.head_dim != 0 {
+                return fail(
+                    "head_dim",
+                    &format!("{} does not divide d_inner {}", ssd.head_dim, self.d_inner),
+                );
+            }
+            let heads = self.d_inner / ssd.head_dim;
+            if heads % ssd.n_groups != 0 {
+                return fail(
+                    "n_groups",
+                    &format!("{} does not divide the {heads} heads", ssd.n_groups),
+                );
+            }
+            let (lo, hi) = ssd.dt_limit;
+            if !(lo >= 0.0 && lo < hi) {
+                return fail(
+                    "time_step_limit",
+                    &format!("must be 0 <= lo < hi, got ({lo}, {hi})"),
+                );
+            }
+            if self.dt_bc_rms_eps.is_some() {
+                return fail("mixer_rms_eps", "is a Falcon-Mamba (Mamba-1) setting");
+            }
+        }
+        if let Some(eps) = self.dt_bc_rms_eps {
+            if !(eps > 0.0 && eps.is_finite()) {
+                return fail("mixer_rms_eps", &format!("must be positive, got {eps}"));
+            }
+        }
         if !(self.dt_min > 0.0 && self.dt_min <= self.dt_max) {
             return fail(
                 "dt_min",
@@ -135,8 +256,8 @@ impl MambaConfig {
         Ok(())
     }
 
-    /// Number of parameters (the tied head counted once).
-    /// The parameter count in u128: no size can overflow it.
+    /// The parameter count (the tied head counted once) in u128: no size
+    /// that passed the parser's gate can overflow it.
     fn param_count_wide(&self) -> u128 {
         let w = |v: usize| v as u128;
         let (d, e, n, r, k, v) = (
@@ -147,47 +268,44 @@ impl MambaConfig {
             w(self.d_conv),
             w(self.vocab_size),
         );
-        let layer = 2 * d
-            + 2 * e * d
-            + e * k
-            + e
-            + (r + 2 * n) * e
-            + e * r
-            + 2 * e
-            + e * n
-            + d * e
-            + 2 * e
-            + d;
+        let norm = if self.rms_norm { d } else { 2 * d };
+        let proj_bias = |in_rows: u128| if self.proj_bias { in_rows + d } else { 0 };
+        let layer = match self.ssd {
+            None => {
+                norm + 2 * e * d
+                    + e * k
+                    + if self.conv_bias { e } else { 0 }
+                    + (r + 2 * n) * e
+                    + e * r
+                    + e
+                    + e * n
+                    + e
+                    + d * e
+                    + proj_bias(2 * e)
+            }
+            Some(ssd) => {
+                // in_proj (z, x, B, C, Δ), conv over (x, B, C), dt_bias,
+                // A_log and D per head, the gated norm's weight, out_proj
+                let h = e / w(ssd.head_dim.max(1));
+                let bc = 2 * w(ssd.n_groups) * n;
+                let in_rows = 2 * e + bc + h;
+                norm + in_rows * d
+                    + (e + bc) * k
+                    + if self.conv_bias { e + bc } else { 0 }
+                    + 3 * h
+                    + e
+                    + d * e
+                    + proj_bias(in_rows)
+            }
+        };
         let head = if self.tie_embeddings { 0 } else { v * d };
-        v * d + w(self.n_layer) * layer + 2 * d + head
+        v * d + w(self.n_layer) * layer + norm + head
     }
 
+    /// Number of parameters (the tied head counted once).
     pub fn n_params(&self) -> usize {
-        let (d, e, n, r, k) = (
-            self.d_model,
-            self.d_inner,
-            self.d_state,
-            self.dt_rank,
-            self.d_conv,
-        );
-        let norm = if self.rms_norm { d } else { 2 * d };
-        let layer = norm
-            + 2 * e * d
-            + e * k
-            + if self.conv_bias { e } else { 0 }
-            + (r + 2 * n) * e
-            + e * r
-            + e
-            + e * n
-            + e
-            + d * e
-            + if self.proj_bias { 2 * e + d } else { 0 };
-        let head = if self.tie_embeddings {
-            0
-        } else {
-            self.vocab_size * d
-        };
-        self.vocab_size * d + self.n_layer * layer + norm + head
+        // validate() has bounded it by MAX_PARAMETERS
+        self.param_count_wide() as usize
     }
 
     /// Parameters outside the embedding and the head: what scaling laws
@@ -210,8 +328,18 @@ impl MambaConfig {
             self.d_conv as f64,
             self.vocab_size as f64,
         );
-        let matmul_params = 2.0 * e * d + (r + 2.0 * n) * e + e * r + d * e;
         let layers = self.n_layer as f64;
+        if self.ssd.is_some() {
+            // in_proj and out_proj; the convolution over x, B and C; the
+            // SSD recurrence's 5·E·N per token forward (S ← aS + Δx⊗B:
+            // 3, y = S·C: 2), three times for the backward
+            let in_rows = self.in_proj_rows() as f64;
+            let conv = self.conv_channels() as f64;
+            let matmul_params = in_rows * d + d * e;
+            return 6.0 * (layers * matmul_params + v * d)
+                + layers * (6.0 * conv * k + 15.0 * e * n);
+        }
+        let matmul_params = 2.0 * e * d + (r + 2.0 * n) * e + e * r + d * e;
         6.0 * (layers * matmul_params + v * d) + layers * (6.0 * e * k + 27.0 * e * n)
     }
 
@@ -260,7 +388,7 @@ impl MambaConfig {
 
     /// The Hugging Face `config.json` that `MambaForCausalLM` reads.
     pub fn to_hugging_face_json(&self) -> Value {
-        json!({
+        let mut config = json!({
             "architectures": ["MambaForCausalLM"],
             "model_type": "mamba",
             "hidden_size": self.d_model,
@@ -289,7 +417,30 @@ impl MambaConfig {
             "eos_token_id": 0,
             "pad_token_id": 0,
             "torch_dtype": "float32",
-        })
+        });
+        if let Some(ssd) = self.ssd {
+            let (lo, hi) = ssd.dt_limit;
+            // transformers' own spelling of an infinite float
+            let hi = if hi.is_finite() {
+                json!(hi)
+            } else {
+                json!({"__float__": "Infinity"})
+            };
+            config["architectures"] = json!(["Mamba2ForCausalLM"]);
+            config["model_type"] = json!("mamba2");
+            config["head_dim"] = json!(ssd.head_dim);
+            config["num_heads"] = json!(self.n_heads());
+            config["n_groups"] = json!(ssd.n_groups);
+            config["chunk_size"] = json!(ssd.chunk_size);
+            config["time_step_limit"] = json!([lo, hi]);
+            config["rms_norm"] = json!(true);
+        }
+        if let Some(eps) = self.dt_bc_rms_eps {
+            config["architectures"] = json!(["FalconMambaForCausalLM"]);
+            config["model_type"] = json!("falcon_mamba");
+            config["mixer_rms_eps"] = json!(eps);
+        }
+        config
     }
 }
 
@@ -378,12 +529,28 @@ impl Reader<'_> {
             Some(Value::Object(m)) => m,
             Some(v) => return Err(self.err("ssm_cfg", format!("expected an object, found {v}"))),
         };
-        if let Some(layer) = ssm.get("layer").and_then(Value::as_str) {
-            if layer != "Mamba1" {
+        let mamba2 = match ssm.get("layer") {
+            None | Some(Value::Null) => false,
+            Some(Value::String(l)) if l == "Mamba1" => false,
+            Some(Value::String(l)) if l == "Mamba2" => true,
+            Some(v) => {
                 return Err(self.err(
                     "ssm_cfg.layer",
-                    format!("only Mamba1 is supported, found {layer}"),
-                ));
+                    format!("expected \"Mamba1\" or \"Mamba2\", found {v}"),
+                ))
+            }
+        };
+        // mamba_ssm's hybrid and MLP extensions, absent from the released
+        // checkpoints: refused rather than loaded without their layers
+        if self.usize_in(self.obj, "d_intermediate")?.unwrap_or(0) != 0 {
+            return Err(self.err(
+                "d_intermediate",
+                "MLP layers after the mixer are not supported",
+            ));
+        }
+        if let Some(Value::Array(a)) = self.obj.get("attn_layer_idx") {
+            if !a.is_empty() {
+                return Err(self.err("attn_layer_idx", "attention layers are not supported"));
             }
         }
         let expand = self.usize_in(ssm, "expand")?.unwrap_or(2);
@@ -407,7 +574,65 @@ impl Reader<'_> {
         c.norm_eps = self.f64_or(self.obj, "norm_epsilon", 1e-5)?;
         c.residual_in_fp32 = self.bool_or(self.obj, "residual_in_fp32", true)?;
         c.tie_embeddings = self.bool_or(self.obj, "tie_embeddings", true)?;
+        if mamba2 {
+            // mamba_ssm Mamba2's defaults
+            c.d_state = self.usize_in(ssm, "d_state")?.unwrap_or(128);
+            let mut ssd = SsdConfig::new(
+                self.usize_in(ssm, "headdim")?.unwrap_or(64),
+                self.usize_in(ssm, "ngroups")?.unwrap_or(1),
+            );
+            ssd.chunk_size = self.usize_in(ssm, "chunk_size")?.unwrap_or(256);
+            ssd.dt_limit = self.limit(ssm, "dt_limit")?;
+            for (field, supported) in [
+                ("rmsnorm", true),
+                ("norm_before_gate", false),
+                ("D_has_hdim", false),
+            ] {
+                if self.bool_or(ssm, field, supported)? != supported {
+                    return Err(self.err(
+                        &format!("ssm_cfg.{field}"),
+                        format!("only {supported} is supported (as in every released Mamba-2)"),
+                    ));
+                }
+            }
+            if let Some(d_ssm) = self.usize_in(ssm, "d_ssm")? {
+                if d_ssm != c.d_inner {
+                    return Err(self.err(
+                        "ssm_cfg.d_ssm",
+                        format!(
+                            "{d_ssm} is not d_inner {}: an MLP beside the SSM is not supported",
+                            c.d_inner
+                        ),
+                    ));
+                }
+            }
+            c.ssd = Some(ssd);
+        }
         Ok(c)
+    }
+
+    /// A (lo, hi) limit: a two-element list of numbers, where transformers
+    /// writes infinity as {"__float__": "Infinity"}; (0, ∞) when absent.
+    fn limit(&self, obj: &Map<String, Value>, field: &str) -> Result<(f64, f64)> {
+        let number = |v: &Value| -> Option<f64> {
+            match v {
+                Value::Number(x) => x.as_f64(),
+                Value::Object(o) => match o.get("__float__").and_then(Value::as_str) {
+                    Some("Infinity" | "inf") => Some(f64::INFINITY),
+                    _ => None,
+                },
+                Value::String(t) if t == "inf" || t == "Infinity" => Some(f64::INFINITY),
+                _ => None,
+            }
+        };
+        match obj.get(field) {
+            None | Some(Value::Null) => Ok((0.0, f64::INFINITY)),
+            Some(Value::Array(a)) if a.len() == 2 => match (number(&a[0]), number(&a[1])) {
+                (Some(lo), Some(hi)) => Ok((lo, hi)),
+                _ => Err(self.err(field, format!("expected two numbers, found {:?}", a))),
+            },
+            Some(v) => Err(self.err(field, format!("expected [lo, hi], found {v}"))),
+        }
     }
 
     /// transformers `MambaConfig` (configuration_mamba.py).
@@ -433,6 +658,33 @@ impl Reader<'_> {
         c.dt_min = self.f64_or(self.obj, "time_step_min", 0.001)?;
         c.dt_max = self.f64_or(self.obj, "time_step_max", 0.1)?;
         c.dt_init_floor = self.f64_or(self.obj, "time_step_floor", 1e-4)?;
+        if self.obj.get("model_type").and_then(Value::as_str) == Some("mamba2") {
+            // transformers' Mamba2Config defaults
+            c.d_state = self.usize_in(self.obj, "state_size")?.unwrap_or(128);
+            c.tie_embeddings = self.bool_or(self.obj, "tie_word_embeddings", false)?;
+            let mut ssd = SsdConfig::new(
+                self.usize_in(self.obj, "head_dim")?.unwrap_or(64),
+                self.usize_in(self.obj, "n_groups")?.unwrap_or(8),
+            );
+            ssd.chunk_size = self.usize_in(self.obj, "chunk_size")?.unwrap_or(256);
+            ssd.dt_limit = self.limit(self.obj, "time_step_limit")?;
+            if let Some(h) = self.usize_in(self.obj, "num_heads")? {
+                if ssd.head_dim.checked_mul(h) != Some(c.d_inner) {
+                    return Err(self.err(
+                        "num_heads",
+                        format!(
+                            "{h} heads of head_dim {} are not intermediate size {}",
+                            ssd.head_dim, c.d_inner
+                        ),
+                    ));
+                }
+            }
+            c.ssd = Some(ssd);
+        }
+        if self.obj.get("model_type").and_then(Value::as_str) == Some("falcon_mamba") {
+            // transformers' FalconMambaConfig default
+            c.dt_bc_rms_eps = Some(self.f64_or(self.obj, "mixer_rms_eps", 1e-6)?);
+        }
         Ok(c)
     }
 }
@@ -579,6 +831,8 @@ impl TransformerConfig {
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
     Mamba,
+    /// Mamba-2: the block with the SSD mixer.
+    Mamba2,
     /// Llama, the Transformer++ baseline.
     Transformer,
 }
@@ -587,6 +841,7 @@ impl Architecture {
     pub fn name(self) -> &'static str {
         match self {
             Architecture::Mamba => "mamba",
+            Architecture::Mamba2 => "mamba2",
             Architecture::Transformer => "transformer",
         }
     }
@@ -615,10 +870,11 @@ impl std::str::FromStr for Architecture {
     fn from_str(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
             "mamba" => Ok(Architecture::Mamba),
+            "mamba2" => Ok(Architecture::Mamba2),
             "transformer" | "llama" => Ok(Architecture::Transformer),
             _ => Err(invalid(
                 "arch",
-                format!("unknown architecture {s:?} (expected mamba or transformer)"),
+                format!("unknown architecture {s:?} (expected mamba, mamba2 or transformer)"),
             )),
         }
     }
@@ -668,6 +924,43 @@ mod tests {
         // Round trip through our own writer.
         let back = c.to_hugging_face_json().to_string();
         assert_eq!(MambaConfig::from_json_str(&back, "x").unwrap().0, c);
+    }
+
+    #[test]
+    fn falcon_mamba_config() {
+        // tiiuae/falcon-mamba-7b's config.json, abridged (its `expand` 16
+        // disagrees with intermediate_size, which wins)
+        let text = r#"{"architectures":["FalconMambaForCausalLM"],"model_type":"falcon_mamba",
+            "hidden_size":4096,"num_hidden_layers":64,"vocab_size":65024,"state_size":16,
+            "conv_kernel":4,"expand":16,"intermediate_size":8192,"time_step_rank":256,
+            "use_bias":false,"use_conv_bias":true,"layer_norm_epsilon":1e-5,
+            "mixer_rms_eps":1e-6,"tie_word_embeddings":false}"#;
+        let (c, _) = MambaConfig::from_json_str(text, "config.json").unwrap();
+        assert_eq!(c.dt_bc_rms_eps, Some(1e-6));
+        assert_eq!((c.d_inner, c.dt_rank, c.tie_embeddings), (8192, 256, false));
+        let back = c.to_hugging_face_json();
+        assert_eq!(back["model_type"], "falcon_mamba");
+        assert_eq!(
+            MambaConfig::from_json_str(&back.to_string(), "x")
+                .unwrap()
+                .0,
+            c
+        );
+        // transformers' default ε when the field is absent
+        let text = r#"{"model_type":"falcon_mamba","hidden_size":16,"num_hidden_layers":2,
+            "vocab_size":10}"#;
+        let (c, _) = MambaConfig::from_json_str(text, "config.json").unwrap();
+        assert_eq!(c.dt_bc_rms_eps, Some(1e-6));
+        // a plain Mamba has none
+        let text = r#"{"model_type":"mamba","hidden_size":16,"num_hidden_layers":2,
+            "vocab_size":10,"mixer_rms_eps":1e-6}"#;
+        assert_eq!(
+            MambaConfig::from_json_str(text, "x")
+                .unwrap()
+                .0
+                .dt_bc_rms_eps,
+            None
+        );
     }
 
     #[test]
@@ -753,12 +1046,15 @@ pub fn check_sizes(
 
 /// The architectures this library reads, as config.json names them.
 pub const SUPPORTED_ARCHITECTURES: &str = "model_type \"mamba\" (architectures MambaForCausalLM, \
-MambaModel, MambaLMHeadModel), a state-spaces config.json without model_type, or model_type \"llama\" \
-(LlamaForCausalLM, the Transformer++ baseline)";
+MambaModel, MambaLMHeadModel), \"mamba2\" (Mamba2ForCausalLM, Mamba2Model), \"falcon_mamba\" \
+(FalconMambaForCausalLM, FalconMambaModel), a state-spaces config.json without model_type (ssm_cfg \
+layer Mamba1 or Mamba2), or model_type \"llama\" (LlamaForCausalLM, the \
+Transformer++ baseline)";
 
-/// `model_type` and `architectures`, when given, must name Mamba-1: a
-/// Mamba-2, Falcon-Mamba or other model read as Mamba-1 would load its
-/// tensors under wrong equations or fail later with a puzzling shape error.
+/// `model_type` and `architectures`, when given, must name Mamba-1,
+/// Mamba-2 or Falcon-Mamba: another model read as one of them would load
+/// its tensors under wrong equations or fail later with a puzzling shape
+/// error.
 fn check_model_type(obj: &serde_json::Map<String, Value>, source: &str) -> Result<()> {
     let refuse = |what: String| {
         Err(Error::Format {
@@ -768,7 +1064,7 @@ fn check_model_type(obj: &serde_json::Map<String, Value>, source: &str) -> Resul
     };
     match obj.get("model_type") {
         None => {}
-        Some(Value::String(t)) if t == "mamba" => {}
+        Some(Value::String(t)) if matches!(t.as_str(), "mamba" | "falcon_mamba" | "mamba2") => {}
         Some(Value::String(t)) if t == "llama" => {
             return Err(Error::Format {
                 file: source.to_string(),
@@ -785,7 +1081,15 @@ fn check_model_type(obj: &serde_json::Map<String, Value>, source: &str) -> Resul
             for name in names {
                 let known = matches!(
                     name.as_str(),
-                    Some("MambaForCausalLM" | "MambaModel" | "MambaLMHeadModel")
+                    Some(
+                        "MambaForCausalLM"
+                            | "MambaModel"
+                            | "MambaLMHeadModel"
+                            | "FalconMambaForCausalLM"
+                            | "FalconMambaModel"
+                            | "Mamba2ForCausalLM"
+                            | "Mamba2Model"
+                    )
                 );
                 if !known {
                     return refuse(format!("architecture {name}"));

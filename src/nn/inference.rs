@@ -28,8 +28,8 @@
 //! whose cost does not depend on the position.
 
 use super::block::{
-    add_row_bias, norm_forward, Block, BlockStateMut, ChunkBuffers, Conv, Linear, Mixer,
-    StepBuffers, Values, S6,
+    add_row_bias, norm_forward, rms_normalize_rows, Block, BlockStateMut, ChunkBuffers, Conv,
+    Linear, Mixer, Ssd, StepBuffers, Values, S6,
 };
 use super::config::MambaConfig;
 use super::lm::Mamba;
@@ -57,14 +57,18 @@ struct InferenceLayer {
     /// (E, K)
     conv_weight: Vec<f32>,
     conv_bias: Option<Vec<f32>>,
-    /// (R + 2N, E)
-    x_proj: Weights,
-    /// (E, R)
-    dt_proj: Weights,
+    /// (R + 2N, E); None for Mamba-2
+    x_proj: Option<Weights>,
+    /// (E, R); None for Mamba-2
+    dt_proj: Option<Weights>,
+    /// (E); Mamba-2 (H)
     dt_bias: Vec<f32>,
-    /// A = -exp(A_log) (E, N), computed once
+    /// A = -exp(A_log) (E, N), computed once; Mamba-2 (H)
     a: Vec<f32>,
+    /// (E); Mamba-2 (H)
     d: Vec<f32>,
+    /// Mamba-2's gated norm weight (E)
+    gated_norm_weight: Option<Vec<f32>>,
     /// (D, E)
     out_proj: Weights,
     out_proj_bias: Option<Vec<f32>>,
@@ -112,12 +116,14 @@ pub struct Sequence {
 impl Sequence {
     /// An empty sequence (zero states) for `config`.
     pub fn new(config: &MambaConfig) -> Self {
-        let (e, n, k) = (config.d_inner, config.d_state, config.d_conv);
+        let (e, n, k) = (config.conv_channels(), config.d_state, config.d_conv);
+        // the SSM state: (E, N) for Mamba-1, (H, P, N) = E·N values for Mamba-2
+        let ssm = config.d_inner * n;
         Self {
             layers: (0..config.n_layer)
                 .map(|_| LayerState {
                     conv: vec![0.0; e * k],
-                    ssm: vec![0.0; e * n],
+                    ssm: vec![0.0; ssm],
                 })
                 .collect(),
             logits: Vec::new(),
@@ -139,11 +145,12 @@ impl Sequence {
     /// Checks that this state belongs to a model of `config`.
     pub fn check_fits(&self, config: &MambaConfig) -> Result<()> {
         let (e, n, k) = (config.d_inner, config.d_state, config.d_conv);
+        let channels = config.conv_channels();
         let fits = self.layers.len() == config.n_layer
             && self
                 .layers
                 .iter()
-                .all(|l| l.conv.len() == e * k && l.ssm.len() == e * n)
+                .all(|l| l.conv.len() == channels * k && l.ssm.len() == e * n)
             && (self.logits.is_empty() || self.logits.len() == config.vocab_size);
         if fits {
             Ok(())
@@ -188,8 +195,8 @@ impl DecodeBuffers {
         self.h.len() == b * config.d_model
             && self.logits.len() == b * config.vocab_size
             && s.normed.len() == b * d
-            && s.xz.len() == b * 2 * e
-            && s.v.len() == b * e
+            && s.xz.len() == b * config.in_proj_rows()
+            && s.v.len() == b * config.conv_channels()
             && s.x_dbl.len() == b * (config.dt_rank + 2 * config.d_state)
             && s.dt_low.len() == b * config.dt_rank
             && s.delta.len() == b * e
@@ -200,6 +207,24 @@ impl DecodeBuffers {
 impl InferenceLayer {
     /// This layer as a [`Block`] over its inference weights.
     fn block(&self, config: &MambaConfig) -> Block<'_, f32, &Weights> {
+        let mixer = match (&self.x_proj, &self.dt_proj, &self.gated_norm_weight) {
+            (Some(x_proj), Some(dt_proj), _) => Mixer::S6(S6 {
+                x_proj,
+                dt_proj,
+                dt_bias: &self.dt_bias,
+                a: Values::Borrowed(&self.a),
+                d: &self.d,
+                dt_bc_rms_eps: config.dt_bc_rms_eps,
+            }),
+            (_, _, norm) => Mixer::Ssd(Ssd {
+                dt_bias: &self.dt_bias,
+                a: Values::Borrowed(&self.a),
+                d: &self.d,
+                // from_mamba made it for every Mamba-2 layer (and validate
+                // refuses an empty one)
+                norm_weight: norm.as_deref().unwrap_or(&[]),
+            }),
+        };
         Block {
             shape: config.block_shape(),
             norm_weight: &self.norm_weight,
@@ -210,13 +235,7 @@ impl InferenceLayer {
                 weight: &self.conv_weight,
                 bias: self.conv_bias.as_deref(),
             }),
-            mixer: Mixer::S6(S6 {
-                x_proj: &self.x_proj,
-                dt_proj: &self.dt_proj,
-                dt_bias: &self.dt_bias,
-                a: Values::Borrowed(&self.a),
-                d: &self.d,
-            }),
+            mixer,
             out_proj: &self.out_proj,
             out_proj_bias: self.out_proj_bias.as_deref(),
         }
@@ -239,6 +258,7 @@ impl InferenceModel {
         let c = &config;
         let (d, e, r, n, v) = (c.d_model, c.d_inner, c.dt_rank, c.d_state, c.vocab_size);
         let mut layers = Vec::with_capacity(c.n_layer);
+        let mamba1 = c.ssd.is_none();
         for layer in params.layers {
             let LayerParams {
                 norm_weight,
@@ -248,15 +268,20 @@ impl InferenceModel {
             layers.push(InferenceLayer {
                 norm_weight,
                 norm_bias,
-                in_proj: Weights::from_f32(format, 2 * e, d, &m.in_proj_weight)?,
+                in_proj: Weights::from_f32(format, c.in_proj_rows(), d, &m.in_proj_weight)?,
                 in_proj_bias: m.in_proj_bias,
                 conv_weight: m.conv1d_weight,
                 conv_bias: m.conv1d_bias,
-                x_proj: Weights::from_f32(format, r + 2 * n, e, &m.x_proj_weight)?,
-                dt_proj: Weights::from_f32(format, e, r, &m.dt_proj_weight)?,
+                x_proj: mamba1
+                    .then(|| Weights::from_f32(format, r + 2 * n, e, &m.x_proj_weight))
+                    .transpose()?,
+                dt_proj: mamba1
+                    .then(|| Weights::from_f32(format, e, r, &m.dt_proj_weight))
+                    .transpose()?,
                 dt_bias: m.dt_proj_bias,
                 a: m.a_log.iter().map(|&v| -v.exp()).collect(),
                 d: m.d,
+                gated_norm_weight: m.norm_weight,
                 out_proj: Weights::from_f32(format, d, e, &m.out_proj_weight)?,
                 out_proj_bias: m.out_proj_bias,
             });
@@ -307,8 +332,9 @@ impl InferenceModel {
                     + opt(&l.in_proj_bias)
                     + f32_bytes(&l.conv_weight)
                     + opt(&l.conv_bias)
-                    + l.x_proj.bytes()
-                    + l.dt_proj.bytes()
+                    + l.x_proj.as_ref().map_or(0, Weights::bytes)
+                    + l.dt_proj.as_ref().map_or(0, Weights::bytes)
+                    + opt(&l.gated_norm_weight)
                     + f32_bytes(&l.dt_bias)
                     + f32_bytes(&l.a)
                     + f32_bytes(&l.d)
@@ -429,7 +455,8 @@ impl InferenceModel {
         if !buffers.fit(&self.config) {
             return Err(invalid(OP, "the buffers were made for another model"));
         }
-        if b == 1 && rayon::current_num_threads() > 1 {
+        // (Mamba-2 decodes through Block::step: its team is not written yet)
+        if b == 1 && rayon::current_num_threads() > 1 && self.config.ssd.is_none() {
             return self.decode_one_with_team(&mut *seqs[0], tokens[0], buffers);
         }
         let (d, v) = (self.config.d_model, self.config.vocab_size);
@@ -538,6 +565,7 @@ impl InferenceModel {
             let (m0, m1) = share(d, t, 16);
             let (p0, p1) = share(x_dbl_len, t, 1);
             let mut normed = vec![0.0f32; d];
+            let mut dt_low = vec![0.0f32; r];
             let mut failed = None;
             // SAFETY (every `slice` below): a thread writes only its own
             // ranges [c0, c1), [m0, m1), [p0, p1) of the shared buffers, and
@@ -578,9 +606,13 @@ impl InferenceModel {
                 if let (true, Mixer::S6(s6)) = (c1 > c0, &block.mixer) {
                     let row = unsafe { x_dbl.slice(0, x_dbl_len) };
                     let delta_t = unsafe { delta.slice(c0, c1 - c0) };
+                    dt_low.copy_from_slice(&row[..r]);
+                    if let Some(eps) = s6.dt_bc_rms_eps {
+                        rms_normalize_rows(&mut dt_low, r, eps);
+                    }
                     keep_first(
                         &mut failed,
-                        s6.dt_proj.forward_rows(&row[..r], c0, delta_t, false),
+                        s6.dt_proj.forward_rows(&dt_low, c0, delta_t, false),
                     );
                     let z = unsafe { xz.slice(e + c0, c1 - c0) };
                     let ssm_t = unsafe { ssm.slice(c0 * n, (c1 - c0) * n) };

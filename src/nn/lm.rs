@@ -13,7 +13,7 @@
 
 use super::block::{
     norm_backward, norm_forward, Block, BlockCache, BlockGradients, BlockScalar, ChunkBuffers,
-    Conv, Dense, Mixer, MixerGradients, Values, S6,
+    Conv, Dense, Mixer, MixerGradients, Ssd, Values, S6,
 };
 use super::config::MambaConfig;
 use super::params::{LayerParams, MambaParams, ParamInfo};
@@ -199,6 +199,36 @@ impl<T: BlockScalar> Mamba<T> {
         let c = &self.config;
         let (d, e, n, r) = (c.d_model, c.d_inner, c.d_state, c.dt_rank);
         let m = &layer.mixer;
+        let a = Values::Owned(m.a_log.iter().map(|&v| -v.exp()).collect());
+        if c.ssd.is_some() {
+            let missing = || {
+                invalid(
+                    "Mamba::block",
+                    format!("layer {i} has no gated norm weight"),
+                )
+            };
+            let block = Block {
+                shape: c.block_shape(),
+                norm_weight: &layer.norm_weight,
+                norm_bias: layer.norm_bias.as_deref(),
+                in_proj: Dense::new(&m.in_proj_weight, c.in_proj_rows(), d),
+                in_proj_bias: m.in_proj_bias.as_deref(),
+                conv: Some(Conv {
+                    weight: &m.conv1d_weight,
+                    bias: m.conv1d_bias.as_deref(),
+                }),
+                mixer: Mixer::Ssd(Ssd {
+                    dt_bias: &m.dt_proj_bias,
+                    a,
+                    d: &m.d,
+                    norm_weight: m.norm_weight.as_deref().ok_or_else(missing)?,
+                }),
+                out_proj: Dense::new(&m.out_proj_weight, d, e),
+                out_proj_bias: m.out_proj_bias.as_deref(),
+            };
+            block.validate()?;
+            return Ok(block);
+        }
         let block = Block {
             shape: c.block_shape(),
             norm_weight: &layer.norm_weight,
@@ -213,8 +243,9 @@ impl<T: BlockScalar> Mamba<T> {
                 x_proj: Dense::new(&m.x_proj_weight, r + 2 * n, e),
                 dt_proj: Dense::new(&m.dt_proj_weight, e, r),
                 dt_bias: &m.dt_proj_bias,
-                a: Values::Owned(m.a_log.iter().map(|&v| -v.exp()).collect()),
+                a,
                 d: &m.d,
+                dt_bc_rms_eps: c.dt_bc_rms_eps,
             }),
             out_proj: Dense::new(&m.out_proj_weight, d, e),
             out_proj_bias: m.out_proj_bias.as_deref(),
@@ -286,9 +317,38 @@ impl<T: BlockScalar> Mamba<T> {
             rng.vec(len, |r| r.uniform_in(-bound, bound))
         };
         p.embedding = rng.vec(c.vocab_size * d, |r| r.normal() * 0.02);
+        // Δ's initial value per channel (Mamba-1) or head (Mamba-2):
+        // log-uniform in [dt_min, dt_max], floored, stored through softplus⁻¹
+        let dt_bias = |rng: &mut Rng, len: usize| -> Vec<T> {
+            rng.vec(len, |rng| {
+                let dt = rng
+                    .uniform_in(c.dt_min.ln(), c.dt_max.ln())
+                    .exp()
+                    .max(c.dt_init_floor);
+                dt + (-(-dt).exp_m1()).ln() // softplus⁻¹(dt)
+            })
+        };
         for layer in p.layers.iter_mut() {
             layer.norm_weight = vec![T::ONE; d];
             let m = &mut layer.mixer;
+            if c.ssd.is_some() {
+                // mamba_ssm Mamba2: default Linear and Conv1d inits, A
+                // uniform in [1, 16] per head, D and the norm weight ones
+                let (rows, channels, h) = (c.in_proj_rows(), c.conv_channels(), c.n_heads());
+                m.in_proj_weight = uniform(&mut rng, rows * d, 1.0 / (d as f64).sqrt());
+                m.conv1d_weight = uniform(&mut rng, channels * k, 1.0 / (k as f64).sqrt());
+                if let Some(b) = m.conv1d_bias.as_mut() {
+                    *b = uniform(&mut rng, channels, 1.0 / (k as f64).sqrt());
+                }
+                m.dt_proj_bias = dt_bias(&mut rng, h);
+                m.a_log = rng.vec(h, |r| r.uniform_in(1.0, 16.0).ln());
+                m.d = vec![T::ONE; h];
+                m.norm_weight = Some(vec![T::ONE; e]);
+                let out_bound = 1.0 / (e as f64).sqrt();
+                let scale = 1.0 / (c.n_layer as f64).sqrt();
+                m.out_proj_weight = rng.vec(d * e, |r| r.uniform_in(-out_bound, out_bound) * scale);
+                continue;
+            }
             m.in_proj_weight = uniform(&mut rng, 2 * e * d, 1.0 / (d as f64).sqrt());
             m.conv1d_weight = uniform(&mut rng, e * k, 1.0 / (k as f64).sqrt());
             if let Some(b) = m.conv1d_bias.as_mut() {
@@ -296,13 +356,7 @@ impl<T: BlockScalar> Mamba<T> {
             }
             m.x_proj_weight = uniform(&mut rng, (r + 2 * n) * e, 1.0 / (e as f64).sqrt());
             m.dt_proj_weight = uniform(&mut rng, e * r, 1.0 / (r as f64).sqrt());
-            m.dt_proj_bias = rng.vec(e, |rng| {
-                let dt = rng
-                    .uniform_in(c.dt_min.ln(), c.dt_max.ln())
-                    .exp()
-                    .max(c.dt_init_floor);
-                dt + (-(-dt).exp_m1()).ln() // softplus⁻¹(dt)
-            });
+            m.dt_proj_bias = dt_bias(&mut rng, e);
             m.a_log = (0..e * n)
                 .map(|i| <T as crate::float::Float>::from_f64(((i % n) as f64 + 1.0).ln()))
                 .collect();
@@ -365,28 +419,45 @@ pub fn next_token_cross_entropy<T: MatmulScalar>(
 
 /// Moves one block's gradients into the layer's place in the gradient tree.
 fn set_layer_gradients<T>(g: &mut LayerParams<T>, grads: BlockGradients<T>) -> Result<()> {
-    let MixerGradients::S6 {
-        x_proj_weight,
-        dt_proj_weight,
-        dt_proj_bias,
-        a_log,
-        d,
-    } = grads.mixer
-    else {
-        return Err(invalid("Mamba::backward", "a language-model layer is S6"));
-    };
     g.norm_weight = grads.norm_weight;
     g.norm_bias = grads.norm_bias;
     let m = &mut g.mixer;
+    match grads.mixer {
+        MixerGradients::S6 {
+            x_proj_weight,
+            dt_proj_weight,
+            dt_proj_bias,
+            a_log,
+            d,
+        } => {
+            m.x_proj_weight = x_proj_weight;
+            m.dt_proj_weight = dt_proj_weight;
+            m.dt_proj_bias = dt_proj_bias;
+            m.a_log = a_log;
+            m.d = d;
+        }
+        MixerGradients::Ssd {
+            dt_bias,
+            a_log,
+            d,
+            norm_weight,
+        } => {
+            m.dt_proj_bias = dt_bias;
+            m.a_log = a_log;
+            m.d = d;
+            m.norm_weight = Some(norm_weight);
+        }
+        MixerGradients::S4d(_) => {
+            return Err(invalid(
+                "Mamba::backward",
+                "a language-model layer is S6 or SSD",
+            ))
+        }
+    }
     m.in_proj_weight = grads.in_proj_weight;
     m.in_proj_bias = grads.in_proj_bias;
     m.conv1d_weight = grads.conv_weight;
     m.conv1d_bias = grads.conv_bias;
-    m.x_proj_weight = x_proj_weight;
-    m.dt_proj_weight = dt_proj_weight;
-    m.dt_proj_bias = dt_proj_bias;
-    m.a_log = a_log;
-    m.d = d;
     m.out_proj_weight = grads.out_proj_weight;
     m.out_proj_bias = grads.out_proj_bias;
     Ok(())

@@ -20,9 +20,10 @@ pub use attention_block::{
 };
 pub use block::{
     Block, BlockArch, BlockCache, BlockGradients, BlockScalar, BlockShape, BlockStateMut,
-    ChunkBuffers, Conv, Dense, Linear, Mixer, MixerGradients, SsmLayer, StepBuffers, Values, S6,
+    ChunkBuffers, Conv, Dense, Linear, Mixer, MixerGradients, Ssd, SsmLayer, StepBuffers, Values,
+    S6,
 };
-pub use config::{Architecture, ConfigFormat, MambaConfig};
+pub use config::{Architecture, ConfigFormat, MambaConfig, SsdConfig};
 pub use decoder::{Decoder, DecodingState};
 pub use inference::{DecodeBuffers, InferenceModel, LayerState, Sequence};
 pub use lm::{next_token_cross_entropy, ForwardCache, Mamba};

@@ -5,7 +5,10 @@
 use super::config::MambaConfig;
 
 /// One Mamba mixer (`backbone.layers.{i}.mixer`). E = d_inner, D = d_model,
-/// N = d_state, R = dt_rank, K = d_conv.
+/// N = d_state, R = dt_rank, K = d_conv. The same tree holds a Mamba-2
+/// mixer (H heads, G groups, C = E + 2GN conv channels): in_proj (2E + 2GN
+/// + H, D) with rows z, x, B, C, Δ; conv1d (C, K); `dt_bias`, A_log and D
+/// (H) each; the gated norm's weight (E); no x_proj or dt_proj (left empty).
 #[derive(Clone, Debug, PartialEq)]
 pub struct MixerParams<T> {
     /// (2E, D): rows 0..E give x, rows E..2E give z
@@ -20,7 +23,7 @@ pub struct MixerParams<T> {
     pub x_proj_weight: Vec<T>,
     /// (E, R)
     pub dt_proj_weight: Vec<T>,
-    /// (E)
+    /// (E); Mamba-2: `dt_bias` (H). Added to Δ before the softplus.
     pub dt_proj_bias: Vec<T>,
     /// (E, N); A = -exp(A_log)
     pub a_log: Vec<T>,
@@ -30,6 +33,8 @@ pub struct MixerParams<T> {
     pub out_proj_weight: Vec<T>,
     /// (D), only when `proj_bias`
     pub out_proj_bias: Option<Vec<T>>,
+    /// Mamba-2's gated RMSNorm weight (E) (`mixer.norm.weight`); None for Mamba-1.
+    pub norm_weight: Option<Vec<T>>,
 }
 
 /// One residual block (`backbone.layers.{i}`).
@@ -102,19 +107,30 @@ macro_rules! for_each_tensor {
                 t(format!("{pre}.norm.bias"), vec![d], Norm, b);
             }
             let x = & $($m)? l.mixer;
-            t(format!("{pre}.mixer.A_log"), vec![e, n], Ssm, & $($m)? x.a_log);
-            t(format!("{pre}.mixer.D"), vec![e], Ssm, & $($m)? x.d);
-            t(format!("{pre}.mixer.conv1d.weight"), vec![e, 1, k], Weight, & $($m)? x.conv1d_weight);
+            // Mamba-2: one A, D and dt bias per head, the conv over (x, B, C)
+            let (ssm_rows, ssm_cols) = if c.ssd.is_some() { (c.n_heads(), 0) } else { (e, n) };
+            let ssm_shape = |cols: usize| if cols == 0 { vec![ssm_rows] } else { vec![ssm_rows, cols] };
+            let (conv, in_rows) = (c.conv_channels(), c.in_proj_rows());
+            t(format!("{pre}.mixer.A_log"), ssm_shape(ssm_cols), Ssm, & $($m)? x.a_log);
+            t(format!("{pre}.mixer.D"), vec![ssm_rows], Ssm, & $($m)? x.d);
+            t(format!("{pre}.mixer.conv1d.weight"), vec![conv, 1, k], Weight, & $($m)? x.conv1d_weight);
             if let Some(b) = x.conv1d_bias.$opt() {
-                t(format!("{pre}.mixer.conv1d.bias"), vec![e], Bias, b);
+                t(format!("{pre}.mixer.conv1d.bias"), vec![conv], Bias, b);
             }
-            t(format!("{pre}.mixer.in_proj.weight"), vec![2 * e, d], Weight, & $($m)? x.in_proj_weight);
+            t(format!("{pre}.mixer.in_proj.weight"), vec![in_rows, d], Weight, & $($m)? x.in_proj_weight);
             if let Some(b) = x.in_proj_bias.$opt() {
-                t(format!("{pre}.mixer.in_proj.bias"), vec![2 * e], Bias, b);
+                t(format!("{pre}.mixer.in_proj.bias"), vec![in_rows], Bias, b);
             }
-            t(format!("{pre}.mixer.x_proj.weight"), vec![r + 2 * n, e], Weight, & $($m)? x.x_proj_weight);
-            t(format!("{pre}.mixer.dt_proj.weight"), vec![e, r], Weight, & $($m)? x.dt_proj_weight);
-            t(format!("{pre}.mixer.dt_proj.bias"), vec![e], Bias, & $($m)? x.dt_proj_bias);
+            if c.ssd.is_some() {
+                t(format!("{pre}.mixer.dt_bias"), vec![ssm_rows], Bias, & $($m)? x.dt_proj_bias);
+            } else {
+                t(format!("{pre}.mixer.x_proj.weight"), vec![r + 2 * n, e], Weight, & $($m)? x.x_proj_weight);
+                t(format!("{pre}.mixer.dt_proj.weight"), vec![e, r], Weight, & $($m)? x.dt_proj_weight);
+                t(format!("{pre}.mixer.dt_proj.bias"), vec![e], Bias, & $($m)? x.dt_proj_bias);
+            }
+            if let Some(w) = x.norm_weight.$opt() {
+                t(format!("{pre}.mixer.norm.weight"), vec![e], Norm, w);
+            }
             t(format!("{pre}.mixer.out_proj.weight"), vec![d, e], Weight, & $($m)? x.out_proj_weight);
             if let Some(b) = x.out_proj_bias.$opt() {
                 t(format!("{pre}.mixer.out_proj.bias"), vec![d], Bias, b);
@@ -171,6 +187,7 @@ impl<T> MambaParams<T> {
                         d: Vec::new(),
                         out_proj_weight: Vec::new(),
                         out_proj_bias: opt(c.proj_bias),
+                        norm_weight: opt(c.ssd.is_some()),
                     },
                 })
                 .collect(),

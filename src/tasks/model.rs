@@ -112,6 +112,7 @@ impl TaskModelConfig {
             d_conv: self.d_conv,
             dt_rank: self.dt_rank,
             norm_eps: self.norm_eps,
+            ssd: None,
         }
     }
 
@@ -468,6 +469,7 @@ impl<T: TaskScalar> BlockParams<T> {
                 dt_bias: &p.dt_proj_bias,
                 a: Values::Owned(p.a_log.iter().map(|&v| -v.exp()).collect()),
                 d: &p.d,
+                dt_bc_rms_eps: None,
             }),
             SsmParams::S4d(p) => Mixer::S4d(p),
         };

@@ -29,8 +29,10 @@ pub trait TrainableModel: Sized {
     type Params: ParamTree<Config = Self::Config>;
     /// What the training forward keeps for the backward.
     type Cache;
-    /// The `arch` of a run's settings that trains this model.
-    const ARCH: Architecture;
+    /// The `arch` values (as a user reads them) of runs that train this model.
+    const NAME: &'static str;
+    /// Whether a run's settings of `arch` train this model.
+    fn trains(arch: Architecture) -> bool;
 
     /// The model a run's settings describe, for a vocabulary of
     /// `vocab_size` ids; an error names the setting that cannot be.
@@ -77,7 +79,10 @@ impl TrainableModel for Mamba<f32> {
     type Config = MambaConfig;
     type Params = MambaParams<f32>;
     type Cache = ForwardCache<f32>;
-    const ARCH: Architecture = Architecture::Mamba;
+    const NAME: &'static str = "mamba or mamba2";
+    fn trains(arch: Architecture) -> bool {
+        matches!(arch, Architecture::Mamba | Architecture::Mamba2)
+    }
 
     fn config_of(s: &TrainConfig, vocab_size: usize) -> Result<MambaConfig> {
         let c = s.model_config(vocab_size);
@@ -180,7 +185,10 @@ impl TrainableModel for Transformer<f32> {
     type Config = TransformerConfig;
     type Params = TransformerParams<f32>;
     type Cache = TransformerCache<f32>;
-    const ARCH: Architecture = Architecture::Transformer;
+    const NAME: &'static str = "transformer";
+    fn trains(arch: Architecture) -> bool {
+        arch == Architecture::Transformer
+    }
 
     /// d_model, n_layer, n_head (head_dim d_model / n_head), d_ff (default
     /// 8 d_model / 3 rounded up to 8), positions; learned positions cover

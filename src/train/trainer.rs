@@ -33,7 +33,7 @@ use crate::generate::tokenizer::{CharVocab, Tokenizer};
 use crate::io::{encode, read_object, write_atomically, write_safetensors};
 use crate::io::{DType, SafetensorsFile, TensorSource};
 use crate::nn::Transformer;
-use crate::nn::{next_token_cross_entropy, Architecture, Mamba, MambaConfig, Positions};
+use crate::nn::{next_token_cross_entropy, Architecture, Mamba, MambaConfig, Positions, SsdConfig};
 use crate::plot::{self, Chart, Series};
 use crate::rng::Rng;
 
@@ -42,7 +42,8 @@ use crate::rng::Rng;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
-    /// The model: "mamba" or "transformer" (the Transformer++ baseline).
+    /// The model: "mamba", "mamba2" or "transformer" (the Transformer++
+    /// baseline).
     pub arch: Architecture,
     /// The training text.
     pub data: PathBuf,
@@ -57,6 +58,11 @@ pub struct TrainConfig {
     pub n_layer: usize,
     pub d_state: usize,
     pub expand: usize,
+    /// Mamba-2: channels per head (P), groups of B and C (G), and the SSD's
+    /// chunk length.
+    pub head_dim: usize,
+    pub n_groups: usize,
+    pub chunk_size: usize,
     /// Transformer: attention heads (head_dim d_model / n_head).
     pub n_head: usize,
     /// Transformer: the SwiGLU width; None: 8 d_model / 3 rounded up to 8.
@@ -108,6 +114,9 @@ impl Default for TrainConfig {
             n_layer: 4,
             d_state: 16,
             expand: 2,
+            head_dim: 64,
+            n_groups: 1,
+            chunk_size: 256,
             n_head: 4,
             d_ff: None,
             positions: Positions::Rotary,
@@ -183,17 +192,22 @@ impl TrainConfig {
             Ok((M::cached_values_per_token(&c), M::n_params_of(&c)))
         }
         match self.arch {
-            Architecture::Mamba => of::<Mamba<f32>>(self, vocab_size),
+            Architecture::Mamba | Architecture::Mamba2 => of::<Mamba<f32>>(self, vocab_size),
             Architecture::Transformer => of::<Transformer<f32>>(self, vocab_size),
         }
     }
 
     /// The Mamba model these settings describe, for a vocabulary of
-    /// `vocab_size` ids (with arch "mamba").
+    /// `vocab_size` ids (with arch "mamba" or "mamba2").
     pub fn model_config(&self, vocab_size: usize) -> MambaConfig {
         let mut c = MambaConfig::new(self.d_model, self.n_layer, vocab_size, self.d_state);
         c.expand = self.expand;
         c.d_inner = self.expand * self.d_model;
+        if self.arch == Architecture::Mamba2 {
+            let mut ssd = SsdConfig::new(self.head_dim, self.n_groups);
+            ssd.chunk_size = self.chunk_size;
+            c.ssd = Some(ssd);
+        }
         c
     }
 
@@ -364,13 +378,13 @@ const EVAL_STREAM: u64 = 0xE7A1_5EED_0000_0002;
 
 /// An error unless the run's settings train architecture `M`.
 fn check_arch<M: TrainableModel>(config: &TrainConfig) -> Result<()> {
-    if config.arch != M::ARCH {
+    if !M::trains(config.arch) {
         return Err(invalid(
             "train",
             format!(
                 "the run's settings say arch {:?}, this trainer trains {:?}",
                 config.arch.name(),
-                M::ARCH.name()
+                M::NAME
             ),
         ));
     }

@@ -126,7 +126,7 @@ fn bench_train_command(args: &BenchArgs) -> CliResult {
         return Err("--train times a randomly initialised model of --preset; drop --model".into());
     }
     let threads = rayon::current_num_threads();
-    let mamba = args.preset.unwrap_or(Preset::CharSmall).config(
+    let mamba = preset_of(args, Preset::CharSmall)?.config(
         args.d_model,
         args.n_layer,
         args.vocab_size,
@@ -134,7 +134,7 @@ fn bench_train_command(args: &BenchArgs) -> CliResult {
     );
     let transformer = transformer_of_equal_size(args, &mamba);
     let (d_model, n_layer, vocab, n_params) = match args.arch {
-        Architecture::Mamba => (
+        Architecture::Mamba | Architecture::Mamba2 => (
             mamba.d_model,
             mamba.n_layer,
             mamba.vocab_size,
@@ -149,7 +149,9 @@ fn bench_train_command(args: &BenchArgs) -> CliResult {
     for &len in &args.seq_len {
         let (b, steps, seed) = (args.batch_size, args.steps, args.seed);
         rows.push(match args.arch {
-            Architecture::Mamba => bench_training::<Mamba<f32>>(&mamba, b, len, steps, seed)?,
+            Architecture::Mamba | Architecture::Mamba2 => {
+                bench_training::<Mamba<f32>>(&mamba, b, len, steps, seed)?
+            }
             Architecture::Transformer => {
                 bench_training::<Transformer<f32>>(&transformer, b, len, steps, seed)?
             }
@@ -180,6 +182,25 @@ fn bench_train_command(args: &BenchArgs) -> CliResult {
     Ok(())
 }
 
+/// The preset a random model is made of: `--preset`, else `default`, or
+/// mamba2-130m for `--arch mamba2`; a Mamba-1 preset with `--arch mamba2`
+/// is refused rather than silently changed.
+fn preset_of(args: &BenchArgs, default: Preset) -> selective::Result<Preset> {
+    let mamba2 = args.arch == Architecture::Mamba2;
+    match args.preset {
+        None if mamba2 => Ok(Preset::Mamba2_130m),
+        None => Ok(default),
+        Some(p) if mamba2 && !p.is_mamba2() => Err(selective::Error::Invalid {
+            op: "bench",
+            message: format!(
+                "--preset {} is a Mamba-1; --arch mamba2 takes a mamba2-* preset",
+                p.name()
+            ),
+        }),
+        Some(p) => Ok(p),
+    }
+}
+
 /// The Transformer++ that `--arch transformer` times beside the Mamba
 /// of `mamba`'s sizes: the same d_model and vocabulary, half the layers
 /// (a Transformer layer, 12 D², has the parameters of two Mamba blocks,
@@ -200,12 +221,12 @@ fn bench_source(args: &BenchArgs) -> selective::Result<(String, AnyModel)> {
         || args.d_model.is_some()
         || args.n_layer.is_some()
         || args.vocab_size.is_some()
-        || args.arch == Architecture::Transformer;
+        || args.arch != Architecture::Mamba;
     if random && args.model.is_none() {
-        let preset = args.preset.unwrap_or(Preset::Mamba130m);
+        let preset = preset_of(args, Preset::Mamba130m)?;
         let config = preset.config(args.d_model, args.n_layer, args.vocab_size, None);
         return Ok(match args.arch {
-            Architecture::Mamba => (
+            Architecture::Mamba | Architecture::Mamba2 => (
                 format!("random {} (seed {})", preset.name(), args.seed),
                 AnyModel::Mamba(Mamba::<f32>::init(config, args.seed)?),
             ),
@@ -237,7 +258,7 @@ fn scaling_command<M: SyntheticContext>(
 ) -> CliResult {
     let threads = rayon::current_num_threads();
     let default_max = match args.arch {
-        Architecture::Mamba => 20,
+        Architecture::Mamba | Architecture::Mamba2 => 20,
         Architecture::Transformer => 16,
     };
     let max_log2 = args.max_log2.unwrap_or(default_max);

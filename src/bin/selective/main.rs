@@ -117,6 +117,22 @@ enum Preset {
     Mamba1_4b,
     #[value(name = "mamba-2.8b")]
     Mamba2_8b,
+    /// tiiuae/falcon-mamba-7b: Mamba-1 with dt_low, B and C RMS-normalised,
+    /// an untied head and a 65,024-token vocabulary.
+    #[value(name = "falcon-mamba-7b")]
+    FalconMamba7b,
+    /// state-spaces/mamba2-*: the SSD mixer, d_state 128, head_dim 64, one
+    /// group, vocabulary 50277 padded to 50288.
+    #[value(name = "mamba2-130m")]
+    Mamba2_130m,
+    #[value(name = "mamba2-370m")]
+    Mamba2_370m,
+    #[value(name = "mamba2-780m")]
+    Mamba2_780m,
+    #[value(name = "mamba2-1.3b")]
+    Mamba2_1_3b,
+    #[value(name = "mamba2-2.7b")]
+    Mamba2_2_7b,
 }
 
 impl Preset {
@@ -129,7 +145,25 @@ impl Preset {
             Preset::Mamba790m => "mamba-790m",
             Preset::Mamba1_4b => "mamba-1.4b",
             Preset::Mamba2_8b => "mamba-2.8b",
+            Preset::FalconMamba7b => "falcon-mamba-7b",
+            Preset::Mamba2_130m => "mamba2-130m",
+            Preset::Mamba2_370m => "mamba2-370m",
+            Preset::Mamba2_780m => "mamba2-780m",
+            Preset::Mamba2_1_3b => "mamba2-1.3b",
+            Preset::Mamba2_2_7b => "mamba2-2.7b",
         }
+    }
+
+    /// Whether the preset is a Mamba-2.
+    fn is_mamba2(self) -> bool {
+        matches!(
+            self,
+            Preset::Mamba2_130m
+                | Preset::Mamba2_370m
+                | Preset::Mamba2_780m
+                | Preset::Mamba2_1_3b
+                | Preset::Mamba2_2_7b
+        )
     }
 
     /// The preset's configuration with the given sizes overridden.
@@ -147,13 +181,29 @@ impl Preset {
             Preset::Mamba790m => (1536, 48, 50280),
             Preset::Mamba1_4b => (2048, 48, 50280),
             Preset::Mamba2_8b => (2560, 64, 50280),
+            Preset::FalconMamba7b => (4096, 64, 65024),
+            Preset::Mamba2_130m => (768, 24, 50288),
+            Preset::Mamba2_370m => (1024, 48, 50288),
+            Preset::Mamba2_780m => (1536, 48, 50288),
+            Preset::Mamba2_1_3b => (2048, 48, 50288),
+            Preset::Mamba2_2_7b => (2560, 64, 50288),
         };
-        MambaConfig::new(
+        let mamba2 = self.is_mamba2();
+        let d_state = d_state.unwrap_or(if mamba2 { 128 } else { 16 });
+        let mut config = MambaConfig::new(
             d_model.unwrap_or(dm),
             n_layer.unwrap_or(nl),
             vocab_size.unwrap_or(vocab),
-            d_state.unwrap_or(16),
-        )
+            d_state,
+        );
+        if mamba2 {
+            config.ssd = Some(selective::nn::SsdConfig::new(64, 1));
+        }
+        if let Preset::FalconMamba7b = self {
+            config.tie_embeddings = false;
+            config.dt_bc_rms_eps = Some(1e-6);
+        }
+        config
     }
 }
 

@@ -227,6 +227,8 @@ pub fn run(args: ScoreArgs) -> CliResult {
             "model": source.name(),
             "dtype": inference.as_ref().map_or("f32 (training forward)", |m| m.format().name()),
             "architecture": match &model {
+                AnyModel::Mamba(m) if m.config.ssd.is_some() => "mamba2",
+                AnyModel::Mamba(m) if m.config.dt_bc_rms_eps.is_some() => "falcon_mamba",
                 AnyModel::Mamba(_) => "mamba",
                 AnyModel::Transformer(_) => "transformer",
             },

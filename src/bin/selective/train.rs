@@ -38,8 +38,9 @@ pub struct TrainArgs {
     /// Tiny Shakespeare), as nanoGPT's shakespeare_char.
     #[arg(long)]
     pub char_vocab: bool,
-    /// The model: mamba (default) or transformer (the Transformer++
-    /// baseline: RMSNorm, rotary attention, SwiGLU, tied embeddings).
+    /// The model: mamba (default), mamba2 (the SSD mixer) or transformer
+    /// (the Transformer++ baseline: RMSNorm, rotary attention, SwiGLU,
+    /// tied embeddings).
     #[arg(long)]
     pub arch: Option<Architecture>,
     #[arg(long)]
@@ -50,6 +51,15 @@ pub struct TrainArgs {
     pub d_state: Option<usize>,
     #[arg(long)]
     pub expand: Option<usize>,
+    /// Mamba-2: channels per head (default 64).
+    #[arg(long)]
+    pub head_dim: Option<usize>,
+    /// Mamba-2: groups of B and C (default 1).
+    #[arg(long)]
+    pub n_groups: Option<usize>,
+    /// Mamba-2: the SSD's chunk length (default 256).
+    #[arg(long)]
+    pub chunk_size: Option<usize>,
     /// Transformer: attention heads (head_dim = d_model / n_head; default 4).
     #[arg(long)]
     pub n_head: Option<usize>,
@@ -129,6 +139,9 @@ pub fn run(args: TrainArgs) -> CliResult {
     }
     set!(
         arch,
+        head_dim,
+        n_groups,
+        chunk_size,
         n_head,
         d_ff,
         positions,
@@ -178,7 +191,7 @@ pub fn run(args: TrainArgs) -> CliResult {
         config = TrainConfig::from_file(&args.out.join("config.json"))?;
     }
     match config.arch {
-        Architecture::Mamba => train::<Mamba<f32>>(&args, config, &options),
+        Architecture::Mamba | Architecture::Mamba2 => train::<Mamba<f32>>(&args, config, &options),
         Architecture::Transformer => train::<Transformer<f32>>(&args, config, &options),
     }
 }

@@ -1,0 +1,460 @@
+//! The Mamba-2 block: the same residual block as Mamba's (docs/DESIGN.md
+//! §17), with the SSD layer of `kernels::ssd` as its mixer and a gated
+//! RMSNorm before out_proj (mamba_ssm `modules/mamba2.py`).
+//!
+//! ```text
+//! u          = norm(h)                                     (BL, D)
+//! z, xBC, dt = u W_inᵀ (+ b_in)  split [E, E + 2GN, H]     (BL, ·)
+//! x, B, C    = silu(conv1d(xBC) + b_conv)  split [E, GN, GN]
+//! y          = ssd(x, dt, A, B, C, D; dt_bias, dt_limit)   (BL, E)   kernels/ssd.rs
+//! g          = y ⊙ silu(z)                                 (BL, E)
+//! v          = g / rms_group(g) ⊙ w_norm                   (BL, E)   RMS over each of G groups of E/G
+//! h          = h + v W_outᵀ (+ b_out)                      (BL, D)
+//! ```
+//!
+//! The carried state of a sequence is the convolution's last K inputs
+//! (E + 2GN, K) and the SSD state (H, P, N) = E·N values, as many as
+//! Mamba-1's. The training forward keeps the block's input, xBC before the
+//! convolution, z, dt, y, v and the SSD's chunk states; the backward
+//! recomputes the convolution, the gate and the norm.
+
+use super::{
+    add_row_bias, sized, split_columns, sum_rows_into, Block, BlockCache, BlockGradients,
+    BlockScalar, BlockStateMut, ChunkBuffers, Linear, MixerGradients, Ssd, StepBuffers,
+};
+use crate::error::{check_len, invalid, Result};
+use crate::float::Float;
+use crate::kernels::{
+    causal_conv1d_backward, causal_conv1d_forward, causal_conv1d_forward_continuing,
+    causal_conv1d_step, matmul_xtw, matmul_xw, rms_norm_backward, ssd_backward, ssd_forward,
+    ssd_step, ConvShape, SsdInputs, SsdOptions, SsdShape, SsdStepInputs,
+};
+use crate::nn::block::Dense;
+
+/// The longest SSD chunk this crate computes with. The chunked form's work
+/// per position grows with Q (the (Q, Q) products inside a chunk) while its
+/// sequential part shrinks; on a CPU Q = 64 ran the forward of a
+/// mamba2-130m layer (L 2048, H 24, P 64, N 128) in 24 ms against 54 ms at
+/// the checkpoints' 256 (one core, f32).
+const SSD_CHUNK_CAP: usize = 64;
+
+/// The gated norm's forward on rows of (rows, E) in place: g ← g /
+/// sqrt(mean over its group(g²) + ε) ⊙ w, groups of E/G adjacent channels.
+fn gated_norm_forward<T: Float>(g: &mut [T], weight: &[T], groups: usize, eps: f64) {
+    let e = weight.len();
+    let width = e / groups;
+    let eps = T::from_f64(eps);
+    for row in g.chunks_mut(e) {
+        for (part, w) in row.chunks_mut(width).zip(weight.chunks(width)) {
+            let ms = part.iter().map(|&v| v * v).sum::<T>() / T::from_usize(width);
+            let scale = T::ONE / (ms + eps).sqrt();
+            for (v, &wv) in part.iter_mut().zip(w) {
+                *v = *v * scale * wv;
+            }
+        }
+    }
+}
+
+impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
+    fn ssd_shape(&self, batch: usize, len: usize) -> SsdShape {
+        let ssd = self.shape.ssd.expect("an SSD block has its sizes");
+        SsdShape {
+            batch,
+            len,
+            heads: self.shape.heads(),
+            head_dim: ssd.head_dim,
+            groups: ssd.n_groups,
+            state: self.shape.d_state,
+        }
+    }
+
+    fn ssd_options(&self) -> SsdOptions {
+        let ssd = self.shape.ssd.expect("an SSD block has its sizes");
+        SsdOptions {
+            // the chunk is a choice of arithmetic, not of the model: every
+            // Q gives the same values up to rounding (DESIGN §17.3)
+            chunk_len: ssd.chunk_size.min(SSD_CHUNK_CAP),
+            dt_limit: ssd.dt_limit,
+        }
+    }
+
+    fn ssd_conv_shape(&self, batch: usize, len: usize) -> ConvShape {
+        ConvShape {
+            batch,
+            len,
+            channels: self.shape.conv_channels(),
+            kernel: self.shape.d_conv,
+        }
+    }
+
+    /// (E, GN, H): the widths of x, of B (and C) and of dt.
+    fn ssd_widths(&self) -> (usize, usize, usize) {
+        let groups = self.shape.ssd.map_or(1, |s| s.n_groups);
+        (
+            self.shape.d_inner,
+            groups * self.shape.d_state,
+            self.shape.heads(),
+        )
+    }
+
+    /// [`Block::forward`] of the Mamba-2 block.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward_ssd(
+        &self,
+        ssd: &Ssd<'_, T>,
+        h: &mut [T],
+        batch: usize,
+        len: usize,
+        state: Option<BlockStateMut<'_, T>>,
+        bufs: &mut ChunkBuffers<T>,
+        keep: bool,
+    ) -> Result<()> {
+        const OP: &str = "Block::forward";
+        let d = self.shape.d_model;
+        let (e, gn, nh) = self.ssd_widths();
+        let (rows, in_rows, channels) = (batch * len, self.in_rows(), self.shape.conv_channels());
+        check_len(
+            OP,
+            "h",
+            h,
+            &[("batch", batch), ("len", len), ("d_model", d)],
+        )?;
+        let conv = self.conv.as_ref().ok_or_else(|| invalid(OP, "no conv"))?;
+        // z, xBC, dt = norm(h) W_inᵀ (+ b_in)
+        self.norm(h, sized(&mut bufs.normed, rows * d))?;
+        let zxbcdt = sized(&mut bufs.xz, rows * in_rows);
+        self.in_proj.forward(&bufs.normed, rows, zxbcdt, false)?;
+        if let Some(bias) = self.in_proj_bias {
+            add_row_bias(zxbcdt, bias);
+        }
+        let (z, xbc, dt) = (
+            sized(&mut bufs.z, rows * e),
+            sized(&mut bufs.x, rows * channels),
+            sized(&mut bufs.delta, rows * nh),
+        );
+        split_columns(&bufs.xz, &mut [(z, e), (xbc, channels), (dt, nh)]);
+        // x, B, C = silu(conv1d(xBC) + b_conv)
+        let shape = self.ssd_conv_shape(batch, len);
+        let act = sized(&mut bufs.v, rows * channels);
+        let (state_conv, state_ssm) = match state {
+            Some(st) => (Some(st.conv), Some(st.ssm)),
+            None => (None, None),
+        };
+        match state_conv {
+            Some(cs) => {
+                causal_conv1d_forward_continuing(&shape, &bufs.x, conv.weight, conv.bias, cs, act)?
+            }
+            None => causal_conv1d_forward(&shape, &bufs.x, conv.weight, conv.bias, act)?,
+        }
+        act.iter_mut().for_each(|a| *a = a.silu());
+        let (x, bm, cm) = (
+            sized(&mut bufs.ssd_x, rows * e),
+            sized(&mut bufs.b, rows * gn),
+            sized(&mut bufs.c, rows * gn),
+        );
+        split_columns(&bufs.v, &mut [(x, e), (bm, gn), (cm, gn)]);
+        // y = ssd(x, dt, A, B, C, D)
+        let shape = self.ssd_shape(batch, len);
+        let options = self.ssd_options();
+        let initial = match &state_ssm {
+            Some(st) => {
+                let copy = sized(&mut bufs.initial_state, st.len());
+                copy.copy_from_slice(st);
+                Some(copy.as_slice())
+            }
+            None => None,
+        };
+        let inputs = SsdInputs {
+            x: &bufs.ssd_x,
+            dt: &bufs.delta,
+            dt_bias: ssd.dt_bias,
+            a: &ssd.a,
+            b: &bufs.b,
+            c: &bufs.c,
+            d: ssd.d,
+            initial_state: initial,
+        };
+        let chunk_states = if keep {
+            Some(
+                sized(
+                    &mut bufs.checkpoints,
+                    shape.chunk_states_len(options.chunk_len),
+                )
+                .as_mut_slice(),
+            )
+        } else {
+            None
+        };
+        let y = sized(&mut bufs.ssd_y, rows * e);
+        ssd_forward(&shape, &inputs, &options, y, state_ssm, chunk_states)?;
+        // v = gated_norm(y ⊙ silu(z))
+        let v = sized(&mut bufs.y, rows * e);
+        for ((vv, &yv), &zv) in v.iter_mut().zip(&bufs.ssd_y).zip(&bufs.z) {
+            *vv = yv * zv.silu();
+        }
+        gated_norm_forward(v, ssd.norm_weight, shape.groups, self.shape.norm_eps);
+        // h += v W_outᵀ (+ b_out)
+        self.out_proj.forward(&bufs.y, rows, h, true)?;
+        if let Some(bias) = self.out_proj_bias {
+            add_row_bias(h, bias);
+        }
+        let _ = nh;
+        Ok(())
+    }
+
+    /// [`Block::step`] of the Mamba-2 block: one token of each sequence.
+    pub(super) fn step_ssd(
+        &self,
+        ssd: &Ssd<'_, T>,
+        h: &mut [T],
+        states: &mut [BlockStateMut<'_, T>],
+        bufs: &mut StepBuffers<T>,
+    ) -> Result<()> {
+        const OP: &str = "Block::step";
+        let d = self.shape.d_model;
+        let (e, gn, nh) = self.ssd_widths();
+        let (in_rows, channels, k) = (
+            self.in_rows(),
+            self.shape.conv_channels(),
+            self.shape.d_conv,
+        );
+        let b = states.len();
+        check_len(OP, "h", h, &[("sequences", b), ("d_model", d)])?;
+        if bufs.xz.len() < b * in_rows || bufs.v.len() < b * channels || bufs.y.len() < b * e {
+            return Err(invalid(OP, format!("{b} sequences but buffers for fewer")));
+        }
+        let conv = self.conv.as_ref().ok_or_else(|| invalid(OP, "no conv"))?;
+        let normed = &mut bufs.normed[..b * d];
+        self.norm(h, normed)?;
+        let zxbcdt = &mut bufs.xz[..b * in_rows];
+        self.in_proj.forward(normed, b, zxbcdt, false)?;
+        if let Some(bias) = self.in_proj_bias {
+            add_row_bias(zxbcdt, bias);
+        }
+        let step_shape = self.ssd_shape(1, 1).step_shape();
+        let options = self.ssd_options();
+        let act = &mut bufs.v[..b * channels];
+        let v = &mut bufs.y[..b * e];
+        for (i, st) in states.iter_mut().enumerate() {
+            let row = &zxbcdt[i * in_rows..(i + 1) * in_rows];
+            let (z, xbc, dt) = (&row[..e], &row[e..e + channels], &row[e + channels..]);
+            let a_i = &mut act[i * channels..(i + 1) * channels];
+            // conv_state ← shift(conv_state, xBC); x, B, C = silu(W_conv · conv_state + b)
+            causal_conv1d_step(1, channels, k, st.conv, xbc, conv.weight, conv.bias, a_i)?;
+            a_i.iter_mut().for_each(|a| *a = a.silu());
+            let inputs = SsdStepInputs {
+                x: &a_i[..e],
+                dt,
+                b: &a_i[e..e + gn],
+                c: &a_i[e + gn..],
+                dt_bias: ssd.dt_bias,
+                a: &ssd.a,
+                d: ssd.d,
+            };
+            let v_i = &mut v[i * e..(i + 1) * e];
+            ssd_step(&step_shape, 0..nh, &inputs, &options, st.ssm, v_i)?;
+            // v = gated_norm(y ⊙ silu(z))
+            for (vv, &zv) in v_i.iter_mut().zip(z) {
+                *vv *= zv.silu();
+            }
+            gated_norm_forward(v_i, ssd.norm_weight, step_shape.groups, self.shape.norm_eps);
+        }
+        self.out_proj.forward(v, b, h, true)?;
+        if let Some(bias) = self.out_proj_bias {
+            add_row_bias(h, bias);
+        }
+        Ok(())
+    }
+}
+
+/// What the training forward of a Mamba-2 block keeps (see [`BlockCache`]'s
+/// fields for the Mamba-1 meaning of each): `x` holds xBC before the
+/// convolution (BL, E + 2GN), `dt_low` the raw dt (BL, H), `s` the SSD
+/// output y (BL, E), `y` what out_proj read, `checkpoints` the SSD's chunk
+/// states.
+pub(super) fn ssd_cache<T>(resid: Vec<T>, bufs: &mut ChunkBuffers<T>) -> BlockCache<T> {
+    let take = std::mem::take;
+    BlockCache {
+        resid,
+        x: take(&mut bufs.x),
+        z: take(&mut bufs.z),
+        dt_low: take(&mut bufs.delta),
+        b: Vec::new(),
+        c: Vec::new(),
+        s: take(&mut bufs.ssd_y),
+        y: take(&mut bufs.y),
+        checkpoints: take(&mut bufs.checkpoints),
+    }
+}
+
+impl<T: BlockScalar> Block<'_, T, Dense<'_, T>> {
+    /// [`Block::backward`] of the Mamba-2 block.
+    pub(super) fn backward_ssd(
+        &self,
+        ssd: &Ssd<'_, T>,
+        cache: &BlockCache<T>,
+        batch: usize,
+        len: usize,
+        dh: &mut [T],
+    ) -> Result<BlockGradients<T>> {
+        const OP: &str = "Block::backward";
+        let d = self.shape.d_model;
+        let (e, gn, nh) = self.ssd_widths();
+        let (rows, in_rows, channels) = (batch * len, self.in_rows(), self.shape.conv_channels());
+        check_len(
+            OP,
+            "dh",
+            dh,
+            &[("batch", batch), ("len", len), ("d_model", d)],
+        )?;
+        check_len(OP, "cached y", &cache.y, &[("rows", rows), ("d_inner", e)])?;
+        let conv = self.conv.as_ref().ok_or_else(|| invalid(OP, "no conv"))?;
+        let shape = self.ssd_shape(batch, len);
+        // h_out = h_in + v W_outᵀ (+ b_out)
+        let mut out_proj_weight = vec![T::ZERO; d * e];
+        matmul_xtw(dh, &cache.y, rows, d, e, &mut out_proj_weight, false)?;
+        let out_proj_bias = self.out_proj_bias.map(|b| {
+            let mut g = vec![T::ZERO; b.len()];
+            sum_rows_into(dh, &mut g);
+            g
+        });
+        let mut dv = vec![T::ZERO; rows * e];
+        matmul_xw(dh, self.out_proj.weight, rows, d, e, &mut dv, false)?;
+        // v = n(g) ⊙ w, n(g) = g / rms over each group, g = y ⊙ silu(z)
+        let gate: Vec<T> = cache.z.iter().map(|&z| z.silu()).collect();
+        let g: Vec<T> = cache.s.iter().zip(&gate).map(|(&y, &s)| y * s).collect();
+        let ones = vec![T::ONE; e];
+        let mut normalised = g.clone();
+        gated_norm_forward(&mut normalised, &ones, shape.groups, self.shape.norm_eps);
+        let mut norm_weight = vec![T::ZERO; e];
+        let weighted: Vec<T> = dv.iter().zip(&normalised).map(|(&a, &b)| a * b).collect();
+        sum_rows_into(&weighted, &mut norm_weight);
+        drop((weighted, normalised));
+        let dn: Vec<T> = dv
+            .chunks(e)
+            .flat_map(|row| row.iter().zip(ssd.norm_weight).map(|(&a, &w)| a * w))
+            .collect();
+        let width = e / shape.groups;
+        let eps = <T as Float>::from_f64(self.shape.norm_eps);
+        // the groups of every row are rows of (BL·G, E/G)
+        let dg = rms_norm_backward(&g, &ones[..width], width, eps, &dn)?.x;
+        drop((g, dn, dv));
+        let dy: Vec<T> = dg.iter().zip(&gate).map(|(&a, &s)| a * s).collect();
+        let dz: Vec<T> = dg
+            .iter()
+            .zip(&cache.s)
+            .zip(&cache.z)
+            .map(|((&a, &y), &z)| a * y * z.silu_grad())
+            .collect();
+        drop((dg, gate));
+        // recomputed: xc = conv1d(xBC) + b, x, B, C = silu(xc)
+        let conv_shape = self.ssd_conv_shape(batch, len);
+        let mut xc = vec![T::ZERO; rows * channels];
+        causal_conv1d_forward(&conv_shape, &cache.x, conv.weight, conv.bias, &mut xc)?;
+        let act: Vec<T> = xc.iter().map(|&a| a.silu()).collect();
+        let (mut x, mut bm, mut cm) = (
+            vec![T::ZERO; rows * e],
+            vec![T::ZERO; rows * gn],
+            vec![T::ZERO; rows * gn],
+        );
+        split_columns(&act, &mut [(&mut x, e), (&mut bm, gn), (&mut cm, gn)]);
+        drop(act);
+        let inputs = SsdInputs {
+            x: &x,
+            dt: &cache.dt_low,
+            dt_bias: ssd.dt_bias,
+            a: &ssd.a,
+            b: &bm,
+            c: &cm,
+            d: ssd.d,
+            initial_state: None,
+        };
+        let sg = ssd_backward(
+            &shape,
+            &inputs,
+            &self.ssd_options(),
+            &cache.checkpoints,
+            &dy,
+            None,
+        )?;
+        drop((x, bm, cm, dy));
+        let a_log =
+            sg.a.iter()
+                .zip(ssd.a.iter())
+                .map(|(&da, &a)| da * a)
+                .collect();
+        // d xc = [dx, dB, dC] ⊙ silu'(xc)
+        let mut dxc = vec![T::ZERO; rows * channels];
+        for (i, row) in dxc.chunks_mut(channels).enumerate() {
+            row[..e].copy_from_slice(&sg.x[i * e..(i + 1) * e]);
+            row[e..e + gn].copy_from_slice(&sg.b[i * gn..(i + 1) * gn]);
+            row[e + gn..].copy_from_slice(&sg.c[i * gn..(i + 1) * gn]);
+        }
+        for (g, &x) in dxc.iter_mut().zip(&xc) {
+            *g *= x.silu_grad();
+        }
+        drop(xc);
+        let cg = causal_conv1d_backward(
+            &conv_shape,
+            &cache.x,
+            conv.weight,
+            conv.bias.is_some(),
+            &dxc,
+        )?;
+        drop(dxc);
+        // [z, xBC, dt] = u W_inᵀ (+ b_in)
+        let mut d_in = vec![T::ZERO; rows * in_rows];
+        for (i, row) in d_in.chunks_mut(in_rows).enumerate() {
+            row[..e].copy_from_slice(&dz[i * e..(i + 1) * e]);
+            row[e..e + channels].copy_from_slice(&cg.x[i * channels..(i + 1) * channels]);
+            row[e + channels..].copy_from_slice(&sg.dt[i * nh..(i + 1) * nh]);
+        }
+        drop(dz);
+        let mut normed = vec![T::ZERO; rows * d];
+        self.norm(&cache.resid, &mut normed)?;
+        let mut d_normed = vec![T::ZERO; rows * d];
+        matmul_xw(
+            &d_in,
+            self.in_proj.weight,
+            rows,
+            in_rows,
+            d,
+            &mut d_normed,
+            false,
+        )?;
+        let mut in_proj_weight = vec![T::ZERO; in_rows * d];
+        matmul_xtw(&d_in, &normed, rows, in_rows, d, &mut in_proj_weight, false)?;
+        let in_proj_bias = self.in_proj_bias.map(|b| {
+            let mut g = vec![T::ZERO; b.len()];
+            sum_rows_into(&d_in, &mut g);
+            g
+        });
+        // u = norm(h_in); the residual path adds dh itself
+        let ng = super::norm_backward(
+            &cache.resid,
+            self.norm_weight,
+            self.norm_bias.is_some(),
+            self.shape.norm_eps,
+            &d_normed,
+        )?;
+        for (a, &b) in dh.iter_mut().zip(&ng.x) {
+            *a += b;
+        }
+        Ok(BlockGradients {
+            norm_weight: ng.weight,
+            norm_bias: ng.bias,
+            in_proj_weight,
+            in_proj_bias,
+            conv_weight: cg.weight,
+            conv_bias: cg.bias,
+            mixer: MixerGradients::Ssd {
+                dt_bias: sg.dt_bias,
+                a_log,
+                d: sg.d,
+                norm_weight,
+            },
+            out_proj_weight,
+            out_proj_bias,
+        })
+    }
+}
