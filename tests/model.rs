@@ -1,6 +1,7 @@
 //! The Mamba language model against Hugging Face transformers'
 //! MambaForCausalLM (float64 references made by
-//! scripts/make_model_reference.py), finite differences, and its own
+//! scripts/make_model_reference.py; Falcon-Mamba's and Mamba-2's by
+//! scripts/make_mamba2_reference.py), finite differences, and its own
 //! loading, saving and initialisation rules.
 
 mod common;
@@ -33,7 +34,20 @@ use selective::Float;
 
 #[test]
 fn logits_loss_and_greedy_tokens_equal_transformers() {
-    for dir in ["tiny-hf", "small-hf", "small-bf16", "falcon-tiny-hf"] {
+    // Falcon-Mamba and Mamba-2 (docs/DESIGN.md §17; made by
+    // scripts/make_mamba2_reference.py: transformers for one group, the
+    // script's mamba_ssm equations for more groups and the state-spaces
+    // layout)
+    for dir in [
+        "tiny-hf",
+        "small-hf",
+        "small-bf16",
+        "falcon-tiny-hf",
+        "mamba2-tiny-hf",
+        "mamba2-tiny-hf-limit",
+        "mamba2-g4-hf",
+        "mamba2-g2-original",
+    ] {
         let r = read_reference(dir);
         let (ids, batch, len) = ids_of(&r, "input_ids");
         let want = &r["logits"].1;
@@ -69,7 +83,14 @@ fn logits_loss_and_greedy_tokens_equal_transformers() {
 
 #[test]
 fn gradients_equal_pytorch_autograd() {
-    for dir in ["tiny-hf", "small-hf", "falcon-tiny-hf"] {
+    for dir in [
+        "tiny-hf",
+        "small-hf",
+        "falcon-tiny-hf",
+        "mamba2-tiny-hf",
+        "mamba2-tiny-hf-limit",
+        "mamba2-g4-hf",
+    ] {
         let r = read_reference(dir);
         let (ids, batch, len) = ids_of(&r, "input_ids");
         let model = Mamba::<f64>::from_dir(models_dir().join(dir)).unwrap();

@@ -162,7 +162,8 @@ impl BlockShape {
 
     /// H, the SSD mixer's heads (0 without one).
     pub fn heads(&self) -> usize {
-        self.ssd.map_or(0, |s| self.d_inner / s.head_dim)
+        self.ssd
+            .map_or(0, |s| self.d_inner.checked_div(s.head_dim).unwrap_or(0))
     }
 
     /// Rows of in_proj in a gated block: 2E (x, z), or 2E + 2GN + H (z, x,
@@ -1190,6 +1191,49 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
 }
 
 impl<T: BlockScalar> Block<'_, T, Dense<'_, T>> {
+    /// The backward of h_out = h_in + y W_outᵀ (+ b_out), y what out_proj
+    /// read: (dW_out, db_out, dy (BL, E)).
+    fn out_proj_backward(
+        &self,
+        cache: &BlockCache<T>,
+        rows: usize,
+        dh: &[T],
+    ) -> Result<(Vec<T>, Option<Vec<T>>, Vec<T>)> {
+        let (d, e) = (self.shape.d_model, self.shape.d_inner);
+        let mut weight = vec![T::ZERO; d * e];
+        matmul_xtw(dh, &cache.y, rows, d, e, &mut weight, false)?;
+        let bias = self.out_proj_bias.map(|b| {
+            let mut g = vec![T::ZERO; b.len()];
+            sum_rows_into(dh, &mut g);
+            g
+        });
+        let mut dy = vec![T::ZERO; rows * e];
+        matmul_xw(dh, self.out_proj.weight, rows, d, e, &mut dy, false)?;
+        Ok((weight, bias, dy))
+    }
+
+    /// The backward of u = norm(h_in) given du: adds dL/dh_in through the
+    /// norm to `dh` (the residual path is `dh` itself) and returns the
+    /// norm's gradients.
+    fn input_norm_backward(
+        &self,
+        cache: &BlockCache<T>,
+        d_normed: &[T],
+        dh: &mut [T],
+    ) -> Result<NormGrads<T>> {
+        let ng = norm_backward(
+            &cache.resid,
+            self.norm_weight,
+            self.norm_bias.is_some(),
+            self.shape.norm_eps,
+            d_normed,
+        )?;
+        for (a, &b) in dh.iter_mut().zip(&ng.x) {
+            *a += b;
+        }
+        Ok(ng)
+    }
+
     /// The backward of [`Block::forward_train`]: `dh` holds dL/dh after the
     /// block on entry and dL/dh before it on return.
     pub fn backward(
@@ -1204,7 +1248,6 @@ impl<T: BlockScalar> Block<'_, T, Dense<'_, T>> {
             return self.backward_ssd(ssd, cache, batch, len, dh);
         }
         let (d, e, n, r) = self.shape.dims();
-        let norm_eps = self.shape.norm_eps;
         let rows = batch * len;
         check_len(
             OP,
@@ -1214,16 +1257,7 @@ impl<T: BlockScalar> Block<'_, T, Dense<'_, T>> {
         )?;
         check_len(OP, "cached y", &cache.y, &[("rows", rows), ("d_inner", e)])?;
         let gated = self.gated();
-        // h_out = h_in + y W_outᵀ (+ b_out)
-        let mut out_proj_weight = vec![T::ZERO; d * e];
-        matmul_xtw(dh, &cache.y, rows, d, e, &mut out_proj_weight, false)?;
-        let out_proj_bias = self.out_proj_bias.map(|b| {
-            let mut g = vec![T::ZERO; b.len()];
-            sum_rows_into(dh, &mut g);
-            g
-        });
-        let mut dy = vec![T::ZERO; rows * e];
-        matmul_xw(dh, self.out_proj.weight, rows, d, e, &mut dy, false)?;
+        let (out_proj_weight, out_proj_bias, dy) = self.out_proj_backward(cache, rows, dh)?;
         // recomputed (see BlockCache): xc = conv1d(x) + b, v = silu(xc)
         let (xc, v) = match &self.conv {
             Some(conv) => {
@@ -1438,17 +1472,7 @@ impl<T: BlockScalar> Block<'_, T, Dense<'_, T>> {
             }
             g
         });
-        // u = norm(h_in); the residual path adds dh itself.
-        let ng = norm_backward(
-            &cache.resid,
-            self.norm_weight,
-            self.norm_bias.is_some(),
-            norm_eps,
-            &d_normed,
-        )?;
-        for (a, &b) in dh.iter_mut().zip(&ng.x) {
-            *a += b;
-        }
+        let ng = self.input_norm_backward(cache, &d_normed, dh)?;
         Ok(BlockGradients {
             norm_weight: ng.weight,
             norm_bias: ng.bias,

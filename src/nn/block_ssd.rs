@@ -311,15 +311,7 @@ impl<T: BlockScalar> Block<'_, T, Dense<'_, T>> {
         let conv = self.conv.as_ref().ok_or_else(|| invalid(OP, "no conv"))?;
         let shape = self.ssd_shape(batch, len);
         // h_out = h_in + v W_outᵀ (+ b_out)
-        let mut out_proj_weight = vec![T::ZERO; d * e];
-        matmul_xtw(dh, &cache.y, rows, d, e, &mut out_proj_weight, false)?;
-        let out_proj_bias = self.out_proj_bias.map(|b| {
-            let mut g = vec![T::ZERO; b.len()];
-            sum_rows_into(dh, &mut g);
-            g
-        });
-        let mut dv = vec![T::ZERO; rows * e];
-        matmul_xw(dh, self.out_proj.weight, rows, d, e, &mut dv, false)?;
+        let (out_proj_weight, out_proj_bias, dv) = self.out_proj_backward(cache, rows, dh)?;
         // v = n(g) ⊙ w, n(g) = g / rms over each group, g = y ⊙ silu(z)
         let gate: Vec<T> = cache.z.iter().map(|&z| z.silu()).collect();
         let g: Vec<T> = cache.s.iter().zip(&gate).map(|(&y, &s)| y * s).collect();
@@ -429,17 +421,7 @@ impl<T: BlockScalar> Block<'_, T, Dense<'_, T>> {
             sum_rows_into(&d_in, &mut g);
             g
         });
-        // u = norm(h_in); the residual path adds dh itself
-        let ng = super::norm_backward(
-            &cache.resid,
-            self.norm_weight,
-            self.norm_bias.is_some(),
-            self.shape.norm_eps,
-            &d_normed,
-        )?;
-        for (a, &b) in dh.iter_mut().zip(&ng.x) {
-            *a += b;
-        }
+        let ng = self.input_norm_backward(cache, &d_normed, dh)?;
         Ok(BlockGradients {
             norm_weight: ng.weight,
             norm_bias: ng.bias,

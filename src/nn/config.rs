@@ -127,26 +127,19 @@ impl MambaConfig {
 
     /// Heads H of the Mamba-2 mixer (0 for Mamba-1).
     pub fn n_heads(&self) -> usize {
-        self.ssd
-            .map_or(0, |s| self.d_inner.checked_div(s.head_dim).unwrap_or(0))
+        self.block_shape().heads()
     }
 
     /// Rows of in_proj: 2E (x, z) for Mamba-1; 2E + 2GN + H (z, x, B, C,
     /// Δ) for Mamba-2.
     pub fn in_proj_rows(&self) -> usize {
-        match self.ssd {
-            None => 2 * self.d_inner,
-            Some(s) => 2 * self.d_inner + 2 * s.n_groups * self.d_state + self.n_heads(),
-        }
+        self.block_shape().in_proj_rows()
     }
 
     /// Channels of the causal convolution: E for Mamba-1; E + 2GN (x, B
     /// and C) for Mamba-2.
     pub fn conv_channels(&self) -> usize {
-        match self.ssd {
-            None => self.d_inner,
-            Some(s) => self.d_inner + 2 * s.n_groups * self.d_state,
-        }
+        self.block_shape().conv_channels()
     }
 
     /// The configuration of state-spaces/mamba-130m.
