@@ -6,12 +6,9 @@
 
 mod common;
 
-use common::{assert_close, models_dir};
+use common::{assert_gradients_match_finite_differences, models_dir};
 use selective::kernels::WeightFormat;
-use selective::nn::{
-    next_token_cross_entropy, DecodeBuffers, InferenceModel, Mamba, MambaConfig, Sequence,
-    SsdConfig,
-};
+use selective::nn::{DecodeBuffers, InferenceModel, Mamba, MambaConfig, Sequence, SsdConfig};
 use selective::rng::Rng;
 
 /// Every Mamba-2 fixture: n_groups 1 (untied; tied with a clamping
@@ -99,49 +96,7 @@ fn gradients_match_finite_differences() {
     // the clamp's derivative jumps there)
     for limit in [(0.0, f64::INFINITY), (0.02, 0.12)] {
         let mut model = random_mamba2(limit, 5);
-        let c = model.config.clone();
-        let (batch, len) = (2, 7);
-        let ids: Vec<u32> = (0..batch * len)
-            .map(|i| ((i * 7 + 3) % 11) as u32)
-            .collect();
-        let loss_of = |m: &Mamba<f64>| {
-            let logits = m.forward(&ids, batch, len).unwrap();
-            next_token_cross_entropy(&logits, &ids, batch, len, 11)
-                .unwrap()
-                .0
-        };
-        let (logits, cache) = model.forward_train(&ids, batch, len).unwrap();
-        let (_, d_logits) = next_token_cross_entropy(&logits, &ids, batch, len, 11).unwrap();
-        let grads = model.backward(&ids, &cache, &d_logits).unwrap();
-        let analytic: Vec<(String, Vec<f64>)> = grads
-            .tensors(&c)
-            .into_iter()
-            .map(|(i, g)| (i.name, g.clone()))
-            .collect();
-        let eps = 1e-6;
-        for (name, g) in analytic {
-            let mut fd = vec![0.0; g.len()];
-            for (i, fd_i) in fd.iter_mut().enumerate() {
-                let mut nudge = |delta: f64| {
-                    let mut ts = model.params.tensors_mut(&c);
-                    let t = ts.iter_mut().find(|(info, _)| info.name == name).unwrap();
-                    t.1[i] += delta;
-                };
-                nudge(eps);
-                let lp = loss_of(&model);
-                let mut nudge = |delta: f64| {
-                    let mut ts = model.params.tensors_mut(&c);
-                    let t = ts.iter_mut().find(|(info, _)| info.name == name).unwrap();
-                    t.1[i] += delta;
-                };
-                nudge(-2.0 * eps);
-                let lm = loss_of(&model);
-                let mut ts = model.params.tensors_mut(&c);
-                ts.iter_mut().find(|(info, _)| info.name == name).unwrap().1[i] += eps;
-                *fd_i = (lp - lm) / (2.0 * eps);
-            }
-            assert_close(&format!("FD {name} (limit {limit:?})"), &g, &fd, 1e-7, 1e-5);
-        }
+        assert_gradients_match_finite_differences(&mut model, &format!("limit {limit:?}"));
     }
 }
 

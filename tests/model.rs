@@ -6,7 +6,9 @@
 
 mod common;
 
-use common::{assert_close, ids_of, models_dir, read_reference};
+use common::{
+    assert_close, assert_gradients_match_finite_differences, ids_of, models_dir, read_reference,
+};
 use selective::io::{DType, SafetensorsFile, TensorSource};
 use selective::nn::{next_token_cross_entropy, Mamba, MambaConfig, ParamKind};
 use selective::Error;
@@ -136,60 +138,15 @@ fn gradients_match_finite_differences() {
 }
 
 fn check_finite_differences(c: &MambaConfig) {
-    let c = c.clone();
     let mut model = Mamba::<f64>::init(c.clone(), 5).unwrap();
     let mut rng = selective::rng::Rng::new(9);
-    for (_, t) in model.params.tensors_mut(&c) {
+    for (_, t) in model.params.tensors_mut(c) {
         for v in t.iter_mut() {
             *v += 0.2 * rng.normal();
         }
     }
-    let (batch, len) = (2, 7);
-    let ids: Vec<u32> = (0..batch * len)
-        .map(|i| ((i * 7 + 3) % 11) as u32)
-        .collect();
-    let loss_of = |m: &Mamba<f64>| {
-        let logits = m.forward(&ids, batch, len).unwrap();
-        next_token_cross_entropy(&logits, &ids, batch, len, 11)
-            .unwrap()
-            .0
-    };
-    let (logits, cache) = model.forward_train(&ids, batch, len).unwrap();
-    let (_, d_logits) = next_token_cross_entropy(&logits, &ids, batch, len, 11).unwrap();
-    let grads = model.backward(&ids, &cache, &d_logits).unwrap();
-    let analytic: Vec<(String, Vec<f64>)> = grads
-        .tensors(&c)
-        .into_iter()
-        .map(|(i, g)| (i.name, g.clone()))
-        .collect();
-    let eps = 1e-6;
-    for (name, g) in analytic {
-        let n = g.len();
-        let mut fd = vec![0.0; n];
-        for i in 0..n {
-            let get = |m: &mut Mamba<f64>| -> *mut f64 {
-                let mut ts = m.params.tensors_mut(&c);
-                let t = ts.iter_mut().find(|(info, _)| info.name == name).unwrap();
-                &mut t.1[i] as *mut f64
-            };
-            let p = get(&mut model);
-            // SAFETY: p points into model.params, which is not resized meanwhile.
-            let orig = unsafe { *p };
-            unsafe { *p = orig + eps };
-            let lp = loss_of(&model);
-            unsafe { *p = orig - eps };
-            let lm = loss_of(&model);
-            unsafe { *p = orig };
-            fd[i] = (lp - lm) / (2.0 * eps);
-        }
-        assert_close(
-            &format!("FD {name} (mixer_rms_eps {:?})", c.dt_bc_rms_eps),
-            &g,
-            &fd,
-            1e-7,
-            1e-5,
-        );
-    }
+    let label = format!("mixer_rms_eps {:?}", c.dt_bc_rms_eps);
+    assert_gradients_match_finite_differences(&mut model, &label);
 }
 
 #[test]

@@ -70,6 +70,7 @@
 use rayon::prelude::*;
 
 use super::matmul::{matmul_xtw, matmul_xw, matmul_xwt, MatmulScalar};
+use super::selective_scan_step::dot;
 use super::shared::SharedMut;
 use crate::error::{check_len, invalid, Result};
 use crate::float::Float;
@@ -1336,26 +1337,4 @@ fn step_heads<T: Float>(
             y[j * p + i] = dh.mul_add(xv, dot(c_t, s));
         }
     }
-}
-
-/// Σ a[i] b[i] with 8 independent partial sums, so that it vectorises.
-#[inline(always)]
-fn dot<T: Float>(a: &[T], b: &[T]) -> T {
-    const LANES: usize = 8;
-    let mut lanes = [T::ZERO; LANES];
-    let split = a.len() / LANES * LANES;
-    for (ca, cb) in a[..split]
-        .chunks_exact(LANES)
-        .zip(b[..split].chunks_exact(LANES))
-    {
-        for w in 0..LANES {
-            lanes[w] = ca[w].mul_add(cb[w], lanes[w]);
-        }
-    }
-    let mut sum = T::ZERO;
-    for (&x, &y) in a[split..].iter().zip(&b[split..]) {
-        sum = x.mul_add(y, sum);
-    }
-    sum + ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6]))
-        + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]))
 }

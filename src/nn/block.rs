@@ -1045,13 +1045,14 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
                 let xd = r + 2 * n;
                 let x_dbl = &mut bufs.x_dbl[..b * xd];
                 s6.x_proj.forward(v, b, x_dbl, false)?;
+                if let Some(eps) = s6.dt_bc_rms_eps {
+                    for row in x_dbl.chunks_mut(xd) {
+                        normalize_dt_b_c(row, r, n, eps);
+                    }
+                }
                 let dt_low = &mut bufs.dt_low[..b * r];
                 for (dt, row) in dt_low.chunks_mut(r).zip(x_dbl.chunks(xd)) {
                     dt.copy_from_slice(&row[..r]);
-                }
-                if let Some(eps) = s6.dt_bc_rms_eps {
-                    // (step_scan normalises B and C of the raw row itself)
-                    rms_normalize_rows(dt_low, r, eps);
                 }
                 let delta = &mut bufs.delta[..b * e];
                 s6.dt_proj.forward(dt_low, b, delta, false)?;
@@ -1132,8 +1133,9 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
     /// Step phase 3 for channels [c0, c0 + u.len()) of one sequence (S6):
     /// ssm_state ← exp(ΔA) ssm_state + ΔB u;  y = (C · ssm_state + D u) ·
     /// silu(z) (gated) or silu(C · ssm_state + D u) (nogate). `x_dbl` is
-    /// the sequence's whole (R + 2N) row, `delta` the raw dt_low W_dtᵀ of
-    /// these channels, `ssm_state` their (c, N).
+    /// the sequence's whole (R + 2N) row (for Falcon-Mamba after
+    /// [`normalize_dt_b_c`]), `delta` the raw dt_low W_dtᵀ of these
+    /// channels, `ssm_state` their (c, N).
     #[allow(clippy::too_many_arguments)]
     pub fn step_scan(
         &self,
@@ -1152,18 +1154,7 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
         let (n, r) = (self.shape.d_state, self.shape.dt_rank);
         let c = u.len();
         check_len(OP, "x_dbl", x_dbl, &[("R + 2N", r + 2 * n)])?;
-        // Falcon-Mamba: B and C normalised here (`x_dbl` is x_proj's raw
-        // row; dt_low was normalised by the caller before dt_proj made `delta`)
-        let normed_row;
-        let x_dbl = match s6.dt_bc_rms_eps {
-            None => x_dbl,
-            Some(eps) => {
-                let mut row = x_dbl.to_vec();
-                normalize_dt_b_c(&mut row, r, n, eps);
-                normed_row = row;
-                &normed_row[..]
-            }
-        };
+
         if c0 + c > self.shape.d_inner {
             return Err(invalid(
                 OP,

@@ -28,8 +28,8 @@
 //! whose cost does not depend on the position.
 
 use super::block::{
-    add_row_bias, norm_forward, rms_normalize_rows, Block, BlockStateMut, ChunkBuffers, Conv,
-    Linear, Mixer, Ssd, StepBuffers, Values, S6,
+    add_row_bias, norm_forward, normalize_dt_b_c, Block, BlockStateMut, ChunkBuffers, Conv, Linear,
+    Mixer, Ssd, StepBuffers, Values, S6,
 };
 use super::config::MambaConfig;
 use super::lm::Mamba;
@@ -565,7 +565,7 @@ impl InferenceModel {
             let (m0, m1) = share(d, t, 16);
             let (p0, p1) = share(x_dbl_len, t, 1);
             let mut normed = vec![0.0f32; d];
-            let mut dt_low = vec![0.0f32; r];
+            let mut row_copy = vec![0.0f32; x_dbl_len];
             let mut failed = None;
             // SAFETY (every `slice` below): a thread writes only its own
             // ranges [c0, c1), [m0, m1), [p0, p1) of the shared buffers, and
@@ -604,15 +604,20 @@ impl InferenceModel {
                 barrier.wait();
                 // delta[channels_t] = dt_proj rows; scan step → y[channels_t]
                 if let (true, Mixer::S6(s6)) = (c1 > c0, &block.mixer) {
-                    let row = unsafe { x_dbl.slice(0, x_dbl_len) };
+                    let shared_row = unsafe { x_dbl.slice(0, x_dbl_len) };
                     let delta_t = unsafe { delta.slice(c0, c1 - c0) };
-                    dt_low.copy_from_slice(&row[..r]);
-                    if let Some(eps) = s6.dt_bc_rms_eps {
-                        rms_normalize_rows(&mut dt_low, r, eps);
-                    }
+                    // Falcon-Mamba: this thread's own normalised copy of the row
+                    let row: &[f32] = match s6.dt_bc_rms_eps {
+                        None => shared_row,
+                        Some(eps) => {
+                            row_copy.copy_from_slice(shared_row);
+                            normalize_dt_b_c(&mut row_copy, r, n, eps);
+                            &row_copy
+                        }
+                    };
                     keep_first(
                         &mut failed,
-                        s6.dt_proj.forward_rows(&dt_low, c0, delta_t, false),
+                        s6.dt_proj.forward_rows(&row[..r], c0, delta_t, false),
                     );
                     let z = unsafe { xz.slice(e + c0, c1 - c0) };
                     let ssm_t = unsafe { ssm.slice(c0 * n, (c1 - c0) * n) };
