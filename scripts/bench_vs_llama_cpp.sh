@@ -6,7 +6,8 @@
 # usage: scripts/bench_vs_llama_cpp.sh MODEL_DIR GGUF_DIR LLAMA_BENCH [ROUNDS] [REPS] [THREADS]
 #   MODEL_DIR    Hugging Face-layout model (e.g. `selective init --preset mamba-130m --out DIR`)
 #   GGUF_DIR     the same model converted by scripts/bench_llama_cpp.sh:
-#                mamba-130m-random-{f32,f16,q8_0}.gguf
+#                NAME-{f32,f16,q8_0}.gguf, NAME the basename of MODEL_DIR
+#                (e.g. mamba-130m-random, mamba2-130m-random)
 #   LLAMA_BENCH  path of llama.cpp's llama-bench binary
 # Rounds alternate the two programs; each prints prefill of 512 tokens
 # (pp512) and decode of 128 tokens (tg128) as mean ± sd over REPS.
@@ -18,6 +19,7 @@ llama=${3:?LLAMA_BENCH}
 rounds=${4:-2}
 reps=${5:-3}
 threads=${6:-2}
+name=$(basename "$model")
 out=bench-results/$(date -u +%Y%m%dT%H%M%S)
 mkdir -p "$out"
 cargo build --release --quiet
@@ -28,7 +30,7 @@ for round in $(seq 1 "$rounds"); do
         --dtype f32,bf16,f16,q8 --json > "$out/selective-$round.json"
     for t in f32 f16 q8_0; do
         echo "round $round: llama.cpp $t (load $(cut -d' ' -f1 /proc/loadavg))" >&2
-        "$llama" -m "$gguf/mamba-130m-random-$t.gguf" -p 512 -n 128 -t "$threads" -r "$reps" \
+        "$llama" -m "$gguf/$name-$t.gguf" -p 512 -n 128 -t "$threads" -r "$reps" \
             -o json > "$out/llama-$t-$round.json"
     done
 done
@@ -62,6 +64,7 @@ ratios = [
     ("selective bf16 tg / bandwidth bound", med[("selective", "bf16", "tg128")] / med[("bound", "bf16", "tg128")]),
     ("selective f16 tg / llama.cpp f16 tg", med[("selective", "f16", "tg128")] / med[("llama.cpp", "f16", "tg128")]),
     ("selective q8 tg / llama.cpp q8_0 tg", med[("selective", "q8", "tg128")] / med[("llama.cpp", "q8_0", "tg128")]),
+    ("selective q8 tg / bandwidth bound", med[("selective", "q8", "tg128")] / med[("bound", "q8", "tg128")]),
     ("selective f32 pp512 / llama.cpp f32 pp512", med[("selective", "f32", "pp512")] / med[("llama.cpp", "f32", "pp512")]),
 ]
 for name, v in ratios:

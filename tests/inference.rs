@@ -478,7 +478,14 @@ mod generation {
 /// (including more threads than channel blocks) gives the forward's logits.
 #[test]
 fn single_sequence_team_decoding_equals_the_forward_for_any_thread_count() {
-    for dir in ["small-hf", "tiny-hf", "falcon-tiny-hf"] {
+    for dir in [
+        "small-hf",
+        "tiny-hf",
+        "falcon-tiny-hf",
+        "mamba2-tiny-hf",
+        "mamba2-g4-hf",
+        "mamba2-g2-original",
+    ] {
         let mamba = load(dir);
         let v = mamba.config.vocab_size;
         let ids = random_ids(19, v, 13);

@@ -37,4 +37,14 @@ impl<'a, T> SharedMut<'a, T> {
         assert!(offset + len <= self.len, "SharedMut range out of bounds");
         std::slice::from_raw_parts_mut(self.ptr.add(offset), len)
     }
+
+    /// The elements `offset .. offset + len`, to read.
+    ///
+    /// # Safety
+    /// No worker may write to the range while the returned slice lives.
+    #[inline(always)]
+    pub(crate) unsafe fn read(&self, offset: usize, len: usize) -> &'a [T] {
+        assert!(offset + len <= self.len, "SharedMut range out of bounds");
+        std::slice::from_raw_parts(self.ptr.add(offset), len)
+    }
 }

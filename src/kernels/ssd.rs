@@ -53,8 +53,8 @@
 //!
 //! The forward runs in three phases: (1) every (batch, chunk, group) unit
 //! in parallel: C Bᵀ once, then per head of the group Y_intra (written to y
-//! with D x) and S_end; (2) per batch element, the chunk-to-chunk state
-//! recurrence; (3) every (batch, chunk, group) unit again: Y_inter added to
+//! with D x) and S_end; (2) per (batch, head) pair, the chunk-to-chunk
+//! state recurrence; (3) every (batch, chunk, group) unit again: Y_inter added to
 //! y. Units over chunks (rather than (batch, head) pairs) keep both cores
 //! busy on one sequence with one group, and units over groups (rather than
 //! heads) share C Bᵀ between a group's heads. The backward mirrors it: the
@@ -611,32 +611,31 @@ fn forward_chunks<T: MatmulScalar>(
 
 /// Phase 2 of the forward: turns S_end of every chunk in `states` into the
 /// state entering that chunk; returns the final states (batch, H, P, N).
+/// Every (batch, head) pair is its own chain over the chunks, so the pairs
+/// run in parallel (one sequence still keeps every thread busy).
 fn pass_states_forward<T: Float>(ctx: &Ctx<'_, T>, states: &mut [T], decay: &[T]) -> Vec<T> {
-    let hpn = ctx.heads * ctx.head_dim * ctx.state;
     let pn = ctx.head_dim * ctx.state;
-    let per_batch: Vec<Vec<T>> = states
-        .par_chunks_mut(ctx.n_chunks * hpn)
-        .enumerate()
-        .map(|(b, st)| {
-            let mut cur = match ctx.inputs.initial_state {
-                Some(s0) => s0[b * hpn..(b + 1) * hpn].to_vec(),
-                None => vec![T::ZERO; hpn],
-            };
-            for (k, slot) in st.chunks_exact_mut(hpn).enumerate() {
-                for h in 0..ctx.heads {
-                    let a = decay[(b * ctx.n_chunks + k) * ctx.heads + h];
-                    let range = h * pn..(h + 1) * pn;
-                    for (sv, cv) in slot[range.clone()].iter_mut().zip(&mut cur[range]) {
-                        let end = *sv;
-                        *sv = *cv;
-                        *cv = a.mul_add(*cv, end);
-                    }
-                }
+    let mut last = vec![T::ZERO; ctx.batch * ctx.heads * pn];
+    let chains = SharedMut::new(states);
+    let finals = SharedMut::new(&mut last);
+    (0..ctx.batch * ctx.heads).into_par_iter().for_each(|bh| {
+        let (b, h) = (bh / ctx.heads, bh % ctx.heads);
+        // SAFETY: pair (b, h) owns its final state and its slot of every chunk.
+        let cur = unsafe { finals.slice(bh * pn, pn) };
+        if let Some(s0) = ctx.inputs.initial_state {
+            cur.copy_from_slice(&s0[bh * pn..(bh + 1) * pn]);
+        }
+        for k in 0..ctx.n_chunks {
+            let a = decay[(b * ctx.n_chunks + k) * ctx.heads + h];
+            let slot = unsafe { chains.slice(ctx.slot(b, k, h), pn) };
+            for (sv, cv) in slot.iter_mut().zip(cur.iter_mut()) {
+                let end = *sv;
+                *sv = *cv;
+                *cv = a.mul_add(*cv, end);
             }
-            cur
-        })
-        .collect();
-    per_batch.concat()
+        }
+    });
+    last
 }
 
 /// Phase 3 of the forward: y += diag(exp(a_cum)) C S_prevᵀ per chunk.

@@ -576,16 +576,31 @@ fn sum_rows_into<T: Float>(x: &[T], out: &mut [T]) {
     }
 }
 
-/// Splits rows of `src` (rows, Σ widths) into one buffer per width.
-fn split_columns<T: Copy>(src: &[T], parts: &mut [(&mut [T], usize)]) {
+/// Splits rows of `src` (rows, Σ widths) into one buffer per width, in
+/// blocks of rows on the pool's threads (a copy bound by memory that two
+/// cores move faster than one).
+fn split_columns<T: Copy + Send + Sync>(src: &[T], parts: &mut [(&mut [T], usize)]) {
+    use crate::kernels::shared::SharedMut;
+    use rayon::prelude::*;
+    const ROWS_PER_TASK: usize = 64;
     let total: usize = parts.iter().map(|(_, w)| w).sum();
-    for (i, row) in src.chunks(total).enumerate() {
-        let mut at = 0;
-        for (dst, w) in parts.iter_mut() {
-            dst[i * *w..(i + 1) * *w].copy_from_slice(&row[at..at + *w]);
-            at += *w;
-        }
-    }
+    let dsts: Vec<(SharedMut<'_, T>, usize)> = parts
+        .iter_mut()
+        .map(|(dst, w)| (SharedMut::new(&mut **dst), *w))
+        .collect();
+    src.par_chunks(total * ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(block, rows)| {
+            for (j, row) in rows.chunks(total).enumerate() {
+                let i = block * ROWS_PER_TASK + j;
+                let mut at = 0;
+                for (dst, w) in &dsts {
+                    // SAFETY: row i of every part is written by this task only.
+                    unsafe { dst.slice(i * w, *w) }.copy_from_slice(&row[at..at + w]);
+                    at += w;
+                }
+            }
+        });
 }
 
 /// x ← x / sqrt(mean(x²) + ε) for every row of `x` (rows, dim): the
@@ -774,7 +789,7 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
     ) -> Result<()> {
         const OP: &str = "Block::forward";
         if let Mixer::Ssd(ssd) = &self.mixer {
-            return self.forward_ssd(ssd, h, batch, len, state, bufs, keep);
+            return self.forward_ssd(ssd, h, batch, len, state, bufs);
         }
         let (d, e, n, r) = self.shape.dims();
         let rows = batch * len;
@@ -1100,18 +1115,19 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
     /// Step phase 1 for channels [c0, c0 + x.len()) of one sequence:
     /// conv_state ← shift(conv_state, x); v = silu(W_conv · conv_state +
     /// b_conv) for a gated block, v = x for nogate. `conv_state` holds
-    /// those channels' (c, K).
+    /// those channels' (c, K); the channels are E (Mamba) or E + 2GN (x,
+    /// B and C of Mamba-2).
     pub fn step_conv(&self, c0: usize, x: &[T], conv_state: &mut [T], v: &mut [T]) -> Result<()> {
         let Some(conv) = &self.conv else {
             check_len("Block::step_conv", "v", v, &[("channels", x.len())])?;
             v.copy_from_slice(x);
             return Ok(());
         };
-        let (c, k) = (x.len(), self.shape.d_conv);
-        if c0 + c > self.shape.d_inner {
+        let (c, k, channels) = (x.len(), self.shape.d_conv, self.shape.conv_channels());
+        if c0 + c > channels {
             return Err(invalid(
                 "Block::step_conv",
-                format!("channels {c0}..{} of {}", c0 + c, self.shape.d_inner),
+                format!("channels {c0}..{} of {channels}", c0 + c),
             ));
         }
         causal_conv1d_step(

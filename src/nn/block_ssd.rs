@@ -25,11 +25,12 @@ use super::{
 use crate::error::{check_len, invalid, Result};
 use crate::float::Float;
 use crate::kernels::{
-    causal_conv1d_backward, causal_conv1d_forward, causal_conv1d_forward_continuing,
-    causal_conv1d_step, matmul_xtw, matmul_xw, rms_norm_backward, ssd_backward, ssd_forward,
-    ssd_step, ConvShape, SsdInputs, SsdOptions, SsdShape, SsdStepInputs,
+    causal_conv1d_backward, causal_conv1d_forward, causal_conv1d_forward_continuing, matmul_xtw,
+    matmul_xw, rms_norm_backward, ssd_backward, ssd_forward, ssd_step, ConvShape, SsdInputs,
+    SsdOptions, SsdShape, SsdStepInputs,
 };
 use crate::nn::block::Dense;
+use rayon::prelude::*;
 
 /// The longest SSD chunk this crate computes with. The chunked form's work
 /// per position grows with Q (the (Q, Q) products inside a chunk) while its
@@ -38,21 +39,39 @@ use crate::nn::block::Dense;
 /// the checkpoints' 256 (one core, f32).
 const SSD_CHUNK_CAP: usize = 64;
 
-/// The gated norm's forward on rows of (rows, E) in place: g ← g /
-/// sqrt(mean over its group(g²) + ε) ⊙ w, groups of E/G adjacent channels.
-fn gated_norm_forward<T: Float>(g: &mut [T], weight: &[T], groups: usize, eps: f64) {
-    let e = weight.len();
-    let width = e / groups;
+/// The gated norm's forward on one row of E in place: g ← g / sqrt(mean
+/// over its group(g²) + ε) ⊙ w, groups of E/G adjacent channels.
+fn gated_norm_row<T: Float>(row: &mut [T], weight: &[T], groups: usize, eps: f64) {
+    let width = weight.len() / groups;
     let eps = T::from_f64(eps);
-    for row in g.chunks_mut(e) {
-        for (part, w) in row.chunks_mut(width).zip(weight.chunks(width)) {
-            let ms = part.iter().map(|&v| v * v).sum::<T>() / T::from_usize(width);
-            let scale = T::ONE / (ms + eps).sqrt();
-            for (v, &wv) in part.iter_mut().zip(w) {
-                *v = *v * scale * wv;
-            }
+    for (part, w) in row.chunks_mut(width).zip(weight.chunks(width)) {
+        let ms = part.iter().map(|&v| v * v).sum::<T>() / T::from_usize(width);
+        let scale = T::ONE / (ms + eps).sqrt();
+        for (v, &wv) in part.iter_mut().zip(w) {
+            *v = *v * scale * wv;
         }
     }
+}
+
+/// Rows of (rows, E) per parallel task of the elementwise passes.
+const ROWS_PER_TASK: usize = 32;
+
+/// v = gated_norm(y ⊙ silu(z)) on rows of (rows, E), in blocks of rows on
+/// the pool's threads.
+fn gate_and_norm<T: Float>(y: &[T], z: &[T], weight: &[T], groups: usize, eps: f64, v: &mut [T]) {
+    let e = weight.len();
+    let width = e * ROWS_PER_TASK;
+    v.par_chunks_mut(width)
+        .zip(y.par_chunks(width))
+        .zip(z.par_chunks(width))
+        .for_each(|((vb, yb), zb)| {
+            for ((vr, yr), zr) in vb.chunks_mut(e).zip(yb.chunks(e)).zip(zb.chunks(e)) {
+                for ((vv, &yv), &zv) in vr.iter_mut().zip(yr).zip(zr) {
+                    *vv = yv * zv.silu();
+                }
+                gated_norm_row(vr, weight, groups, eps);
+            }
+        });
 }
 
 impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
@@ -107,7 +126,6 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
         len: usize,
         state: Option<BlockStateMut<'_, T>>,
         bufs: &mut ChunkBuffers<T>,
-        keep: bool,
     ) -> Result<()> {
         const OP: &str = "Block::forward";
         let d = self.shape.d_model;
@@ -146,7 +164,8 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
             }
             None => causal_conv1d_forward(&shape, &bufs.x, conv.weight, conv.bias, act)?,
         }
-        act.iter_mut().for_each(|a| *a = a.silu());
+        act.par_chunks_mut(channels * ROWS_PER_TASK)
+            .for_each(|block| block.iter_mut().for_each(|a| *a = a.silu()));
         let (x, bm, cm) = (
             sized(&mut bufs.ssd_x, rows * e),
             sized(&mut bufs.b, rows * gn),
@@ -174,25 +193,28 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
             d: ssd.d,
             initial_state: initial,
         };
-        let chunk_states = if keep {
-            Some(
-                sized(
-                    &mut bufs.checkpoints,
-                    shape.chunk_states_len(options.chunk_len),
-                )
-                .as_mut_slice(),
+        // Kept for the backward when the caller keeps a cache; otherwise the kernel's
+        // working space for the chunk states, reused by every layer rather
+        // than a fresh (and freshly zeroed) allocation per call.
+        let chunk_states = Some(
+            sized(
+                &mut bufs.checkpoints,
+                shape.chunk_states_len(options.chunk_len),
             )
-        } else {
-            None
-        };
+            .as_mut_slice(),
+        );
         let y = sized(&mut bufs.ssd_y, rows * e);
         ssd_forward(&shape, &inputs, &options, y, state_ssm, chunk_states)?;
         // v = gated_norm(y ⊙ silu(z))
         let v = sized(&mut bufs.y, rows * e);
-        for ((vv, &yv), &zv) in v.iter_mut().zip(&bufs.ssd_y).zip(&bufs.z) {
-            *vv = yv * zv.silu();
-        }
-        gated_norm_forward(v, ssd.norm_weight, shape.groups, self.shape.norm_eps);
+        gate_and_norm(
+            &bufs.ssd_y,
+            &bufs.z,
+            ssd.norm_weight,
+            shape.groups,
+            self.shape.norm_eps,
+            v,
+        );
         // h += v W_outᵀ (+ b_out)
         self.out_proj.forward(&bufs.y, rows, h, true)?;
         if let Some(bias) = self.out_proj_bias {
@@ -212,18 +234,13 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
     ) -> Result<()> {
         const OP: &str = "Block::step";
         let d = self.shape.d_model;
-        let (e, gn, nh) = self.ssd_widths();
-        let (in_rows, channels, k) = (
-            self.in_rows(),
-            self.shape.conv_channels(),
-            self.shape.d_conv,
-        );
+        let (e, _, nh) = self.ssd_widths();
+        let (in_rows, channels) = (self.in_rows(), self.shape.conv_channels());
         let b = states.len();
         check_len(OP, "h", h, &[("sequences", b), ("d_model", d)])?;
         if bufs.xz.len() < b * in_rows || bufs.v.len() < b * channels || bufs.y.len() < b * e {
             return Err(invalid(OP, format!("{b} sequences but buffers for fewer")));
         }
-        let conv = self.conv.as_ref().ok_or_else(|| invalid(OP, "no conv"))?;
         let normed = &mut bufs.normed[..b * d];
         self.norm(h, normed)?;
         let zxbcdt = &mut bufs.xz[..b * in_rows];
@@ -231,38 +248,86 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
         if let Some(bias) = self.in_proj_bias {
             add_row_bias(zxbcdt, bias);
         }
-        let step_shape = self.ssd_shape(1, 1).step_shape();
-        let options = self.ssd_options();
         let act = &mut bufs.v[..b * channels];
         let v = &mut bufs.y[..b * e];
         for (i, st) in states.iter_mut().enumerate() {
             let row = &zxbcdt[i * in_rows..(i + 1) * in_rows];
-            let (z, xbc, dt) = (&row[..e], &row[e..e + channels], &row[e + channels..]);
             let a_i = &mut act[i * channels..(i + 1) * channels];
             // conv_state ← shift(conv_state, xBC); x, B, C = silu(W_conv · conv_state + b)
-            causal_conv1d_step(1, channels, k, st.conv, xbc, conv.weight, conv.bias, a_i)?;
-            a_i.iter_mut().for_each(|a| *a = a.silu());
-            let inputs = SsdStepInputs {
-                x: &a_i[..e],
-                dt,
-                b: &a_i[e..e + gn],
-                c: &a_i[e + gn..],
-                dt_bias: ssd.dt_bias,
-                a: &ssd.a,
-                d: ssd.d,
-            };
+            self.step_conv(0, &row[e..e + channels], st.conv, a_i)?;
             let v_i = &mut v[i * e..(i + 1) * e];
-            ssd_step(&step_shape, 0..nh, &inputs, &options, st.ssm, v_i)?;
-            // v = gated_norm(y ⊙ silu(z))
-            for (vv, &zv) in v_i.iter_mut().zip(z) {
-                *vv *= zv.silu();
-            }
-            gated_norm_forward(v_i, ssd.norm_weight, step_shape.groups, self.shape.norm_eps);
+            self.step_ssd_heads(ssd, 0..nh, row, a_i, st.ssm, v_i)?;
+            self.step_gated_norm(ssd, v_i)?;
         }
         self.out_proj.forward(v, b, h, true)?;
         if let Some(bias) = self.out_proj_bias {
             add_row_bias(h, bias);
         }
+        Ok(())
+    }
+
+    /// Step phase 2 of the Mamba-2 block for heads h0..h1 of one sequence
+    /// (a decoding team splits the heads): the SSD step S_h ← exp(Δ_h A_h)
+    /// S_h + Δ_h x_h ⊗ B_g, y_h = S_h C_g + D_h x_h, then the gate g_h =
+    /// y_h ⊙ silu(z_h). `zxbcdt` is the sequence's whole in_proj row (2E +
+    /// 2GN + H), `act` its whole x, B, C after the convolution (E + 2GN),
+    /// `ssm_state` the heads' (h1 - h0, P, N) and `g` their (h1 - h0)·P.
+    pub fn step_ssd_heads(
+        &self,
+        ssd: &Ssd<'_, T>,
+        heads: std::ops::Range<usize>,
+        zxbcdt: &[T],
+        act: &[T],
+        ssm_state: &mut [T],
+        g: &mut [T],
+    ) -> Result<()> {
+        const OP: &str = "Block::step_ssd_heads";
+        let (e, gn, nh) = self.ssd_widths();
+        let p = self.shape.ssd.map_or(1, |s| s.head_dim);
+        check_len(OP, "zxbcdt", zxbcdt, &[("in_proj rows", self.in_rows())])?;
+        check_len(OP, "act", act, &[("channels", e + 2 * gn)])?;
+        if heads.start >= heads.end || heads.end > nh {
+            return Err(invalid(OP, format!("heads {heads:?} of {nh}")));
+        }
+        let (x0, x1) = (heads.start * p, heads.end * p);
+        let dt_at = 2 * e + 2 * gn;
+        let inputs = SsdStepInputs {
+            x: &act[x0..x1],
+            dt: &zxbcdt[dt_at + heads.start..dt_at + heads.end],
+            b: &act[e..e + gn],
+            c: &act[e + gn..],
+            dt_bias: ssd.dt_bias,
+            a: &ssd.a,
+            d: ssd.d,
+        };
+        let step_shape = self.ssd_shape(1, 1).step_shape();
+        ssd_step(
+            &step_shape,
+            heads,
+            &inputs,
+            &self.ssd_options(),
+            ssm_state,
+            g,
+        )?;
+        // z is the row's first E values, so heads h0..h1 read z[x0..x1]
+        for (gv, &zv) in g.iter_mut().zip(&zxbcdt[x0..x1]) {
+            *gv *= zv.silu();
+        }
+        Ok(())
+    }
+
+    /// Step phase 3 of the Mamba-2 block: the gated RMSNorm of one
+    /// sequence's whole gated row g (E), in place (every group of E/G
+    /// channels scaled by 1/rms of its own values, times the norm weight).
+    pub fn step_gated_norm(&self, ssd: &Ssd<'_, T>, g: &mut [T]) -> Result<()> {
+        check_len(
+            "Block::step_gated_norm",
+            "g",
+            g,
+            &[("d_inner", self.shape.d_inner)],
+        )?;
+        let groups = self.shape.ssd.map_or(1, |s| s.n_groups);
+        gated_norm_row(g, ssd.norm_weight, groups, self.shape.norm_eps);
         Ok(())
     }
 }
@@ -317,7 +382,9 @@ impl<T: BlockScalar> Block<'_, T, Dense<'_, T>> {
         let g: Vec<T> = cache.s.iter().zip(&gate).map(|(&y, &s)| y * s).collect();
         let ones = vec![T::ONE; e];
         let mut normalised = g.clone();
-        gated_norm_forward(&mut normalised, &ones, shape.groups, self.shape.norm_eps);
+        for row in normalised.chunks_mut(e) {
+            gated_norm_row(row, &ones, shape.groups, self.shape.norm_eps);
+        }
         let mut norm_weight = vec![T::ZERO; e];
         let weighted: Vec<T> = dv.iter().zip(&normalised).map(|(&a, &b)| a * b).collect();
         sum_rows_into(&weighted, &mut norm_weight);

@@ -136,6 +136,11 @@ impl MambaConfig {
         self.block_shape().in_proj_rows()
     }
 
+    /// Mamba-2's heads H = E / P; 0 for Mamba-1.
+    pub fn heads(&self) -> usize {
+        self.block_shape().heads()
+    }
+
     /// Channels of the causal convolution: E for Mamba-1; E + 2GN (x, B
     /// and C) for Mamba-2.
     pub fn conv_channels(&self) -> usize {

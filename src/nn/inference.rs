@@ -455,8 +455,7 @@ impl InferenceModel {
         if !buffers.fit(&self.config) {
             return Err(invalid(OP, "the buffers were made for another model"));
         }
-        // (Mamba-2 decodes through Block::step: its team is not written yet)
-        if b == 1 && rayon::current_num_threads() > 1 && self.config.ssd.is_none() {
+        if b == 1 && rayon::current_num_threads() > 1 {
             return self.decode_one_with_team(&mut *seqs[0], tokens[0], buffers);
         }
         let (d, v) = (self.config.d_model, self.config.vocab_size);
@@ -495,13 +494,14 @@ impl InferenceModel {
     /// The decoding step of one sequence on a team of all the pool's
     /// threads that stays together for the whole step: each thread owns a
     /// fixed share of every projection's output rows (and of the channels
-    /// after them) and the threads meet at a barrier between the phases
-    /// that read what others wrote. One pool call per token instead of
-    /// one per projection: decoding reads every weight once and is bound
+    /// or heads after them) and the threads meet at a barrier between the
+    /// phases that read what others wrote. One pool call per token instead
+    /// of one per projection: decoding reads every weight once and is bound
     /// by memory, and each of the ~100 small pool calls per token cost a
     /// start-up and a new short stream for the prefetchers.
     ///
-    /// Per layer, thread t of T (E, D and the head split into T ranges):
+    /// Per layer, thread t of T (E, D, H and the head split into T ranges).
+    /// Mamba (in_proj rows [x, z]):
     /// ```text
     /// normed = norm(h)                           every thread, its own copy (D)
     /// xz[x, z of channels_t] = in_proj rows; conv step + silu of channels_t
@@ -511,6 +511,18 @@ impl InferenceModel {
     /// delta[channels_t] = dt_proj rows; scan step of channels_t → y[channels_t]
     /// ── barrier ──
     /// h[model rows_t] += out_proj rows · y
+    /// ── barrier ──
+    /// ```
+    /// Mamba-2 (in_proj rows [z, xBC, dt]; x_proj's phase has no work):
+    /// ```text
+    /// normed = norm(h)
+    /// zxbcdt[z of channels_t, xBC of conv channels_t, dt of heads_t] = in_proj rows;
+    ///     conv step + silu of conv channels_t → x, B, C
+    /// ── barrier ──
+    /// SSD step of heads_t; g[heads_t] = y ⊙ silu(z)
+    /// ── barrier ──
+    /// v = gated_norm(g)                          every thread, its own copy (E)
+    /// h[model rows_t] += out_proj rows · v
     /// ── barrier ──
     /// ```
     ///
@@ -534,6 +546,15 @@ impl InferenceModel {
             c.d_conv,
             c.vocab_size,
         );
+        let (in_rows, channels, heads) = (c.in_proj_rows(), c.conv_channels(), c.heads());
+        let head_dim = c.ssd.map_or(1, |s| s.head_dim);
+        // Where in an in_proj row the convolution's input starts (x for
+        // Mamba, xBC for Mamba-2), and the other row ranges each thread
+        // computes a share of: (start, rows, alignment of a share).
+        let (conv_at, other_rows): (usize, &[(usize, usize, usize)]) = match c.ssd {
+            None => (0, &[(e, e, 16)]),
+            Some(_) => (e, &[(0, e, 16), (e + channels, heads, 1)]),
+        };
         let x_dbl_len = r + 2 * n;
         let buf = buffers;
         self.embedding.row_to_f32(token as usize, &mut buf.h[..d])?;
@@ -548,8 +569,8 @@ impl InferenceModel {
             self.layers.iter().map(|l| l.block(c)).collect();
         let step = &mut buf.step;
         let h = SharedMut::new(&mut buf.h[..d]);
-        let xz = SharedMut::new(&mut step.xz[..2 * e]);
-        let xs = SharedMut::new(&mut step.v[..e]);
+        let xz = SharedMut::new(&mut step.xz[..in_rows]);
+        let xs = SharedMut::new(&mut step.v[..channels]);
         let x_dbl = SharedMut::new(&mut step.x_dbl[..x_dbl_len]);
         let delta = SharedMut::new(&mut step.delta[..e]);
         let y = SharedMut::new(&mut step.y[..e]);
@@ -561,79 +582,128 @@ impl InferenceModel {
             .collect();
         let errors: Vec<Option<Error>> = rayon::broadcast(|ctx| -> Option<Error> {
             let t = ctx.index();
-            let (c0, c1) = share(e, t, 16);
+            let (c0, c1) = share(channels, t, 16);
             let (m0, m1) = share(d, t, 16);
             let (p0, p1) = share(x_dbl_len, t, 1);
+            let (h0, h1) = share(heads, t, 1);
             let mut normed = vec![0.0f32; d];
             let mut row_copy = vec![0.0f32; x_dbl_len];
+            let mut gated = vec![0.0f32; if heads > 0 { e } else { 0 }];
             let mut failed = None;
             // SAFETY (every `slice` below): a thread writes only its own
-            // ranges [c0, c1), [m0, m1), [p0, p1) of the shared buffers, and
-            // reads other threads' ranges only after the barrier that
-            // follows their writes.
+            // ranges [c0, c1), [m0, m1), [p0, p1), heads [h0, h1) and its
+            // shares of `other_rows` in the shared buffers, and reads other
+            // threads' ranges only after the barrier that follows their
+            // writes.
             for (block, (conv, ssm)) in blocks.iter().zip(&states) {
-                let h_all = unsafe { h.slice(0, d) };
+                let h_all = unsafe { h.read(0, d) };
                 keep_first(&mut failed, block.norm(h_all, &mut normed));
+                // in_proj rows of this thread's conv channels, then the conv step + silu
                 if c1 > c0 {
-                    // xz[x, z of channels_t] = in_proj rows; conv step + silu
-                    let xr = unsafe { xz.slice(c0, c1 - c0) };
-                    let zr = unsafe { xz.slice(e + c0, c1 - c0) };
+                    let rows = unsafe { xz.slice(conv_at + c0, c1 - c0) };
                     keep_first(
                         &mut failed,
-                        block.in_proj.forward_rows(&normed, c0, xr, false),
-                    );
-                    keep_first(
-                        &mut failed,
-                        block.in_proj.forward_rows(&normed, e + c0, zr, false),
+                        block
+                            .in_proj
+                            .forward_rows(&normed, conv_at + c0, rows, false),
                     );
                     if let Some(bias) = block.in_proj_bias {
-                        add_row_bias(xr, &bias[c0..c1]);
-                        add_row_bias(zr, &bias[e + c0..e + c1]);
+                        add_row_bias(rows, &bias[conv_at + c0..conv_at + c1]);
                     }
                     let conv_t = unsafe { conv.slice(c0 * k, (c1 - c0) * k) };
                     let xs_t = unsafe { xs.slice(c0, c1 - c0) };
-                    keep_first(&mut failed, block.step_conv(c0, xr, conv_t, xs_t));
+                    keep_first(&mut failed, block.step_conv(c0, rows, conv_t, xs_t));
                 }
-                barrier.wait();
-                // x_dbl[rows_t] = x_proj rows
-                let xs_all = unsafe { xs.slice(0, e) };
-                if let Mixer::S6(s6) = &block.mixer {
-                    let out = unsafe { x_dbl.slice(p0, p1 - p0) };
-                    keep_first(&mut failed, s6.x_proj.forward_rows(xs_all, p0, out, false));
-                }
-                barrier.wait();
-                // delta[channels_t] = dt_proj rows; scan step → y[channels_t]
-                if let (true, Mixer::S6(s6)) = (c1 > c0, &block.mixer) {
-                    let shared_row = unsafe { x_dbl.slice(0, x_dbl_len) };
-                    let delta_t = unsafe { delta.slice(c0, c1 - c0) };
-                    // Falcon-Mamba: this thread's own normalised copy of the row
-                    let row: &[f32] = match s6.dt_bc_rms_eps {
-                        None => shared_row,
-                        Some(eps) => {
-                            row_copy.copy_from_slice(shared_row);
-                            normalize_dt_b_c(&mut row_copy, r, n, eps);
-                            &row_copy
+                // the rest of in_proj's rows (z; and dt of Mamba-2)
+                for &(at, total, align) in other_rows {
+                    let (s0, s1) = share(total, t, align);
+                    if s1 > s0 {
+                        let rows = unsafe { xz.slice(at + s0, s1 - s0) };
+                        keep_first(
+                            &mut failed,
+                            block.in_proj.forward_rows(&normed, at + s0, rows, false),
+                        );
+                        if let Some(bias) = block.in_proj_bias {
+                            add_row_bias(rows, &bias[at + s0..at + s1]);
                         }
-                    };
-                    keep_first(
-                        &mut failed,
-                        s6.dt_proj.forward_rows(&row[..r], c0, delta_t, false),
-                    );
-                    let z = unsafe { xz.slice(e + c0, c1 - c0) };
-                    let ssm_t = unsafe { ssm.slice(c0 * n, (c1 - c0) * n) };
-                    let y_t = unsafe { y.slice(c0, c1 - c0) };
-                    let scanned =
-                        block.step_scan(c0, row, &xs_all[c0..c1], Some(z), delta_t, ssm_t, y_t);
-                    keep_first(&mut failed, scanned);
+                    }
                 }
                 barrier.wait();
-                // h[model rows_t] += out_proj rows · y
+                let xs_all = unsafe { xs.read(0, channels) };
+                match &block.mixer {
+                    Mixer::S6(s6) => {
+                        // x_dbl[rows_t] = x_proj rows
+                        let out = unsafe { x_dbl.slice(p0, p1 - p0) };
+                        keep_first(&mut failed, s6.x_proj.forward_rows(xs_all, p0, out, false));
+                        barrier.wait();
+                        // delta[channels_t] = dt_proj rows; scan step → y[channels_t]
+                        if c1 > c0 {
+                            let shared_row = unsafe { x_dbl.read(0, x_dbl_len) };
+                            let delta_t = unsafe { delta.slice(c0, c1 - c0) };
+                            // Falcon-Mamba: this thread's own normalised copy of the row
+                            let row: &[f32] = match s6.dt_bc_rms_eps {
+                                None => shared_row,
+                                Some(eps) => {
+                                    row_copy.copy_from_slice(shared_row);
+                                    normalize_dt_b_c(&mut row_copy, r, n, eps);
+                                    &row_copy
+                                }
+                            };
+                            keep_first(
+                                &mut failed,
+                                s6.dt_proj.forward_rows(&row[..r], c0, delta_t, false),
+                            );
+                            let z = unsafe { xz.read(e + c0, c1 - c0) };
+                            let ssm_t = unsafe { ssm.slice(c0 * n, (c1 - c0) * n) };
+                            let y_t = unsafe { y.slice(c0, c1 - c0) };
+                            let scanned = block.step_scan(
+                                c0,
+                                row,
+                                &xs_all[c0..c1],
+                                Some(z),
+                                delta_t,
+                                ssm_t,
+                                y_t,
+                            );
+                            keep_first(&mut failed, scanned);
+                        }
+                    }
+                    Mixer::Ssd(ssd) => {
+                        // SSD step of heads_t, gated: g[heads_t]
+                        if h1 > h0 {
+                            let row = unsafe { xz.read(0, in_rows) };
+                            let per_head = head_dim * n;
+                            let ssm_t = unsafe { ssm.slice(h0 * per_head, (h1 - h0) * per_head) };
+                            let g_t = unsafe { y.slice(h0 * head_dim, (h1 - h0) * head_dim) };
+                            let stepped =
+                                block.step_ssd_heads(ssd, h0..h1, row, xs_all, ssm_t, g_t);
+                            keep_first(&mut failed, stepped);
+                        }
+                    }
+                    Mixer::S4d(_) => keep_first(
+                        &mut failed,
+                        Err(invalid(
+                            "InferenceModel::decode_step",
+                            "an S4D layer has no team step",
+                        )),
+                    ),
+                }
+                barrier.wait();
+                // h[model rows_t] += out_proj rows · y (Mamba-2: · gated_norm(g))
                 if m1 > m0 {
+                    let y_all = unsafe { y.read(0, e) };
+                    let read: &[f32] = match &block.mixer {
+                        Mixer::Ssd(ssd) => {
+                            gated.copy_from_slice(y_all);
+                            keep_first(&mut failed, block.step_gated_norm(ssd, &mut gated));
+                            &gated
+                        }
+                        _ => y_all,
+                    };
                     let h_t = unsafe { h.slice(m0, m1 - m0) };
-                    let y_all = unsafe { y.slice(0, e) };
                     keep_first(
                         &mut failed,
-                        block.out_proj.forward_rows(y_all, m0, h_t, true),
+                        block.out_proj.forward_rows(read, m0, h_t, true),
                     );
                     if let Some(bias) = block.out_proj_bias {
                         add_row_bias(h_t, &bias[m0..m1]);
@@ -641,7 +711,7 @@ impl InferenceModel {
                 }
                 barrier.wait();
             }
-            let h_all = unsafe { h.slice(0, d) };
+            let h_all = unsafe { h.read(0, d) };
             keep_first(&mut failed, self.norm_f(h_all, &mut normed));
             let (v0, v1) = share(v, t, 16);
             if v1 > v0 {

@@ -210,7 +210,7 @@ pub fn assert_gradients_match_finite_differences(
         .collect();
     let eps = 1e-6;
     for (name, g) in analytic {
-        let mut nudge = |m: &mut Mamba<f64>, i: usize, delta: f64| {
+        let nudge = |m: &mut Mamba<f64>, i: usize, delta: f64| {
             let mut ts = m.params.tensors_mut(&c);
             ts.iter_mut().find(|(info, _)| info.name == name).unwrap().1[i] += delta;
         };
