@@ -196,7 +196,7 @@ fn update_state<T: Float>(
 
 /// Σ a[i] b[i] with 16 independent partial sums, so that it vectorises.
 #[inline(always)]
-pub(crate) fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     const LANES: usize = 16;
     let mut lanes = [T::ZERO; LANES];
     let split = a.len() / LANES * LANES;

@@ -70,7 +70,6 @@
 use rayon::prelude::*;
 
 use super::matmul::{matmul_xtw, matmul_xw, matmul_xwt, MatmulScalar};
-use super::selective_scan_step::dot;
 use super::shared::SharedMut;
 use crate::error::{check_len, invalid, Result};
 use crate::float::Float;
@@ -1330,10 +1329,35 @@ fn step_heads<T: Float>(
             let xv = inputs.x[j * p + i];
             let dx = delta * xv;
             let s = &mut state[(j * p + i) * n..(j * p + i + 1) * n];
-            for (sv, &bv) in s.iter_mut().zip(b_t) {
-                *sv = decay.mul_add(*sv, dx * bv);
-            }
-            y[j * p + i] = dh.mul_add(xv, dot(c_t, s));
+            y[j * p + i] = dh.mul_add(xv, update_and_read(s, decay, dx, b_t, c_t));
         }
     }
+}
+
+/// One row of a head's state: s ← decay·s + dx·B, then returns C · s, in
+/// one pass over the row (it is read and written once, not twice). The
+/// dot product sums in 16 lanes exactly as the scan step's `dot` does, so the result has
+/// the same bits as the update followed by `dot(C, s)`.
+#[inline(always)]
+fn update_and_read<T: Float>(s: &mut [T], decay: T, dx: T, b: &[T], c: &[T]) -> T {
+    const LANES: usize = 16;
+    let mut lanes = [T::ZERO; LANES];
+    let split = s.len() / LANES * LANES;
+    for ((sc, bc), cc) in s[..split]
+        .chunks_exact_mut(LANES)
+        .zip(b[..split].chunks_exact(LANES))
+        .zip(c[..split].chunks_exact(LANES))
+    {
+        for w in 0..LANES {
+            let v = decay.mul_add(sc[w], dx * bc[w]);
+            sc[w] = v;
+            lanes[w] = cc[w].mul_add(v, lanes[w]);
+        }
+    }
+    let mut sum = T::ZERO;
+    for ((sv, &bv), &cv) in s[split..].iter_mut().zip(&b[split..]).zip(&c[split..]) {
+        *sv = decay.mul_add(*sv, dx * bv);
+        sum = cv.mul_add(*sv, sum);
+    }
+    sum + T::sum_16(lanes)
 }
