@@ -16,6 +16,8 @@
 //!   induction heads) with S6 and S4D model variants.
 //! - [`datasets`]: the real data of the DNA and audio experiments
 //!   (great-ape DNA, spoken digits), built from public packages.
+//! - [`serve`]: the OpenAI-compatible HTTP server: continuous batching over
+//!   any decoder and a cache of states under their token prefixes.
 
 pub mod bench;
 pub mod datasets;
@@ -29,6 +31,7 @@ pub mod memory;
 pub mod nn;
 pub mod plot;
 pub mod rng;
+pub mod serve;
 pub mod tasks;
 pub mod train;
 

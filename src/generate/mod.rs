@@ -11,6 +11,6 @@ pub mod tokenizer;
 
 pub use generation::{generate, FinishReason, GenerateOptions, GenerationOutput};
 pub use sampling::{Sampler, SamplingConfig};
-pub use text_generator::{options_for, TextGeneration, TextGenerator};
+pub use text_generator::{options_for, SequenceText, TextGeneration, TextGenerator};
 pub use text_stream::{StopStrings, TextStream};
 pub use tokenizer::{CharVocab, Tokenizer};

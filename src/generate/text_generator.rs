@@ -31,7 +31,7 @@
 
 use super::generation::{generate, FinishReason, GenerateOptions, GenerationOutput};
 use super::sampling::SamplingConfig;
-use super::text_stream::{StopStrings, TextStream};
+use super::text_stream::{Decode, Released, StopStrings, TextStream};
 use super::tokenizer::Tokenizer;
 use crate::error::Result;
 use crate::nn::Decoder;
@@ -122,22 +122,12 @@ impl<'a, M: Decoder> TextGenerator<'a, M> {
         mut on_text: impl FnMut(usize, &str) -> Result<()>,
     ) -> Result<TextGeneration> {
         let n = seqs.len();
-        let mut streams: Vec<TextStream<&Tokenizer>> =
-            (0..n).map(|_| TextStream::new(self.tokenizer)).collect();
-        let mut stops: Vec<StopStrings> = (0..n)
-            .map(|_| StopStrings::new(self.stop.clone()))
+        let mut pieces: Vec<SequenceText<&Tokenizer>> = (0..n)
+            .map(|_| SequenceText::new(self.tokenizer, &self.stop, self.options.eos))
             .collect::<Result<_>>()?;
         let mut texts = vec![String::new(); n];
-        let eos = self.options.eos;
         let output = generate(self.model, seqs, &self.options, |i, token| {
-            let piece = streams[i].push(token)?;
-            // the end-of-text token is not part of the text
-            let piece = if eos == Some(token) {
-                String::new()
-            } else {
-                piece
-            };
-            let released = stops[i].push(&piece);
+            let released = pieces[i].push(token)?;
             if !released.text.is_empty() {
                 on_text(i, &released.text)?;
                 texts[i].push_str(&released.text);
@@ -145,22 +135,64 @@ impl<'a, M: Decoder> TextGenerator<'a, M> {
             Ok(!released.stopped)
         })?;
         for i in 0..n {
-            if stops[i].stopped() {
-                continue;
-            }
-            // what the stream and the stop strings still hold back
-            let mut rest = String::new();
-            if output.finish[i] != FinishReason::Eos {
-                rest = stops[i].push(&streams[i].finish()?).text;
-            }
-            if !stops[i].stopped() {
-                rest.push_str(&stops[i].flush());
-            }
+            let rest = pieces[i].finish(output.finish[i])?;
             if !rest.is_empty() {
                 on_text(i, &rest)?;
                 texts[i].push_str(&rest);
             }
         }
         Ok(TextGeneration { texts, output })
+    }
+}
+
+/// One sequence's generated tokens as text, for any front end that samples
+/// token by token ([`TextGenerator`], the server): each token goes through a
+/// [`TextStream`] (a character split over several tokens is held back until
+/// complete), the end-of-text token is dropped from the text, and
+/// [`StopStrings`] holds back any tail that might begin a stop string and
+/// says when one has appeared (the stop string itself is not text).
+pub struct SequenceText<D> {
+    stream: TextStream<D>,
+    stops: StopStrings,
+    eos: Option<u32>,
+}
+
+impl<D: Decode> SequenceText<D> {
+    /// Stop strings must not be empty.
+    pub fn new(decoder: D, stop: &[String], eos: Option<u32>) -> Result<Self> {
+        Ok(Self {
+            stream: TextStream::new(decoder),
+            stops: StopStrings::new(stop.iter().cloned())?,
+            eos,
+        })
+    }
+
+    /// The text that `token` makes final (possibly empty), and whether a
+    /// stop string has appeared (the sequence should end).
+    pub fn push(&mut self, token: u32) -> Result<Released> {
+        let piece = self.stream.push(token)?;
+        // the end-of-text token is not part of the text
+        let piece = if self.eos == Some(token) {
+            String::new()
+        } else {
+            piece
+        };
+        Ok(self.stops.push(&piece))
+    }
+
+    /// At the end of the sequence: what the stream and the stop strings
+    /// still hold back (nothing after a stop string).
+    pub fn finish(&mut self, reason: FinishReason) -> Result<String> {
+        if self.stops.stopped() {
+            return Ok(String::new());
+        }
+        let mut rest = String::new();
+        if reason != FinishReason::Eos {
+            rest = self.stops.push(&self.stream.finish()?).text;
+        }
+        if !self.stops.stopped() {
+            rest.push_str(&self.stops.flush());
+        }
+        Ok(rest)
     }
 }

@@ -13,6 +13,7 @@ mod generate;
 mod model_source;
 mod score;
 mod sequence;
+mod serve;
 mod task;
 mod token_ids;
 mod train;
@@ -80,6 +81,9 @@ enum Command {
     /// Generate text: parallel prefill of the prompt, then recurrent
     /// decoding, streaming the text to stdout as it is produced.
     Generate(generate::GenerateArgs),
+    /// An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions,
+    /// streaming, continuous batching, a cache of states by prompt prefix).
+    Serve(Box<serve::ServeArgs>),
     /// Prefill and decode speed in the manner of llama-bench, or (with
     /// --scaling) prefill time per token across sequence lengths.
     Bench(bench::BenchArgs),
@@ -261,6 +265,7 @@ fn run(cli: Cli) -> CliResult {
         Command::Score(args) => with_threads(args.threads, || score::run(args)),
         Command::Generate(args) => with_threads(args.threads, || generate::run(args)),
         Command::Train(args) => with_threads(args.threads, || train::run(*args)),
+        Command::Serve(args) => serve::run(*args),
         Command::Task(args) => Ok(task::run_task_command(*args)?),
         Command::Bench(args) => with_threads(args.threads, || bench::run(args)),
         Command::BenchScan(args) => bench::run_scan(args),
