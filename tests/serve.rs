@@ -619,11 +619,25 @@ async fn the_routes_answer_in_openai_shapes() {
         .collect();
     assert_eq!(joined, text);
     assert!(chunks.len() > 3, "the text came in one piece: not streamed");
+    // without stream_options the usage rides on the finishing chunk ...
     let last = chunks.last().unwrap();
-    assert_eq!(last["choices"].as_array().unwrap().len(), 0);
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
     assert_eq!(last["usage"]["completion_tokens"], 24);
     // the prompt's state was cached by the first request
     assert_eq!(last["usage"]["prompt_tokens_details"]["cached_tokens"], 6);
+    // ... with include_usage it comes in a chunk of its own, with no choices
+    let with_usage = request.replace(
+        "}",
+        r#", "stream": true, "stream_options": {"include_usage": true}}"#,
+    );
+    let (_, _, body) = call(&router, "POST", "/v1/completions", &with_usage).await;
+    let events: Vec<&str> = body.split("\n\n").filter(|e| !e.is_empty()).collect();
+    let usage = json(events[events.len() - 2].strip_prefix("data: ").unwrap());
+    assert_eq!(usage["choices"].as_array().unwrap().len(), 0, "{body}");
+    assert_eq!(usage["usage"]["completion_tokens"], 24);
+    let finishing = json(events[events.len() - 3].strip_prefix("data: ").unwrap());
+    assert_eq!(finishing["choices"][0]["finish_reason"], "length");
+    assert!(finishing.get("usage").is_none());
 
     // chat, two choices, log-probabilities
     let chat = r#"{"messages": [{"role": "user", "content": "Speak."}], "max_tokens": 8, "n": 2, "seed": 4, "logprobs": true, "top_logprobs": 3}"#;
@@ -652,13 +666,29 @@ async fn the_routes_answer_in_openai_shapes() {
     // metrics count what happened
     let (_, _, body) = call(&router, "GET", "/metrics", "").await;
     assert!(
-        body.contains("selective_http_requests_total{path=\"/v1/completions\",status=\"200\"} 2"),
+        body.contains("selective_http_requests_total{path=\"/v1/completions\",status=\"200\"} 3"),
         "{body}"
     );
     assert!(body.contains("selective_prefix_cache_hits_total"), "{body}");
     assert!(
-        body.contains("selective_time_to_first_token_seconds_count 3"),
+        body.contains("selective_time_to_first_token_seconds_count 4"),
         "{body}"
+    );
+
+    // unknown routes, wrong methods and other models get OpenAI's error body
+    for (method, path, status) in [
+        ("POST", "/v1/embeddings", 404),
+        ("GET", "/v1/completions", 405),
+        ("GET", "/v1/models/gpt-4", 404),
+    ] {
+        let (got, _, body) = call(&router, method, path, "").await;
+        assert_eq!(got.as_u16(), status, "{method} {path}: {body}");
+        assert!(!json(&body)["error"]["message"].as_str().unwrap().is_empty());
+    }
+    let (status, _, body) = call(&router, "GET", "/v1/models/shakespeare-char", "").await;
+    assert_eq!(
+        (status, json(&body)["id"].as_str()),
+        (StatusCode::OK, Some("shakespeare-char"))
     );
     app.loaded().unwrap().engine.stop();
 }

@@ -186,9 +186,11 @@ fn render_plain(messages: &[Message]) -> std::result::Result<String, String> {
                 prompt.push_str(&m.content);
                 prompt.push_str("\n\n");
             }
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "messages[{i}].role: \"{other}\" is not one of system, developer, user, assistant"
-            )),
+            ))
+            }
         }
     }
     prompt.push_str("Assistant:");

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, Sse};
@@ -100,8 +100,29 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .fallback(|request: Request| async move {
+            ApiError {
+                status: 404,
+                message: format!("no route {} {}", request.method(), request.uri().path()),
+                param: None,
+                kind: "invalid_request_error",
+            }
+        })
+        .method_not_allowed_fallback(|request: Request| async move {
+            ApiError {
+                status: 405,
+                message: format!(
+                    "{} {}: method not allowed",
+                    request.method(),
+                    request.uri().path()
+                ),
+                param: None,
+                kind: "invalid_request_error",
+            }
+        })
         .layer(middleware::from_fn_with_state(app.clone(), count_requests))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             panic_response,
@@ -161,6 +182,26 @@ async fn models(State(app): State<Arc<App>>) -> Response {
             "object": "list",
             "data": [{"id": l.model_name, "object": "model", "created": 0, "owned_by": "selective"}],
         }))
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn model(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
+    match app.ready() {
+        Ok(l) if l.model_name == id => Json(
+            json!({"id": l.model_name, "object": "model", "created": 0, "owned_by": "selective"}),
+        )
+        .into_response(),
+        Ok(l) => ApiError {
+            status: 404,
+            message: format!(
+                "model {id:?} is not served here; this server serves {:?}",
+                l.model_name
+            ),
+            param: Some("model".into()),
+            kind: "invalid_request_error",
+        }
         .into_response(),
         Err(e) => e.into_response(),
     }
@@ -325,7 +366,7 @@ async fn run(app: Arc<App>, p: Prepared) -> Response {
     };
     let collector = Collector::new(app.clone(), &p);
     if p.params.stream {
-        stream(collector, first, events, p.header).await
+        stream(collector, first, events, p.header, p.params.include_usage).await
     } else {
         whole(collector, first, events, p.header).await
     }
@@ -459,6 +500,7 @@ async fn stream(
     first: (usize, Event),
     mut events: Events,
     header: Header,
+    include_usage: bool,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<String>(64);
     tokio::spawn(async move {
@@ -494,13 +536,23 @@ async fn stream(
                 }
                 Ok(_) => None,
             };
-            if let Some(chunk) = chunk {
+            let mut chunks = Vec::new();
+            match chunk {
+                Some(chunk) if c.done() && !include_usage => {
+                    chunks.push(Header::with_usage(chunk, c.usage))
+                }
+                Some(chunk) => chunks.push(chunk),
+                None => {}
+            }
+            if c.done() && include_usage {
+                chunks.push(header.usage_chunk(c.usage));
+            }
+            for chunk in chunks {
                 if tx.send(chunk.to_string()).await.is_err() {
                     return;
                 }
             }
             if c.done() {
-                let _ = tx.send(header.usage_chunk(c.usage).to_string()).await;
                 let _ = tx.send("[DONE]".to_string()).await;
                 return;
             }

@@ -20,6 +20,7 @@ pub mod openai;
 pub mod state_cache;
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,20 +83,30 @@ pub fn serve(
         on_listening(addr);
         let shutdown_app = app.clone();
         let drain = options.drain;
+        // On a signal: refuse new requests (503, /health too) while the
+        // listener stays open, so that a load balancer sees the drain; once
+        // the engine is idle, or the drain time is up (then the rest are
+        // cancelled), let axum close the listener and finish the
+        // connections.
         let shutdown = async move {
-            tokio::select! {
-                _ = terminate_signal() => {}
-                _ = load_failed_wait(load_failed) => {}
-            }
+            let signalled = tokio::select! {
+                _ = terminate_signal() => true,
+                _ = load_failed_wait(load_failed) => false,
+            };
+            let Some(loaded) = shutdown_app.loaded().filter(|_| signalled) else {
+                return;
+            };
             eprintln!("selective serve: shutting down (running requests have {drain:?} to finish)");
-            if let Some(loaded) = shutdown_app.loaded() {
-                loaded.engine.stop_accepting();
-                let engine = loaded.engine.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(drain).await;
-                    engine.stop();
-                });
+            loaded.engine.stop_accepting();
+            let deadline = tokio::time::Instant::now() + drain;
+            let counters = &loaded.engine.counters;
+            while counters.running.load(Ordering::SeqCst) + counters.queued.load(Ordering::SeqCst)
+                > 0
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
+            loaded.engine.stop();
         };
         axum::serve(listener, router(app.clone()))
             .with_graceful_shutdown(shutdown)

@@ -141,6 +141,10 @@ pub struct Params {
     pub max_tokens: usize,
     pub n: usize,
     pub stream: bool,
+    /// `stream_options.include_usage`: the usage comes in a chunk of its
+    /// own with no choices (OpenAI); otherwise it rides on the last
+    /// choice's finishing chunk (llama-server), so every answer carries it.
+    pub include_usage: bool,
     pub stop: Vec<String>,
     pub sampling: SamplingConfig,
     pub ignore_eos: bool,
@@ -231,8 +235,15 @@ impl Params {
             return Err(ApiError::invalid(param, message));
         }
         let logprobs = if chat {
+            let top = body.get::<usize>("top_logprobs")?;
             match body.get::<bool>("logprobs")?.unwrap_or(false) {
-                true => Some(body.get::<usize>("top_logprobs")?.unwrap_or(0)),
+                true => Some(top.unwrap_or(0)),
+                false if top.is_some() => {
+                    return Err(ApiError::invalid(
+                        "top_logprobs",
+                        "needs \"logprobs\": true",
+                    ))
+                }
                 false => None,
             }
         } else {
@@ -252,6 +263,18 @@ impl Params {
             max_tokens,
             n,
             stream: body.get("stream")?.unwrap_or(false),
+            include_usage: match body.raw("stream_options") {
+                None => false,
+                Some(options) => options
+                    .get("include_usage")
+                    .map(|v| {
+                        v.as_bool().ok_or_else(|| {
+                            ApiError::invalid("stream_options.include_usage", "must be a boolean")
+                        })
+                    })
+                    .transpose()?
+                    .unwrap_or(false),
+            },
             stop,
             sampling,
             ignore_eos: body.get("ignore_eos")?.unwrap_or(false),
@@ -524,6 +547,13 @@ impl Header {
     /// The last chunk of a stream: no choices, the usage.
     pub fn usage_chunk(&self, usage: Usage) -> Value {
         self.wrap(true, Vec::new(), Some(usage.json()))
+    }
+
+    /// `chunk` with the usage added (the last finishing chunk when the
+    /// client did not ask for a usage chunk of its own).
+    pub fn with_usage(mut chunk: Value, usage: Usage) -> Value {
+        chunk["usage"] = usage.json();
+        chunk
     }
 
     /// The whole answer.

@@ -62,6 +62,11 @@ pub fn run(args: ServeArgs) -> CliResult {
     if !(args.drain_seconds.is_finite() && args.drain_seconds >= 0.0) {
         return Err(format!("--drain-seconds must be >= 0, got {}", args.drain_seconds).into());
     }
+    if let Some(dir) = &args.model {
+        if !dir.is_dir() {
+            return Err(format!("--model {}: no such directory", dir.display()).into());
+        }
+    }
     let source = ModelSource::new(args.model.clone());
     let model_name = args.name.clone().unwrap_or_else(|| match &args.model {
         Some(dir) => dir.file_name().map_or_else(
