@@ -691,12 +691,17 @@ fn state_bytes<S: DecodingState>(state: &S) -> usize {
     state.context_bytes() + std::mem::size_of_val(state.logits())
 }
 
-fn internal_from_panic(what: &str, panic: Box<dyn std::any::Any + Send>) -> JobError {
-    let message = panic
+/// The text a panic carries (a `&str` or a `String`; other payloads have none).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "no message".into());
+        .unwrap_or_else(|| "no message".into())
+}
+
+fn internal_from_panic(what: &str, panic: Box<dyn std::any::Any + Send>) -> JobError {
+    let message = panic_message(&*panic);
     eprintln!("selective serve: a panic during {what} was caught: {message}");
     JobError::Internal(format!("internal error during {what}: {message}"))
 }

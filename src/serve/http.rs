@@ -35,7 +35,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 use super::chat::ChatTemplate;
-use super::engine::{Engine, Event, Events, Finish, JobError, JobSpec, Refused};
+use super::engine::{panic_message, Engine, Event, Events, Finish, JobError, JobSpec, Refused};
 use super::openai::{
     read_messages, read_prompts, ApiError, Body, ChoiceResult, Endpoint, Header, Limits, Params,
     Prompt, TokenInfo, Usage,
@@ -144,11 +144,7 @@ impl IntoResponse for ApiError {
 }
 
 fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    let message = panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "no message".into());
+    let message = panic_message(&*panic);
     eprintln!("selective serve: a panic in a request handler was caught: {message}");
     ApiError::internal(format!("internal error: {message}")).into_response()
 }
@@ -223,9 +219,7 @@ struct Prepared {
 }
 
 async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    let started = Instant::now();
-    let result = (|| {
-        let loaded = app.ready()?;
+    answer(app, |app, loaded| {
         let body = Body::parse(&body)?;
         let params = Params::read(&body, false, &app.limits, 16, unix_now().as_nanos() as u64)?;
         let mut jobs = Vec::new();
@@ -237,23 +231,14 @@ async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
             check_prompt(&app.limits, loaded, &ids)?;
             jobs.extend(params.jobs(&ids, jobs.len()));
         }
-        Ok::<_, ApiError>(Prepared {
-            header: header_for(&app, loaded, Endpoint::Completions, "cmpl"),
-            params,
-            jobs,
-            started,
-        })
-    })();
-    match result {
-        Ok(prepared) => run(app, prepared).await,
-        Err(e) => e.into_response(),
-    }
+        let header = header_for(app, loaded, Endpoint::Completions, "cmpl");
+        Ok((header, params, jobs))
+    })
+    .await
 }
 
 async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    let started = Instant::now();
-    let result = (|| {
-        let loaded = app.ready()?;
+    answer(app, |app, loaded| {
         let body = Body::parse(&body)?;
         let mut params = Params::read(
             &body,
@@ -277,15 +262,30 @@ async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Response 
         let ids = encode(loaded, &text)?;
         check_prompt(&app.limits, loaded, &ids)?;
         let jobs = params.jobs(&ids, 0);
-        Ok::<_, ApiError>(Prepared {
-            header: header_for(&app, loaded, Endpoint::Chat, "chatcmpl"),
-            params,
-            jobs,
-            started,
-        })
-    })();
-    match result {
-        Ok(prepared) => run(app, prepared).await,
+        let header = header_for(app, loaded, Endpoint::Chat, "chatcmpl");
+        Ok((header, params, jobs))
+    })
+    .await
+}
+
+/// Reads a request into jobs with `prepare`, then answers: an error, or
+/// the jobs' results whole or streamed.
+async fn answer(
+    app: Arc<App>,
+    prepare: impl FnOnce(&App, &Loaded) -> Result<(Header, Params, Vec<JobSpec>), ApiError>,
+) -> Response {
+    let started = Instant::now();
+    let prepared = app.ready().and_then(|loaded| prepare(&app, loaded));
+    match prepared {
+        Ok((header, params, jobs)) => {
+            let prepared = Prepared {
+                header,
+                params,
+                jobs,
+                started,
+            };
+            run(app, prepared).await
+        }
         Err(e) => e.into_response(),
     }
 }

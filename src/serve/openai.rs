@@ -92,6 +92,7 @@ impl Default for Limits {
 }
 
 /// A request body as a JSON object whose fields are read by name.
+#[derive(Debug)]
 pub struct Body(Map<String, Value>);
 
 impl Body {

@@ -99,6 +99,10 @@ impl<S: Clone> PrefixCache<S> {
     /// token), with that prefix's length; the entry becomes the most
     /// recently used.
     pub fn longest_prefix(&mut self, ids: &[u32]) -> Option<(usize, S)> {
+        if ids.is_empty() {
+            self.misses += 1;
+            return None;
+        }
         let hashes = prefix_hashes(ids);
         let candidates: Vec<usize> = self.lengths.range(1..=ids.len()).map(|(&l, _)| l).collect();
         for &len in candidates.iter().rev() {
