@@ -192,6 +192,7 @@ where
             parallel: 4,
             queue_capacity: 16,
             cache_bytes: 0,
+            threads: 2,
         },
     )
     .unwrap();
@@ -261,6 +262,7 @@ fn the_prefix_cache_changes_no_token_and_later_turns_cost_only_their_new_tokens(
                 parallel: 4,
                 queue_capacity: 16,
                 cache_bytes,
+                threads: 2,
             },
         )
         .unwrap();
@@ -503,6 +505,7 @@ fn a_full_queue_refuses_and_a_stopped_engine_ends_every_request() {
             parallel: 1,
             queue_capacity: 1,
             cache_bytes: 0,
+            threads: 2,
         },
     )
     .unwrap();
@@ -699,6 +702,7 @@ async fn bad_requests_get_400_naming_the_field_and_a_full_queue_503() {
         parallel: 1,
         queue_capacity: 1,
         cache_bytes: 0,
+        threads: 2,
     });
     let cases = [
         ("/v1/completions", "{\"prompt\": ", None),

@@ -51,6 +51,10 @@ pub struct EngineOptions {
     pub queue_capacity: usize,
     /// Bytes of decoder states the prefix cache keeps (0: no cache).
     pub cache_bytes: usize,
+    /// Compute threads (0: one per core). The engine's loop runs on one of
+    /// them, so that each of the ~100 parallel products of a step starts
+    /// from inside the pool instead of waking it from outside.
+    pub threads: usize,
 }
 
 impl Default for EngineOptions {
@@ -59,6 +63,7 @@ impl Default for EngineOptions {
             parallel: 16,
             queue_capacity: 256,
             cache_bytes: 512 << 20,
+            threads: 0,
         }
     }
 }
@@ -256,6 +261,13 @@ impl Engine {
             ));
         }
         tokenizer.check_fits(model.vocab_rows())?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(options.threads)
+            .thread_name(|i| format!("selective-compute-{i}"))
+            .build()
+            .map_err(|e| {
+                crate::error::invalid("Engine", format!("cannot start its threads: {e}"))
+            })?;
         let (commands, receiver) = mpsc::channel();
         let counters = Arc::new(EngineCounters::default());
         let accepting = Arc::new(AtomicBool::new(true));
@@ -269,8 +281,10 @@ impl Engine {
         std::thread::Builder::new()
             .name("selective-engine".into())
             .spawn(move || {
-                let mut worker = Worker::new(&model, &tokenizer, options, counters);
-                worker.run(receiver);
+                pool.install(|| {
+                    let mut worker = Worker::new(&model, &tokenizer, options, counters);
+                    worker.run(receiver);
+                });
                 accepting.store(false, Ordering::SeqCst);
             })
             .map_err(|e| {

@@ -55,10 +55,6 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> CliResult {
-    // The engine thread computes on rayon's global pool.
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(args.threads.unwrap_or(0))
-        .build_global()?;
     if !(args.drain_seconds.is_finite() && args.drain_seconds >= 0.0) {
         return Err(format!("--drain-seconds must be >= 0, got {}", args.drain_seconds).into());
     }
@@ -88,6 +84,7 @@ pub fn run(args: ServeArgs) -> CliResult {
         parallel: args.parallel,
         queue_capacity: args.queue,
         cache_bytes: args.cache_mb << 20,
+        threads: args.threads.unwrap_or(0),
     };
     let format = args.dtype;
     let chat_dir = args.model.clone();
