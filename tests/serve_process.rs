@@ -746,3 +746,49 @@ fn a_bad_model_directory_fails_with_a_clear_error() {
         "stderr does not name {missing}:\n{log}"
     );
 }
+
+/// The value of the metric line `name value` in a /metrics body.
+fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let response = request(addr, "GET", "/metrics", None).expect("GET /metrics");
+    let text = response.text();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+}
+
+#[test]
+fn a_client_that_hangs_up_cancels_its_sequence() {
+    let serve = Serve::start(&["--max-tokens", "1000000"]);
+    let addr = serve.addr();
+    let mut stream = EventStream::open(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": "ROMEO:", "max_tokens": 1_000_000, "stream": true}),
+    );
+    stream
+        .next_data()
+        .expect("the first event")
+        .expect("an event");
+    // the client goes away mid-stream (about 150 s of tokens were asked)
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(addr, "selective_sequences_cancelled_total") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the sequence was not cancelled; stderr:\n{}",
+            serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(metric(addr, "selective_sequences_running"), 0.0);
+    // and the server goes on serving
+    let answer = request(
+        addr,
+        "POST",
+        "/v1/completions",
+        Some(&json!({"prompt": "KING:", "max_tokens": 5})),
+    )
+    .expect("a request after the hang-up");
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(parse(&answer.text())["usage"]["completion_tokens"], 5);
+}
