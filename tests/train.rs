@@ -6,8 +6,8 @@ use std::process::Command;
 
 use selective::nn::{Architecture, Mamba, MambaConfig, MambaParams, Transformer};
 use selective::train::{
-    clip_global_norm, decays, global_norm, AdamW, AdamWConfig, LrSchedule, ProgressMode,
-    RunOptions, TrainConfig, TrainableModel, Trainer,
+    clip_global_norm, decays, global_norm, AdamW, AdamWConfig, LrSchedule, ProcessGroup,
+    ProgressMode, ResumeOptions, RunOptions, ThreadGroup, TrainConfig, TrainableModel, Trainer,
 };
 
 /// A fresh, empty directory for one test.
@@ -709,5 +709,214 @@ fn the_command_line_trains_a_transformer_and_resumes_it() {
     assert_eq!(hf["model_type"], "llama");
     let model = <Transformer<f32> as TrainableModel>::from_dir(&run.join("model")).unwrap();
     assert_eq!(model.config.positions.name(), "learned");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs `config` as `ranks` data-parallel ranks on threads (ThreadGroup)
+/// in `run` (fresh, or resumed when `resume`), up to `stop_after`; rank
+/// 0's report.
+fn run_on_thread_ranks<M: TrainableModel>(
+    config: &TrainConfig,
+    run: &Path,
+    ranks: usize,
+    resume: bool,
+    stop_after: Option<usize>,
+) -> selective::train::TrainReport {
+    let reports: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = ThreadGroup::new(ranks)
+            .into_iter()
+            .map(|group| {
+                s.spawn(move || {
+                    let group: Box<dyn ProcessGroup> = Box::new(group);
+                    let mut trainer = if resume {
+                        Trainer::<M>::resume_in_group(run, &ResumeOptions::default(), group)
+                    } else {
+                        Trainer::<M>::new_in_group(config.clone(), run, group)
+                    }
+                    .unwrap();
+                    trainer
+                        .run(&RunOptions {
+                            stop_after,
+                            progress: ProgressMode::Silent,
+                        })
+                        .unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in &reports[1..] {
+        assert_eq!(r.losses, reports[0].losses, "ranks report different losses");
+    }
+    reports.into_iter().next().unwrap()
+}
+
+#[test]
+fn data_parallel_ranks_give_the_bits_of_one_process_and_resume_on_another_count() {
+    for (arch, name) in [
+        (Architecture::Mamba, "dp-mamba"),
+        (Architecture::Mamba2, "dp-mamba2"),
+        (Architecture::Transformer, "dp-transformer"),
+    ] {
+        let dir = temp_dir(name);
+        let data = write_text(&dir);
+        // 8 micro-batches of 2 sequences a step; 3 evaluation batches, which
+        // 2 and 4 ranks cannot share evenly
+        let config = TrainConfig {
+            arch,
+            head_dim: 8,
+            n_groups: 2,
+            chunk_size: 5,
+            batch_size: 2,
+            grad_accum: 8,
+            eval_every: 2,
+            eval_batches: 3,
+            save_every: 2,
+            warmup_steps: Some(2),
+            ..tiny_config(data)
+        };
+        let weights =
+            |run: &str| std::fs::read(dir.join(run).join("model/model.safetensors")).unwrap();
+        let alone = match arch {
+            Architecture::Transformer => {
+                Trainer::<Transformer<f32>>::new(config.clone(), dir.join("one"))
+                    .unwrap()
+                    .run(&silent())
+                    .unwrap()
+            }
+            _ => Trainer::<Mamba<f32>>::new(config.clone(), dir.join("one"))
+                .unwrap()
+                .run(&silent())
+                .unwrap(),
+        };
+        assert!(alone.finished);
+        for ranks in [1, 2, 4, 8] {
+            let run = dir.join(format!("ranks{ranks}"));
+            let report = match arch {
+                Architecture::Transformer => {
+                    run_on_thread_ranks::<Transformer<f32>>(&config, &run, ranks, false, None)
+                }
+                _ => run_on_thread_ranks::<Mamba<f32>>(&config, &run, ranks, false, None),
+            };
+            assert_eq!(report.losses, alone.losses, "{name}: {ranks} ranks' losses");
+            assert_eq!(
+                report.val_losses, alone.val_losses,
+                "{name}: {ranks} ranks' validation"
+            );
+            assert!(
+                weights(&format!("ranks{ranks}")) == weights("one"),
+                "{name}: {ranks} ranks' weights"
+            );
+        }
+        // 2 ranks stop after step 3 (checkpoint at 2); 4 ranks resume to
+        // step 5 (checkpoint at 5); one process finishes.
+        let run = dir.join("mixed");
+        let first = match arch {
+            Architecture::Transformer => {
+                run_on_thread_ranks::<Transformer<f32>>(&config, &run, 2, false, Some(3))
+            }
+            _ => run_on_thread_ranks::<Mamba<f32>>(&config, &run, 2, false, Some(3)),
+        };
+        let second = match arch {
+            Architecture::Transformer => {
+                run_on_thread_ranks::<Transformer<f32>>(&config, &run, 4, true, Some(5))
+            }
+            _ => run_on_thread_ranks::<Mamba<f32>>(&config, &run, 4, true, Some(5)),
+        };
+        let third = match arch {
+            Architecture::Transformer => Trainer::<Transformer<f32>>::resume(&run)
+                .unwrap()
+                .run(&silent())
+                .unwrap(),
+            _ => Trainer::<Mamba<f32>>::resume(&run)
+                .unwrap()
+                .run(&silent())
+                .unwrap(),
+        };
+        assert_eq!(
+            (
+                first.end_step,
+                second.start_step,
+                second.end_step,
+                third.start_step
+            ),
+            (3, 3, 5, 5)
+        );
+        let joined: Vec<f32> = [first.losses, second.losses, third.losses].concat();
+        assert_eq!(joined, alone.losses, "{name}: 2, 4 then 1 ranks");
+        assert!(
+            weights("mixed") == weights("one"),
+            "{name}: weights after 2, 4 then 1 ranks"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn ranks_that_cannot_share_a_step_are_refused_with_the_fix() {
+    let dir = temp_dir("dp-refused");
+    let data = write_text(&dir);
+    let config = TrainConfig {
+        grad_accum: 3,
+        ..tiny_config(data)
+    };
+    let run = dir.join("run");
+    let errors: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = ThreadGroup::new(2)
+            .into_iter()
+            .map(|g| {
+                let (config, run) = (config.clone(), run.clone());
+                s.spawn(move || {
+                    match Trainer::<Mamba<f32>>::new_in_group(config, run, Box::new(g)) {
+                        Ok(_) => String::new(),
+                        Err(e) => e.to_string(),
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for e in errors {
+        assert!(
+            e.contains("grad_accum 3 cannot be shared by 2 ranks"),
+            "{e}"
+        );
+        assert!(e.contains("--grad-accum 2 --batch-size 6"), "{e}");
+    }
+    let three = ThreadGroup::new(3).remove(0);
+    let e = Trainer::<Mamba<f32>>::new_in_group(
+        tiny_config(dir.join("text.txt")),
+        dir.join("r3"),
+        Box::new(three),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("3 ranks") && e.contains("power of two"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A binary built without MPI, started by a launcher as one of several
+/// processes, refuses instead of training the run N times over.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn a_binary_without_mpi_refuses_to_run_as_one_of_several_ranks() {
+    let dir = temp_dir("dp-no-mpi");
+    let data = write_text(&dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_selective"))
+        .args(["train", "--steps", "1", "--out"])
+        .arg(dir.join("run"))
+        .arg("--data")
+        .arg(&data)
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("one of 2 processes") && stderr.contains("--features mpi"),
+        "{stderr}"
+    );
+    assert!(!dir.join("run").exists(), "it wrote the run directory");
     let _ = std::fs::remove_dir_all(&dir);
 }

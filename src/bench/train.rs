@@ -6,7 +6,7 @@ use std::time::Instant;
 use crate::bench::generation::{peak_resident_bytes, reset_peak_resident, Stats};
 use crate::error::{invalid, Result};
 use crate::rng::Rng;
-use crate::train::training_step;
+use crate::train::{training_step, SingleProcess};
 use crate::train::{AdamW, AdamWConfig, TrainableModel};
 
 /// Training throughput at one sequence length.
@@ -64,6 +64,7 @@ pub fn bench_training<M: TrainableModel>(
             (batch, seq_len),
             1e-3,
             1.0,
+            &SingleProcess,
         )?;
         if !outcome.updated {
             return Err(invalid(

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::distributed::fnv1a_64;
 use crate::error::{invalid, Error, Result};
 use crate::generate::tokenizer::Tokenizer;
 use crate::rng::Rng;
@@ -23,15 +24,9 @@ pub struct DataFingerprint {
 
 impl DataFingerprint {
     pub fn of_bytes(data: &[u8]) -> Self {
-        // FNV-1a: offset basis and prime of the 64-bit variant
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for &b in data {
-            hash ^= u64::from(b);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
         Self {
             bytes: data.len() as u64,
-            fnv1a_64: format!("{hash:016x}"),
+            fnv1a_64: format!("{:016x}", fnv1a_64(data.iter().copied())),
         }
     }
 

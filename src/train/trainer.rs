@@ -24,6 +24,10 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::data::{random_windows, DataFingerprint, TextData};
+use super::distributed::{
+    check_group_size, check_same_on_every_rank, fingerprint_f32, fnv1a_64, share,
+    tree_all_reduce_sum, ProcessGroup, SingleProcess,
+};
 use super::model::TrainableModel;
 use super::optimizer::{add_into, clip_global_norm, global_norm, AdamW, AdamWConfig, ParamTree};
 use super::progress::{ProgressMode, Reporter, StepLine};
@@ -369,6 +373,9 @@ pub struct Trainer<M: TrainableModel = Mamba<f32>> {
     pub state: TrainerState,
     data: TextData,
     tokenizer: Tokenizer,
+    /// The ranks training this run together (docs/DESIGN.md §19); rank 0
+    /// alone writes the run directory.
+    group: Box<dyn ProcessGroup>,
 }
 
 /// The generator streams: weights from `seed` itself (`M::init`), the
@@ -394,8 +401,19 @@ fn check_arch<M: TrainableModel>(config: &TrainConfig) -> Result<()> {
 impl<M: TrainableModel> Trainer<M> {
     /// A fresh run in `run_dir` (created; must not hold a checkpoint yet).
     pub fn new(config: TrainConfig, run_dir: impl Into<PathBuf>) -> Result<Self> {
+        Self::new_in_group(config, run_dir, Box::new(SingleProcess))
+    }
+
+    /// [`Trainer::new`] as one rank of a data-parallel `group`: every rank
+    /// calls it with the same settings; rank 0 writes the run directory.
+    pub fn new_in_group(
+        config: TrainConfig,
+        run_dir: impl Into<PathBuf>,
+        group: Box<dyn ProcessGroup>,
+    ) -> Result<Self> {
         config.validate()?;
         check_arch::<M>(&config)?;
+        check_ranks(&config, group.as_ref())?;
         config.check_memory(256)?;
         let run_dir = run_dir.into();
         if run_dir.join("checkpoint").exists() || run_dir.join(".checkpoint.old").exists() {
@@ -412,12 +430,14 @@ impl<M: TrainableModel> Trainer<M> {
         let model = M::init(M::config_of(&config, vocab)?, config.seed)?;
         let optimizer = AdamW::<M::Params>::new(model.config(), config.adamw());
         std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
-        let mut saved = config.clone();
-        saved.warmup_steps = Some(config.warmup());
-        let text = serde_json::to_string_pretty(&saved).expect("settings serialise");
-        write_atomically(&run_dir.join("config.json"), text.as_bytes())?;
-        // A fresh run starts a fresh metrics file.
-        write_atomically(&run_dir.join("metrics.jsonl"), b"")?;
+        if group.rank() == 0 {
+            let mut saved = config.clone();
+            saved.warmup_steps = Some(config.warmup());
+            let text = serde_json::to_string_pretty(&saved).expect("settings serialise");
+            write_atomically(&run_dir.join("config.json"), text.as_bytes())?;
+            // A fresh run starts a fresh metrics file.
+            write_atomically(&run_dir.join("metrics.jsonl"), b"")?;
+        }
         Ok(Self {
             state: TrainerState {
                 step: 0,
@@ -433,6 +453,7 @@ impl<M: TrainableModel> Trainer<M> {
             optimizer,
             data,
             tokenizer,
+            group,
         })
     }
 
@@ -446,10 +467,21 @@ impl<M: TrainableModel> Trainer<M> {
     /// text), must be the text the run started with unless `options` allow
     /// a change, and the checkpoint must agree with the run's settings.
     pub fn resume_with(run_dir: impl Into<PathBuf>, options: &ResumeOptions) -> Result<Self> {
+        Self::resume_in_group(run_dir, options, Box::new(SingleProcess))
+    }
+
+    /// [`Trainer::resume_with`] as one rank of a data-parallel `group`,
+    /// which may have another number of ranks than the run had before.
+    pub fn resume_in_group(
+        run_dir: impl Into<PathBuf>,
+        options: &ResumeOptions,
+        group: Box<dyn ProcessGroup>,
+    ) -> Result<Self> {
         let run_dir = run_dir.into();
         let config = TrainConfig::from_file(&run_dir.join("config.json"))?;
         config.validate()?;
         check_arch::<M>(&config)?;
+        check_ranks(&config, group.as_ref())?;
         let mut ckpt = run_dir.join("checkpoint");
         if !ckpt.exists() {
             ckpt = run_dir.join(".checkpoint.old");
@@ -533,7 +565,9 @@ impl<M: TrainableModel> Trainer<M> {
                 dst.copy_from_slice(&values);
             }
         }
-        truncate_metrics(&run_dir.join("metrics.jsonl"), state.step)?;
+        if group.rank() == 0 {
+            truncate_metrics(&run_dir.join("metrics.jsonl"), state.step)?;
+        }
         Ok(Self {
             config,
             run_dir,
@@ -542,6 +576,7 @@ impl<M: TrainableModel> Trainer<M> {
             state,
             data,
             tokenizer,
+            group,
         })
     }
 
@@ -553,22 +588,50 @@ impl<M: TrainableModel> Trainer<M> {
         self.data.val.len()
     }
 
+    /// The rank of this process in the run's group (0 alone).
+    pub fn rank(&self) -> usize {
+        self.group.rank()
+    }
+
     /// Mean loss over `eval_batches` batches of the validation split, the
-    /// same windows at every evaluation.
+    /// same windows at every evaluation. With several ranks each evaluates
+    /// its share of the batches; the mean is the same bits.
     pub fn validation_loss(&self) -> Result<f32> {
         let c = &self.config;
         let mut rng = Rng::new(c.seed ^ EVAL_STREAM);
         let vocab = self.model.vocab_size();
-        let mut total = 0.0f64;
-        for _ in 0..c.eval_batches {
+        let mine = share(c.eval_batches, self.group.rank(), self.group.ranks());
+        // losses[i]: batch i's loss on the rank that evaluates it, 0 elsewhere
+        let mut losses = vec![0.0f32; c.eval_batches];
+        for (i, loss) in losses.iter_mut().enumerate() {
             let ids = random_windows(&self.data.val, c.batch_size, c.seq_len, &mut rng)
                 .map_err(|e| invalid("train", format!("validation split: {e}")))?;
-            let logits = self.model.forward(&ids, c.batch_size, c.seq_len)?;
-            let (loss, _) =
-                next_token_cross_entropy(&logits, &ids, c.batch_size, c.seq_len, vocab)?;
-            total += loss as f64;
+            if mine.contains(&i) {
+                let logits = self.model.forward(&ids, c.batch_size, c.seq_len)?;
+                *loss = next_token_cross_entropy(&logits, &ids, c.batch_size, c.seq_len, vocab)?.0;
+            }
         }
+        if self.group.ranks() > 1 {
+            tree_all_reduce_sum(self.group.as_ref(), &mut losses)?;
+        }
+        let total: f64 = losses.iter().map(|&l| l as f64).sum();
         Ok((total / c.eval_batches as f64) as f32)
+    }
+
+    /// Fails unless every rank holds the same settings, data and weights.
+    fn check_ranks_agree(&self) -> Result<()> {
+        let settings =
+            serde_json::to_vec(&(&self.config, &self.state)).expect("settings serialise");
+        let settings = fnv1a_64(settings);
+        check_same_on_every_rank(self.group.as_ref(), "settings and data position", settings)?;
+        let weights = fingerprint_f32(
+            self.model
+                .params()
+                .tensors_with_decay(self.model.config())
+                .into_iter()
+                .map(|(_, t)| t),
+        );
+        check_same_on_every_rank(self.group.as_ref(), "weights", weights)
     }
 
     /// Trains until all steps are done (or `options.stop_after`), evaluating
@@ -579,16 +642,31 @@ impl<M: TrainableModel> Trainer<M> {
         let end = options.stop_after.unwrap_or(c.steps).min(c.steps);
         let schedule = c.schedule();
         let tokens_per_step = (c.batch_size * c.seq_len * c.grad_accum) as u64;
-        let reporter = Reporter::new(options.progress, self.state.step, c.steps, c.log_every);
-        let metrics_path = self.run_dir.join("metrics.jsonl");
-        let mut metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .map_err(|e| Error::io(&metrics_path, e))?;
-        let mut log = |v: serde_json::Value| -> Result<()> {
-            writeln!(metrics, "{v}").map_err(|e| Error::io(&metrics_path, e))
+        let writer = self.group.rank() == 0;
+        let progress = if writer {
+            options.progress
+        } else {
+            ProgressMode::Silent
         };
+        let reporter = Reporter::new(progress, self.state.step, c.steps, c.log_every);
+        let metrics_path = self.run_dir.join("metrics.jsonl");
+        let mut metrics = match writer {
+            true => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&metrics_path)
+                    .map_err(|e| Error::io(&metrics_path, e))?,
+            ),
+            false => None,
+        };
+        let mut log = |v: serde_json::Value| -> Result<()> {
+            match metrics.as_mut() {
+                Some(file) => writeln!(file, "{v}").map_err(|e| Error::io(&metrics_path, e)),
+                None => Ok(()),
+            }
+        };
+        self.check_ranks_agree()?;
         let start_step = self.state.step;
         let mut report = TrainReport {
             start_step,
@@ -614,6 +692,7 @@ impl<M: TrainableModel> Trainer<M> {
                 (c.batch_size, c.seq_len),
                 lr,
                 c.grad_clip,
+                self.group.as_ref(),
             )?;
             let (loss, grad_norm) = (outcome.loss, outcome.grad_norm);
             if !outcome.updated {
@@ -629,7 +708,7 @@ impl<M: TrainableModel> Trainer<M> {
             let done = (self.state.step - start_step) as f64;
             let tokens_per_second = done * tokens_per_step as f64 / train_seconds;
             let s = self.state.step;
-            log(serde_json::json!({
+            let mut line = serde_json::json!({
                 "step": s,
                 "loss": loss,
                 "lr": lr,
@@ -637,7 +716,13 @@ impl<M: TrainableModel> Trainer<M> {
                 "tokens": self.state.tokens_seen,
                 "tokens_per_second": tokens_per_second,
                 "elapsed_seconds": t_run.elapsed().as_secs_f64(),
-            }))?;
+            });
+            if self.group.ranks() > 1 {
+                line["ranks"] = self.group.ranks().into();
+                line["communication_seconds"] = outcome.communication_seconds.into();
+                line["step_seconds"] = t_step.elapsed().as_secs_f64().into();
+            }
+            log(line)?;
             reporter.step(&StepLine {
                 step: s,
                 total: c.steps,
@@ -655,14 +740,23 @@ impl<M: TrainableModel> Trainer<M> {
                 reporter.line(&format!(
                     "step {s}: validation loss {val:.4} (train {loss:.4})"
                 ));
-                write_loss_plot(&metrics_path, &self.run_dir.join("loss.png"))?;
+                if writer {
+                    write_loss_plot(&metrics_path, &self.run_dir.join("loss.png"))?;
+                }
             }
             if (c.save_every > 0 && s.is_multiple_of(c.save_every)) || last {
-                self.save_checkpoint()?;
+                // Every rank checks that the weights still agree, so that a
+                // checkpoint is never the weights of one rank among others.
+                self.check_ranks_agree()?;
+                if writer {
+                    self.save_checkpoint()?;
+                }
             }
         }
         if self.state.step == c.steps {
-            self.save_model(&self.run_dir.join("model"))?;
+            if writer {
+                self.save_model(&self.run_dir.join("model"))?;
+            }
             report.finished = true;
             reporter.line(&format!(
                 "finished {} steps; model in {}",
@@ -777,13 +871,24 @@ pub struct StepOutcome {
     /// False when the loss or the gradient norm was not finite: then the
     /// parameters and optimizer are left as they were.
     pub updated: bool,
+    /// Seconds in the all-reduce of losses and gradients (0 on one rank);
+    /// it includes waiting for the slowest rank.
+    pub communication_seconds: f64,
 }
 
 /// One optimizer step: for each of `micro_batches` batches of ids
 /// ((batch, len) each, from `next_batch`) forward, cross-entropy, backward
 /// (the loss of the step is the mean over micro-batches, so each one's
-/// gradient is scaled by 1/micro_batches); then clipping by global norm
-/// (`grad_clip` > 0) and the AdamW update at learning rate `lr`.
+/// gradient is scaled by 1/micro_batches); the step's gradient is their
+/// fixed pairwise tree sum (docs/DESIGN.md §19); then clipping by global
+/// norm (`grad_clip` > 0) and the AdamW update at learning rate `lr`.
+///
+/// With a `group` of N ranks, every rank draws all micro-batches (so the
+/// data stream stays the same everywhere) and computes the gradients of its
+/// share, [r·M/N, (r+1)·M/N); one all-reduce sums the shares in the tree's
+/// order, so every rank makes the update one process makes alone, bit for
+/// bit. `micro_batches` must be a multiple of N.
+#[allow(clippy::too_many_arguments)]
 pub fn training_step<M: TrainableModel>(
     model: &mut M,
     optimizer: &mut AdamW<M::Params>,
@@ -792,29 +897,35 @@ pub fn training_step<M: TrainableModel>(
     (batch, len): (usize, usize),
     lr: f64,
     grad_clip: f64,
+    group: &dyn ProcessGroup,
 ) -> Result<StepOutcome> {
-    let vocab = model.vocab_size();
-    let mut grads = None;
-    let mut loss_sum = 0.0f64;
-    for _ in 0..micro_batches {
-        let ids = next_batch()?;
-        let (logits, cache) = model.forward_train(&ids, batch, len)?;
-        let (loss, mut d_logits) = next_token_cross_entropy(&logits, &ids, batch, len, vocab)?;
-        drop(logits);
-        loss_sum += loss as f64;
-        if micro_batches > 1 {
-            let scale = 1.0 / micro_batches as f32;
-            d_logits.iter_mut().for_each(|g| *g *= scale);
-        }
-        let g = model.backward(&ids, &cache, &d_logits)?;
-        drop(cache);
-        match grads.as_mut() {
-            None => grads = Some(g),
-            Some(acc) => add_into(model.config(), acc, &g)?,
-        }
+    check_group_size(group)?;
+    let ranks = group.ranks();
+    if micro_batches == 0 || !micro_batches.is_multiple_of(ranks) {
+        return Err(invalid(
+            "training_step",
+            format!(
+                "{micro_batches} micro-batches per step cannot be shared by {ranks} ranks:                  grad_accum must be a positive multiple of the number of ranks"
+            ),
+        ));
     }
-    let mut grads =
-        grads.ok_or_else(|| invalid("training_step", "micro_batches must be at least 1"))?;
+    let batches = (0..micro_batches)
+        .map(|_| next_batch())
+        .collect::<Result<Vec<_>>>()?;
+    // losses[i]: micro-batch i's loss on the rank that computes it, 0 elsewhere
+    let mut losses = vec![0.0f32; micro_batches];
+    let mine = share(micro_batches, group.rank(), ranks);
+    let mut grads = gradient_tree(&*model, &batches, mine, &mut losses, (batch, len))?;
+    let t_communication = Instant::now();
+    if ranks > 1 {
+        tree_all_reduce_sum(group, &mut losses)?;
+        all_reduce_tree(model.config(), &mut grads, group)?;
+    }
+    let communication_seconds = match ranks {
+        1 => 0.0,
+        _ => t_communication.elapsed().as_secs_f64(),
+    };
+    let loss_sum: f64 = losses.iter().map(|&l| l as f64).sum();
     let loss = (loss_sum / micro_batches as f64) as f32;
     let grad_norm = if grad_clip > 0.0 {
         clip_global_norm(model.config(), &mut grads, grad_clip)
@@ -830,7 +941,85 @@ pub fn training_step<M: TrainableModel>(
         loss,
         grad_norm,
         updated,
+        communication_seconds,
     })
+}
+
+/// The gradient of micro-batches `range` of `batches` as the pairwise tree
+/// `sum(lo, hi) = sum(lo, mid) + sum(mid, hi)`, `mid = lo + (hi − lo)/2`
+/// (at most log2 of the range's length gradients are held at once); each
+/// micro-batch's loss goes to `losses[i]`, and its dL/dlogits is scaled by
+/// 1/batches.len() (the step's loss is the mean over all micro-batches).
+fn gradient_tree<M: TrainableModel>(
+    model: &M,
+    batches: &[Vec<u32>],
+    range: std::ops::Range<usize>,
+    losses: &mut [f32],
+    (batch, len): (usize, usize),
+) -> Result<M::Params> {
+    if range.len() == 1 {
+        let i = range.start;
+        let ids = &batches[i];
+        let (logits, cache) = model.forward_train(ids, batch, len)?;
+        let (loss, mut d_logits) =
+            next_token_cross_entropy(&logits, ids, batch, len, model.vocab_size())?;
+        drop(logits);
+        losses[i] = loss;
+        if batches.len() > 1 {
+            let scale = 1.0 / batches.len() as f32;
+            d_logits.iter_mut().for_each(|g| *g *= scale);
+        }
+        return model.backward(ids, &cache, &d_logits);
+    }
+    let mid = range.start + range.len() / 2;
+    let mut left = gradient_tree(model, batches, range.start..mid, losses, (batch, len))?;
+    let right = gradient_tree(model, batches, mid..range.end, losses, (batch, len))?;
+    add_into(model.config(), &mut left, &right)?;
+    Ok(left)
+}
+
+/// Sums a parameter tree over the group's ranks ([`tree_all_reduce_sum`]
+/// on its tensors laid end to end).
+fn all_reduce_tree<P: ParamTree>(
+    config: &P::Config,
+    tree: &mut P,
+    group: &dyn ProcessGroup,
+) -> Result<()> {
+    let mut flat: Vec<f32> = tree
+        .tensors_with_decay(config)
+        .into_iter()
+        .flat_map(|(_, t)| t.iter().copied())
+        .collect();
+    tree_all_reduce_sum(group, &mut flat)?;
+    let mut rest = flat.as_slice();
+    for t in tree.tensor_slices_mut(config) {
+        let (head, tail) = rest.split_at(t.len());
+        t.copy_from_slice(head);
+        rest = tail;
+    }
+    Ok(())
+}
+
+/// An error unless `group` can share the run's steps: a power of two of
+/// ranks that divides the micro-batches of a step.
+fn check_ranks(config: &TrainConfig, group: &dyn ProcessGroup) -> Result<()> {
+    check_group_size(group)?;
+    let ranks = group.ranks();
+    if !config.grad_accum.is_multiple_of(ranks) {
+        return Err(invalid(
+            "train",
+            format!(
+                "grad_accum {} cannot be shared by {ranks} ranks: each rank takes whole \
+                 micro-batches of batch_size sequences, so grad_accum must be a multiple of \
+                 the number of ranks (the {} sequences of a step now are, for instance, \
+                 --grad-accum {ranks} --batch-size {})",
+                config.grad_accum,
+                config.batch_size * config.grad_accum,
+                (config.batch_size * config.grad_accum).div_ceil(ranks)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Draws the training loss of every step and the validation loss of every

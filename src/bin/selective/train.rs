@@ -1,11 +1,14 @@
 //! `selective train`: a language model on a text file, with checkpoints and
-//! exact --resume (the library's Trainer does the work).
+//! exact --resume (the library's Trainer does the work). Started by
+//! `mpirun -np N` (or `srun`) in a build with the `mpi` feature, the N
+//! processes train one run data-parallel (docs/DESIGN.md §19).
 
 use std::path::PathBuf;
 
 use selective::nn::{Architecture, Mamba, Positions, Transformer};
 use selective::train::{
-    ProgressMode, ResumeOptions, RunOptions, TrainConfig, TrainableModel, Trainer,
+    ProcessGroup, ProgressMode, ResumeOptions, RunOptions, SingleProcess, TrainConfig,
+    TrainableModel, Trainer,
 };
 
 use crate::CliResult;
@@ -116,6 +119,11 @@ pub struct TrainArgs {
     pub stop_after: Option<usize>,
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Under mpirun: a rank that waits longer than this in one gradient
+    /// all-reduce stops the run (a hung rank); it must exceed the time rank
+    /// 0 takes to write a checkpoint.
+    #[arg(long, default_value_t = 600.0, value_name = "SECONDS")]
+    pub rank_timeout: f64,
 }
 
 pub fn run(args: TrainArgs) -> CliResult {
@@ -196,33 +204,107 @@ pub fn run(args: TrainArgs) -> CliResult {
     }
 }
 
+/// How many processes the launcher that started this one started in all:
+/// Open MPI's mpirun, MPICH's Hydra and Slurm's srun say so in the
+/// environment; None when no launcher did.
+fn launched_ranks() -> Option<usize> {
+    let in_slurm_step = std::env::var_os("SLURM_STEP_ID").is_some();
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"]
+        .into_iter()
+        .filter(|name| *name != "SLURM_NTASKS" || in_slurm_step)
+        .find_map(|name| std::env::var(name).ok()?.parse().ok())
+}
+
+/// Trains with the ranks the launcher started, or alone. An error in one
+/// rank of several aborts them all (MPI_Abort) after printing it, so that
+/// none waits for it forever.
 fn train<M: TrainableModel>(
     args: &TrainArgs,
     config: TrainConfig,
     options: &RunOptions,
 ) -> CliResult {
+    match launched_ranks() {
+        #[cfg(feature = "mpi")]
+        Some(_) => {
+            use mpi::topology::Communicator;
+            let threading = mpi::Threading::Funneled;
+            let (universe, _) =
+                mpi::initialize_with_threading(threading).ok_or("MPI was initialised already")?;
+            let world = universe.world();
+            let (rank, ranks) = (world.rank(), world.size());
+            let timeout = std::time::Duration::try_from_secs_f64(args.rank_timeout)
+                .ok()
+                .filter(|t| !t.is_zero())
+                .ok_or_else(|| {
+                    format!(
+                        "--rank-timeout must be a positive number of seconds, got {}",
+                        args.rank_timeout
+                    )
+                })?;
+            let group = Box::new(selective::train::MpiGroup::new(universe.world(), timeout));
+            let result = train_in_group::<M>(args, config, options, group);
+            if let Err(e) = &result {
+                if ranks > 1 {
+                    eprintln!("error: rank {rank} of {ranks}: {e}");
+                    world.abort(1);
+                }
+            }
+            result
+        }
+        #[cfg(not(feature = "mpi"))]
+        Some(ranks) if ranks > 1 => Err(format!(
+            "started as one of {ranks} processes (mpirun or srun), but this binary was built \
+             without MPI: each process would train the whole run alone into the same --out. \
+             Build with `cargo build --release --features mpi`, or run one process"
+        )
+        .into()),
+        _ => train_in_group::<M>(args, config, options, Box::new(SingleProcess)),
+    }
+}
+
+fn train_in_group<M: TrainableModel>(
+    args: &TrainArgs,
+    config: TrainConfig,
+    options: &RunOptions,
+    group: Box<dyn ProcessGroup>,
+) -> CliResult {
+    let ranks = group.ranks();
     let mut trainer = if args.resume {
-        Trainer::<M>::resume_with(
+        Trainer::<M>::resume_in_group(
             &args.out,
             &ResumeOptions {
                 allow_changed_data: args.allow_changed_data,
             },
+            group,
         )?
     } else {
-        Trainer::<M>::new(config, &args.out)?
+        Trainer::<M>::new_in_group(config, &args.out, group)?
     };
-    eprintln!(
-        "{} {} ({}): {} parameters, {} training and {} validation tokens, step {}/{}",
-        if args.resume { "resuming" } else { "training" },
-        args.out.display(),
-        trainer.config.arch.name(),
-        trainer.model.n_params(),
-        trainer.train_tokens(),
-        trainer.val_tokens(),
-        trainer.state.step,
-        trainer.config.steps
-    );
+    let lead = trainer.rank() == 0;
+    if lead {
+        eprintln!(
+            "{} {} ({}): {} parameters, {} training and {} validation tokens, step {}/{}",
+            if args.resume { "resuming" } else { "training" },
+            args.out.display(),
+            trainer.config.arch.name(),
+            trainer.model.n_params(),
+            trainer.train_tokens(),
+            trainer.val_tokens(),
+            trainer.state.step,
+            trainer.config.steps
+        );
+        if ranks > 1 {
+            eprintln!(
+                "{ranks} ranks, data-parallel: each takes {} micro-batches of {} sequences a step",
+                trainer.config.grad_accum / ranks,
+                trainer.config.batch_size
+            );
+        }
+    }
     let report = trainer.run(options)?;
+    if !lead {
+        return Ok(());
+    }
     eprintln!(
         "steps {}..{} in {:.1} s, {:.0} training tokens/s; last loss {}; validation loss {}",
         report.start_step,
