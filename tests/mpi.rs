@@ -9,6 +9,8 @@
 //! tests skip, unless SELECTIVE_MPI_TESTS=require (CI) makes that a failure.
 #![cfg(feature = "mpi")]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -28,17 +30,12 @@ fn mpirun() -> Option<&'static str> {
 
 /// A fresh, empty directory for one test.
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("selective-mpi-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::fresh_temp_dir("mpi", name)
 }
 
+/// A small repetitive text (byte-level).
 fn write_text(dir: &Path) -> PathBuf {
-    let path = dir.join("text.txt");
-    let line = "the quick brown fox jumps over the lazy dog. ";
-    std::fs::write(&path, line.repeat(200)).unwrap();
-    path
+    common::write_pangram_text(dir, 200)
 }
 
 /// The training flags of every run here: 4 micro-batches of 2 sequences
@@ -162,8 +159,7 @@ fn two_mpi_ranks_give_the_bits_of_one_process() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The process of rank `rank` among `launched`'s descendants whose command
-/// line names `run`.
+/// The process of MPI rank `rank` whose command line names `run`.
 fn rank_pid(run: &Path, rank: usize) -> Option<u32> {
     let run = run.display().to_string();
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
@@ -219,6 +215,30 @@ fn wait_ended(mut child: Child, limit: Duration) -> (std::process::ExitStatus, S
     )
 }
 
+/// Starts `args` on 2 ranks, sends `signal` to rank 1 once `run`'s
+/// checkpoint reaches `step`, and waits (at most a minute) for mpirun to
+/// end: its status and stderr.
+fn signal_rank_one(
+    args: &[String],
+    run: &Path,
+    step: u64,
+    signal: &str,
+) -> (std::process::ExitStatus, String) {
+    let mut child = launch(2, args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_checkpoint(run, step, &mut child);
+    let pid = rank_pid(run, 1).expect("rank 1's process");
+    let sent = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -{signal} {pid}");
+    wait_ended(child, Duration::from_secs(60))
+}
+
 #[test]
 fn a_killed_or_hung_rank_stops_the_run_which_resumes_on_another_count_bit_for_bit() {
     if mpirun().is_none() {
@@ -232,18 +252,7 @@ fn a_killed_or_hung_rank_stops_the_run_which_resumes_on_another_count_bit_for_bi
     // Rank 1 is killed once a checkpoint exists: mpirun stops rank 0 and
     // says which rank died.
     let run = dir.join("run");
-    let mut child = launch(2, &train_args(&data, &run, steps, 100))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_checkpoint(&run, 100, &mut child);
-    let pid = rank_pid(&run, 1).expect("rank 1's process");
-    Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
-    let (status, stderr) = wait_ended(child, Duration::from_secs(60));
+    let (status, stderr) = signal_rank_one(&train_args(&data, &run, steps, 100), &run, 100, "KILL");
     assert!(!status.success());
     assert!(
         stderr.contains("rank 1") && stderr.contains("signal 9"),
@@ -259,18 +268,7 @@ fn a_killed_or_hung_rank_stops_the_run_which_resumes_on_another_count_bit_for_bi
     alone(&first);
     let mut hung = resume.clone();
     hung.extend(["--rank-timeout".into(), "2".into()]);
-    let mut child = launch(2, &hung)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_checkpoint(&run, 1600, &mut child);
-    let pid = rank_pid(&run, 1).expect("rank 1's process");
-    Command::new("kill")
-        .args(["-STOP", &pid.to_string()])
-        .status()
-        .unwrap();
-    let (status, stderr) = wait_ended(child, Duration::from_secs(60));
+    let (status, stderr) = signal_rank_one(&hung, &run, 1600, "STOP");
     assert!(!status.success());
     assert!(
         stderr.contains("rank 0: waited") && stderr.contains("for rank 1"),

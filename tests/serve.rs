@@ -445,51 +445,26 @@ fn a_panic_fails_the_requests_it_touched_and_the_engine_serves_on() {
         fatal_position: 60,
     };
     let engine = Engine::start(model, tokenizer.clone(), EngineOptions::default()).unwrap();
+    // one greedy job of `max_tokens` on `prompt`, alone
+    let run_one = |prompt: Vec<u32>, max_tokens: usize| -> Outcome {
+        let request = vec![spec(0, prompt, max_tokens, SamplingConfig::greedy())];
+        collect(&mut engine.submit(request).unwrap(), 1).remove(0)
+    };
+    let internal_error = |o: &Outcome| match &o.error {
+        Some(JobError::Internal(m)) => m.clone(),
+        other => panic!("expected an internal error, got {other:?}"),
+    };
     let ok_prompt = tokenizer.encode("KING:").unwrap();
-    let bad = collect(
-        &mut engine
-            .submit(vec![spec(
-                0,
-                tokenizer.encode("Zounds").unwrap(),
-                5,
-                SamplingConfig::greedy(),
-            )])
-            .unwrap(),
-        1,
-    );
-    match &bad[0].error {
-        Some(JobError::Internal(m)) => assert!(m.contains("poisoned prompt"), "{m}"),
-        other => panic!("expected an internal error, got {other:?}"),
-    }
+    let bad = run_one(tokenizer.encode("Zounds").unwrap(), 5);
+    let m = internal_error(&bad);
+    assert!(m.contains("poisoned prompt"), "{m}");
     // a step that panics fails the sequences in it, not the engine
-    let long = collect(
-        &mut engine
-            .submit(vec![spec(
-                0,
-                ok_prompt.clone(),
-                100,
-                SamplingConfig::greedy(),
-            )])
-            .unwrap(),
-        1,
-    );
-    match &long[0].error {
-        Some(JobError::Internal(m)) => assert!(m.contains("fatal position"), "{m}"),
-        other => panic!("expected an internal error, got {other:?}"),
-    }
-    assert_eq!(long[0].ids.len(), 60 - ok_prompt.len() + 1);
-    let fine = collect(
-        &mut engine
-            .submit(vec![spec(
-                0,
-                ok_prompt.clone(),
-                10,
-                SamplingConfig::greedy(),
-            )])
-            .unwrap(),
-        1,
-    );
-    assert_eq!((fine[0].error.clone(), fine[0].ids.len()), (None, 10));
+    let long = run_one(ok_prompt.clone(), 100);
+    let m = internal_error(&long);
+    assert!(m.contains("fatal position"), "{m}");
+    assert_eq!(long.ids.len(), 60 - ok_prompt.len() + 1);
+    let fine = run_one(ok_prompt.clone(), 10);
+    assert_eq!((fine.error.clone(), fine.ids.len()), (None, 10));
     assert_eq!(engine.counters.jobs_failed.load(Ordering::Relaxed), 2);
     engine.stop();
 }

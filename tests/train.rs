@@ -1,6 +1,8 @@
 //! Training: AdamW, parameter groups, schedule, clipping, accumulation,
 //! exact resuming, NaN stop, learning, errors, and the command line.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -12,18 +14,12 @@ use selective::train::{
 
 /// A fresh, empty directory for one test.
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("selective-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::fresh_temp_dir("train", name)
 }
 
 /// A small repetitive text (byte-level).
 fn write_text(dir: &Path) -> PathBuf {
-    let path = dir.join("text.txt");
-    let line = "the quick brown fox jumps over the lazy dog. ";
-    std::fs::write(&path, line.repeat(60)).unwrap();
-    path
+    common::write_pangram_text(dir, 60)
 }
 
 /// A model small enough for a step in milliseconds.
@@ -753,103 +749,72 @@ fn run_on_thread_ranks<M: TrainableModel>(
 
 #[test]
 fn data_parallel_ranks_give_the_bits_of_one_process_and_resume_on_another_count() {
-    for (arch, name) in [
-        (Architecture::Mamba, "dp-mamba"),
-        (Architecture::Mamba2, "dp-mamba2"),
-        (Architecture::Transformer, "dp-transformer"),
-    ] {
-        let dir = temp_dir(name);
-        let data = write_text(&dir);
-        // 8 micro-batches of 2 sequences a step; 3 evaluation batches, which
-        // 2 and 4 ranks cannot share evenly
-        let config = TrainConfig {
-            arch,
-            head_dim: 8,
-            n_groups: 2,
-            chunk_size: 5,
-            batch_size: 2,
-            grad_accum: 8,
-            eval_every: 2,
-            eval_batches: 3,
-            save_every: 2,
-            warmup_steps: Some(2),
-            ..tiny_config(data)
-        };
-        let weights =
-            |run: &str| std::fs::read(dir.join(run).join("model/model.safetensors")).unwrap();
-        let alone = match arch {
-            Architecture::Transformer => {
-                Trainer::<Transformer<f32>>::new(config.clone(), dir.join("one"))
-                    .unwrap()
-                    .run(&silent())
-                    .unwrap()
-            }
-            _ => Trainer::<Mamba<f32>>::new(config.clone(), dir.join("one"))
-                .unwrap()
-                .run(&silent())
-                .unwrap(),
-        };
-        assert!(alone.finished);
-        for ranks in [1, 2, 4, 8] {
-            let run = dir.join(format!("ranks{ranks}"));
-            let report = match arch {
-                Architecture::Transformer => {
-                    run_on_thread_ranks::<Transformer<f32>>(&config, &run, ranks, false, None)
-                }
-                _ => run_on_thread_ranks::<Mamba<f32>>(&config, &run, ranks, false, None),
-            };
-            assert_eq!(report.losses, alone.losses, "{name}: {ranks} ranks' losses");
-            assert_eq!(
-                report.val_losses, alone.val_losses,
-                "{name}: {ranks} ranks' validation"
-            );
-            assert!(
-                weights(&format!("ranks{ranks}")) == weights("one"),
-                "{name}: {ranks} ranks' weights"
-            );
-        }
-        // 2 ranks stop after step 3 (checkpoint at 2); 4 ranks resume to
-        // step 5 (checkpoint at 5); one process finishes.
-        let run = dir.join("mixed");
-        let first = match arch {
-            Architecture::Transformer => {
-                run_on_thread_ranks::<Transformer<f32>>(&config, &run, 2, false, Some(3))
-            }
-            _ => run_on_thread_ranks::<Mamba<f32>>(&config, &run, 2, false, Some(3)),
-        };
-        let second = match arch {
-            Architecture::Transformer => {
-                run_on_thread_ranks::<Transformer<f32>>(&config, &run, 4, true, Some(5))
-            }
-            _ => run_on_thread_ranks::<Mamba<f32>>(&config, &run, 4, true, Some(5)),
-        };
-        let third = match arch {
-            Architecture::Transformer => Trainer::<Transformer<f32>>::resume(&run)
-                .unwrap()
-                .run(&silent())
-                .unwrap(),
-            _ => Trainer::<Mamba<f32>>::resume(&run)
-                .unwrap()
-                .run(&silent())
-                .unwrap(),
-        };
+    data_parallel_case::<Mamba<f32>>(Architecture::Mamba, "dp-mamba");
+    data_parallel_case::<Mamba<f32>>(Architecture::Mamba2, "dp-mamba2");
+    data_parallel_case::<Transformer<f32>>(Architecture::Transformer, "dp-transformer");
+}
+
+/// Architecture `arch` (trained by `M`) on 1, 2, 4 and 8 thread ranks, and
+/// moved from 2 to 4 to 1 ranks, against one process: equal bits.
+fn data_parallel_case<M: TrainableModel>(arch: Architecture, name: &str) {
+    let dir = temp_dir(name);
+    let data = write_text(&dir);
+    // 8 micro-batches of 2 sequences a step; 3 evaluation batches, which
+    // 2 and 4 ranks cannot share evenly
+    let config = TrainConfig {
+        arch,
+        head_dim: 8,
+        n_groups: 2,
+        chunk_size: 5,
+        batch_size: 2,
+        grad_accum: 8,
+        eval_every: 2,
+        eval_batches: 3,
+        save_every: 2,
+        warmup_steps: Some(2),
+        ..tiny_config(data)
+    };
+    let weights = |run: &str| std::fs::read(dir.join(run).join("model/model.safetensors")).unwrap();
+    let alone = Trainer::<M>::new(config.clone(), dir.join("one"))
+        .unwrap()
+        .run(&silent())
+        .unwrap();
+    assert!(alone.finished);
+    for ranks in [1, 2, 4, 8] {
+        let run = dir.join(format!("ranks{ranks}"));
+        let report = run_on_thread_ranks::<M>(&config, &run, ranks, false, None);
+        assert_eq!(report.losses, alone.losses, "{name}: {ranks} ranks' losses");
         assert_eq!(
-            (
-                first.end_step,
-                second.start_step,
-                second.end_step,
-                third.start_step
-            ),
-            (3, 3, 5, 5)
+            report.val_losses, alone.val_losses,
+            "{name}: {ranks} ranks' validation"
         );
-        let joined: Vec<f32> = [first.losses, second.losses, third.losses].concat();
-        assert_eq!(joined, alone.losses, "{name}: 2, 4 then 1 ranks");
         assert!(
-            weights("mixed") == weights("one"),
-            "{name}: weights after 2, 4 then 1 ranks"
+            weights(&format!("ranks{ranks}")) == weights("one"),
+            "{name}: {ranks} ranks' weights"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
+    // 2 ranks stop after step 3 (checkpoint at 2); 4 ranks resume to step
+    // 5 (checkpoint at 5); one process finishes.
+    let run = dir.join("mixed");
+    let first = run_on_thread_ranks::<M>(&config, &run, 2, false, Some(3));
+    let second = run_on_thread_ranks::<M>(&config, &run, 4, true, Some(5));
+    let third = Trainer::<M>::resume(&run).unwrap().run(&silent()).unwrap();
+    assert_eq!(
+        (
+            first.end_step,
+            second.start_step,
+            second.end_step,
+            third.start_step
+        ),
+        (3, 3, 5, 5)
+    );
+    let joined: Vec<f32> = [first.losses, second.losses, third.losses].concat();
+    assert_eq!(joined, alone.losses, "{name}: 2, 4 then 1 ranks");
+    assert!(
+        weights("mixed") == weights("one"),
+        "{name}: weights after 2, 4 then 1 ranks"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

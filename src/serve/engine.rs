@@ -352,6 +352,30 @@ struct Running<'t, S> {
     finish: Option<FinishReason>,
 }
 
+/// A job's prompt taken in: its state after the prompt, how many prompt
+/// tokens came from the cache, and what samples and writes its tokens.
+struct Started<'t, S> {
+    state: S,
+    cached_tokens: usize,
+    sampler: Sampler,
+    text: SequenceText<&'t Tokenizer>,
+    generate: GenerateOptions,
+}
+
+impl<'t, S> Started<'t, S> {
+    fn into_running(self, job: Job) -> Running<'t, S> {
+        Running {
+            job,
+            state: self.state,
+            sampler: self.sampler,
+            text: self.text,
+            generate: self.generate,
+            generated: Vec::new(),
+            finish: None,
+        }
+    }
+}
+
 struct Worker<'a, M: Decoder> {
     model: &'a M,
     tokenizer: &'a Tokenizer,
@@ -475,8 +499,9 @@ where
         let admitted = catch_unwind(AssertUnwindSafe(|| self.start(&job.spec)));
         EngineCounters::add_seconds_since(&self.counters.prefill_seconds, started);
         match admitted {
-            Ok(Ok((state, cached, sampler, text, generate))) => {
+            Ok(Ok(started)) => {
                 let spec = &job.spec;
+                let cached = started.cached_tokens;
                 self.counters
                     .prompt_tokens
                     .fetch_add(spec.prompt.len() as u64, Ordering::Relaxed);
@@ -496,32 +521,16 @@ where
                     });
                     return;
                 }
-                self.running.push(Running {
-                    job,
-                    state,
-                    sampler,
-                    text,
-                    generate,
-                    generated: Vec::new(),
-                    finish: None,
-                });
+                self.running.push(started.into_running(job));
             }
             Ok(Err(error)) => self.fail(&job, JobError::Invalid(error.to_string())),
             Err(panic) => self.fail(&job, internal_from_panic("prefill", panic)),
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    fn start(
-        &mut self,
-        spec: &JobSpec,
-    ) -> crate::Result<(
-        M::State,
-        usize,
-        Sampler,
-        SequenceText<&'a Tokenizer>,
-        GenerateOptions,
-    )> {
+    /// Takes in a job's prompt: from the longest cached prefix, then
+    /// prefill of the rest (whose state the cache keeps).
+    fn start(&mut self, spec: &JobSpec) -> crate::Result<Started<'a, M::State>> {
         let generate = options_for(
             self.model,
             Some(self.tokenizer),
@@ -546,7 +555,13 @@ where
             let bytes = state_bytes(&state);
             self.cache.insert(&spec.prompt, state.clone(), bytes);
         }
-        Ok((state, cached, sampler, text, generate))
+        Ok(Started {
+            state,
+            cached_tokens: cached,
+            sampler,
+            text,
+            generate,
+        })
     }
 
     /// Samples each running job's next token and sends its text.

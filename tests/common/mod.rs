@@ -226,3 +226,21 @@ pub fn assert_gradients_match_finite_differences(
         assert_close(&format!("FD {name} ({label})"), &g, &fd, 1e-7, 1e-5);
     }
 }
+
+/// A fresh, empty directory `selective-{group}-{pid}-{name}` under the
+/// system's temporary directory.
+pub fn fresh_temp_dir(group: &str, name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("selective-{group}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `dir/text.txt`: a pangram `repeats` times, a small repetitive text for
+/// training runs.
+pub fn write_pangram_text(dir: &std::path::Path, repeats: usize) -> std::path::PathBuf {
+    let path = dir.join("text.txt");
+    let line = "the quick brown fox jumps over the lazy dog. ";
+    std::fs::write(&path, line.repeat(repeats)).unwrap();
+    path
+}
