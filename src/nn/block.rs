@@ -1035,20 +1035,14 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
         if let Mixer::Ssd(ssd) = &self.mixer {
             return self.step_ssd(ssd, h, states, bufs);
         }
-        let (d, e, n, r) = self.shape.dims();
+        let (_, e, n, r) = self.shape.dims();
         let b = states.len();
-        check_len(OP, "h", h, &[("sequences", b), ("d_model", d)])?;
-        if bufs.normed.len() < b * d {
+        self.step_in_proj(OP, h, b, bufs)?;
+        if bufs.v.len() < b * e || bufs.y.len() < b * e {
             return Err(invalid(OP, format!("{b} sequences but buffers for fewer")));
         }
         let in_rows = self.in_rows();
-        let normed = &mut bufs.normed[..b * d];
-        self.norm(h, normed)?;
-        let xz = &mut bufs.xz[..b * in_rows];
-        self.in_proj.forward(normed, b, xz, false)?;
-        if let Some(bias) = self.in_proj_bias {
-            add_row_bias(xz, bias);
-        }
+        let xz = &bufs.xz[..b * in_rows];
         let v = &mut bufs.v[..b * e];
         for (i, st) in states.iter_mut().enumerate() {
             let x = &xz[i * in_rows..i * in_rows + e];
@@ -1105,6 +1099,37 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
                 }
             }
         }
+        self.step_out_proj(y, b, h)
+    }
+
+    /// The first phase of a decoding step, every mixer: normed = norm(h)
+    /// (b, D), then in_proj(normed) + bias into `bufs.xz` (b, in_rows).
+    pub(super) fn step_in_proj(
+        &self,
+        op: &'static str,
+        h: &[T],
+        b: usize,
+        bufs: &mut StepBuffers<T>,
+    ) -> Result<()> {
+        let d = self.shape.d_model;
+        check_len(op, "h", h, &[("sequences", b), ("d_model", d)])?;
+        let in_rows = self.in_rows();
+        if bufs.normed.len() < b * d || bufs.xz.len() < b * in_rows {
+            return Err(invalid(op, format!("{b} sequences but buffers for fewer")));
+        }
+        let normed = &mut bufs.normed[..b * d];
+        self.norm(h, normed)?;
+        let xz = &mut bufs.xz[..b * in_rows];
+        self.in_proj.forward(normed, b, xz, false)?;
+        if let Some(bias) = self.in_proj_bias {
+            add_row_bias(xz, bias);
+        }
+        Ok(())
+    }
+
+    /// The last phase of a decoding step: h ← h + out_proj(y) + bias, y
+    /// (b, E), h (b, D).
+    pub(super) fn step_out_proj(&self, y: &[T], b: usize, h: &mut [T]) -> Result<()> {
         self.out_proj.forward(y, b, h, true)?;
         if let Some(bias) = self.out_proj_bias {
             add_row_bias(h, bias);

@@ -233,21 +233,14 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
         bufs: &mut StepBuffers<T>,
     ) -> Result<()> {
         const OP: &str = "Block::step";
-        let d = self.shape.d_model;
         let (e, _, nh) = self.ssd_widths();
         let (in_rows, channels) = (self.in_rows(), self.shape.conv_channels());
         let b = states.len();
-        check_len(OP, "h", h, &[("sequences", b), ("d_model", d)])?;
-        if bufs.xz.len() < b * in_rows || bufs.v.len() < b * channels || bufs.y.len() < b * e {
+        self.step_in_proj(OP, h, b, bufs)?;
+        if bufs.v.len() < b * channels || bufs.y.len() < b * e {
             return Err(invalid(OP, format!("{b} sequences but buffers for fewer")));
         }
-        let normed = &mut bufs.normed[..b * d];
-        self.norm(h, normed)?;
-        let zxbcdt = &mut bufs.xz[..b * in_rows];
-        self.in_proj.forward(normed, b, zxbcdt, false)?;
-        if let Some(bias) = self.in_proj_bias {
-            add_row_bias(zxbcdt, bias);
-        }
+        let zxbcdt = &bufs.xz[..b * in_rows];
         let act = &mut bufs.v[..b * channels];
         let v = &mut bufs.y[..b * e];
         for (i, st) in states.iter_mut().enumerate() {
@@ -259,11 +252,7 @@ impl<T: BlockScalar, W: Linear<T>> Block<'_, T, W> {
             self.step_ssd_heads(ssd, 0..nh, row, a_i, st.ssm, v_i)?;
             self.step_gated_norm(ssd, v_i)?;
         }
-        self.out_proj.forward(v, b, h, true)?;
-        if let Some(bias) = self.out_proj_bias {
-            add_row_bias(h, bias);
-        }
-        Ok(())
+        self.step_out_proj(v, b, h)
     }
 
     /// Step phase 2 of the Mamba-2 block for heads h0..h1 of one sequence
